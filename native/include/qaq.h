@@ -1,0 +1,40 @@
+// qaq-gguf C API: per-layer KV cache profiles for llama.cpp.
+//
+// A profile is a GGUF file of metadata only (keys under `qaq.`, see docs/profile-format.md) that maps each layer
+// of one model to a K and a V cache type. It is bound to that model by its architecture, per-layer K/V shapes and
+// a fingerprint of the model file's tensor layout.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct llama_model;
+
+#define QAQ_PROFILE_SCHEMA_VERSION 1
+#define QAQ_FINGERPRINT_HEX_LEN    64
+
+// The qaq-gguf version this library was built from ("0.1.0"); also proves libllama is the qaq-gguf build.
+const char * qaq_version(void);
+
+// The llama.cpp commit the library was built from.
+const char * qaq_llama_commit(void);
+
+// Fingerprint of a GGUF model file: sha256 over its architecture, general.name and every tensor's name, type and
+// shape, in file order (other metadata is left out, so a copy with an embedded profile keeps the fingerprint).
+// out_hex receives QAQ_FINGERPRINT_HEX_LEN hex digits and a NUL. Returns 0, or -1 with a message in err.
+int32_t qaq_model_fingerprint(const char * model_path, char * out_hex, char * err, size_t err_size);
+
+// Validate the profile at profile_path against model (loaded from model_path) and the backends present, then set
+// the model's per-layer K/V cache types for every context created from it afterwards.
+// profile_path may be "embedded": the profile is then read from the model file itself.
+// Returns 0; or -1, leaves the model unchanged and writes a message that names the problem into err.
+int32_t qaq_model_apply_kv_profile(struct llama_model * model, const char * model_path, const char * profile_path,
+                                   char * err, size_t err_size);
+
+#ifdef __cplusplus
+}
+#endif
