@@ -1,0 +1,359 @@
+"""The qaq KV profile: per-layer K/V cache types as GGUF metadata (docs/profile-format.md).
+
+A profile is a GGUF file holding metadata only, or the same keys embedded into a copy of the model. It is bound to
+one model file by the model's architecture, per-layer K/V shapes and a fingerprint of its tensor layout; the native
+loader (`qaq_model_apply_kv_profile`, used by Python and llama-server alike) refuses it for any other model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from . import cachetypes
+
+SCHEMA_VERSION = 1
+PROFILE_TYPE = "qaq-profile"
+NO_KV = "none"  # type name of a layer that has no KV cache of its own
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used: unreadable, for another model, or naming a type that does not fit."""
+
+
+@dataclass
+class ModelIdentity:
+    """What binds a profile to one model file."""
+    architecture: str
+    n_layer: int
+    n_head_kv: list[int]
+    head_dim_k: list[int]
+    head_dim_v: list[int]
+    is_swa: list[bool]
+    n_swa: int
+    fingerprint: str
+    name: str = ""
+
+    def has_kv(self, il: int) -> bool:
+        return self.head_dim_k[il] > 0
+
+
+@dataclass
+class Profile:
+    model: ModelIdentity
+    type_k: list[str]
+    type_v: list[str]
+    provenance: dict = field(default_factory=dict)
+    # per-layer sensitivity statistics: candidates, and score_k/score_v of shape (n_layer, n_candidates)
+    candidates: list[str] = field(default_factory=list)
+    score_k: np.ndarray | None = None
+    score_v: np.ndarray | None = None
+
+
+# --- model identity -------------------------------------------------------------------------------------------
+
+def fingerprint_text(model_path: str | Path) -> str:
+    """The canonical text whose sha256 is the model fingerprint (native/qaq-fingerprint.cpp builds the same)."""
+    try:
+        reader = GGUFReader(str(model_path))
+    except Exception as e:  # gguf-py raises several types for bad files
+        raise ProfileError(f"cannot read {model_path}: not a GGUF file, truncated, or unreadable ({e})") from e
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else ""
+    name_field = reader.fields.get("general.name")
+    name = name_field.contents() if name_field is not None else ""
+    lines = ["qaq-fingerprint-1", f"arch={arch}", f"name={name}"]
+    for t in reader.tensors:
+        ne = [int(x) for x in t.shape] + [1] * (4 - len(t.shape))
+        lines.append(f"{t.name}\t{int(t.tensor_type)}\t{'x'.join(str(x) for x in ne[:4])}")
+    return "\n".join(lines) + "\n"
+
+
+def fingerprint(model_path: str | Path) -> str:
+    """sha256 of the model's architecture, name and tensor layout (names, types, shapes; other metadata left out)."""
+    return hashlib.sha256(fingerprint_text(model_path).encode()).hexdigest()
+
+
+def model_identity(model_path: str | Path) -> ModelIdentity:
+    """Read a model's per-layer K/V shapes through llama.cpp itself (vocabulary-only load: fast)."""
+    from . import runtime
+
+    with runtime.vocab_only_model(model_path) as (model, lib, ffi):
+        n = lib.llama_model_n_layer_kv(model)
+        heads, hk, hv, swa = [], [], [], []
+        for il in range(n):
+            p = ffi.new("int32_t[3]")
+            s = ffi.new("bool *")
+            if lib.llama_model_layer_kv_shape(model, il, p, p + 1, p + 2, s):
+                heads.append(p[0]); hk.append(p[1]); hv.append(p[2]); swa.append(bool(s[0]))
+            else:
+                heads.append(0); hk.append(0); hv.append(0); swa.append(False)
+        arch = runtime.model_meta(model, "general.architecture")
+        name = runtime.model_meta(model, "general.name")
+        n_swa = runtime.llama_cpp_module().llama_model_n_swa(runtime.as_ctypes_model(model))
+    return ModelIdentity(arch, n, heads, hk, hv, swa, int(n_swa), fingerprint(model_path), name)
+
+
+# --- sizes ---------------------------------------------------------------------------------------------------
+
+def layer_cells(ident: ModelIdentity, il: int, n_ctx: int, n_ubatch: int = 512, swa_full: bool = False,
+                n_seq: int = 1) -> int:
+    """KV cells layer il holds at context n_ctx (llama.cpp's iSWA rule: a window-sized ring for SWA layers)."""
+    if ident.is_swa[il] and not swa_full and ident.n_swa > 0:
+        return min(n_ctx, _pad(ident.n_swa * n_seq + n_ubatch, 256))
+    return n_ctx
+
+
+def _pad(x: int, n: int) -> int:
+    return (x + n - 1) // n * n
+
+
+def layer_values(ident: ModelIdentity, il: int, n_ctx: int, **kw) -> tuple[int, int]:
+    """Number of cached K and V values of layer il at context n_ctx."""
+    if not ident.has_kv(il):
+        return 0, 0
+    cells = layer_cells(ident, il, n_ctx, **kw)
+    return (cells * ident.n_head_kv[il] * ident.head_dim_k[il], cells * ident.n_head_kv[il] * ident.head_dim_v[il])
+
+
+def average_bits(profile: Profile, n_ctx: int | None = None, **kw) -> float:
+    """Average bits per cached value over all layers' K and V (scales included). With n_ctx, layers are weighted by
+    the values they actually hold at that context (sliding-window layers hold fewer); without, equally per value."""
+    tot_bits = tot_vals = 0.0
+    for il in range(profile.model.n_layer):
+        if not profile.model.has_kv(il):
+            continue
+        if n_ctx is None:
+            nk = profile.model.n_head_kv[il] * profile.model.head_dim_k[il]
+            nv = profile.model.n_head_kv[il] * profile.model.head_dim_v[il]
+        else:
+            nk, nv = layer_values(profile.model, il, n_ctx, **kw)
+        tot_bits += nk * cachetypes.bits(profile.type_k[il]) + nv * cachetypes.bits(profile.type_v[il])
+        tot_vals += nk + nv
+    return tot_bits / tot_vals if tot_vals else 0.0
+
+
+def kv_bytes(profile: Profile, n_ctx: int, **kw) -> int:
+    """Bytes of the whole K/V cache at context n_ctx."""
+    total = 0
+    for il in range(profile.model.n_layer):
+        if not profile.model.has_kv(il):
+            continue
+        nk, nv = layer_values(profile.model, il, n_ctx, **kw)
+        total += cachetypes.row_bytes(profile.type_k[il], nk) + cachetypes.row_bytes(profile.type_v[il], nv)
+    return total
+
+
+# --- making and checking -------------------------------------------------------------------------------------
+
+def make_profile(ident: ModelIdentity, type_k: list[str] | str, type_v: list[str] | str,
+                 provenance: dict | None = None) -> Profile:
+    """A profile from per-layer type lists (or one type for every layer). Checks names and block sizes."""
+    n = ident.n_layer
+    tk = [type_k] * n if isinstance(type_k, str) else list(type_k)
+    tv = [type_v] * n if isinstance(type_v, str) else list(type_v)
+    if len(tk) != n or len(tv) != n:
+        raise ProfileError(f"the model has {n} layers, but {len(tk)} K types and {len(tv)} V types were given")
+    for il in range(n):
+        if not ident.has_kv(il):
+            tk[il] = tv[il] = NO_KV
+            continue
+        for what, name, head in (("K", tk[il], ident.head_dim_k[il]), ("V", tv[il], ident.head_dim_v[il])):
+            try:
+                ct = cachetypes.get(name)
+            except ValueError as e:
+                raise ProfileError(f"layer {il}: {what}: {e}") from None
+            if head % ct.block_size:
+                raise ProfileError(f"layer {il}: {what} cache type {name} has blocks of {ct.block_size} values, "
+                                   f"which do not divide the head size {head}")
+    prov = {"tool": "qaq-gguf", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    prov.update(provenance or {})
+    return Profile(ident, tk, tv, prov)
+
+
+def needs_flash_attn(profile: Profile) -> bool:
+    """llama.cpp stores a quantized V cache only with flash attention."""
+    return any(t != NO_KV and cachetypes.get(t).is_quantized for t in profile.type_v)
+
+
+# --- GGUF I/O --------------------------------------------------------------------------------------------------
+
+def _add_keys(w: GGUFWriter, p: Profile) -> None:
+    m = p.model
+    w.add_uint32("qaq.schema_version", SCHEMA_VERSION)
+    w.add_string("qaq.model.architecture", m.architecture)
+    w.add_string("qaq.model.name", m.name)
+    w.add_uint32("qaq.model.n_layer", m.n_layer)
+    w.add_array("qaq.model.n_head_kv", [int(x) for x in m.n_head_kv])
+    w.add_array("qaq.model.head_dim_k", [int(x) for x in m.head_dim_k])
+    w.add_array("qaq.model.head_dim_v", [int(x) for x in m.head_dim_v])
+    w.add_array("qaq.model.is_swa", [bool(x) for x in m.is_swa])
+    w.add_uint32("qaq.model.n_swa", m.n_swa)
+    w.add_string("qaq.model.fingerprint", m.fingerprint)
+    w.add_array("qaq.kv.type_k", list(p.type_k))
+    w.add_array("qaq.kv.type_v", list(p.type_v))
+    for k, v in p.provenance.items():
+        key = f"qaq.provenance.{k}"
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            w.add_string(key, json.dumps(v))
+        elif isinstance(v, int):
+            w.add_uint64(key, v) if v >= 0 else w.add_int64(key, v)
+        elif isinstance(v, float):
+            w.add_float64(key, v)
+        else:
+            w.add_string(key, v)
+    if p.candidates and p.score_k is not None and p.score_v is not None:
+        w.add_array("qaq.stats.candidates", list(p.candidates))
+        w.add_array("qaq.stats.score_k", [float(x) for x in np.asarray(p.score_k, np.float32).ravel()])
+        w.add_array("qaq.stats.score_v", [float(x) for x in np.asarray(p.score_v, np.float32).ravel()])
+
+
+def write_profile(p: Profile, path: str | Path) -> Path:
+    """Write a metadata-only profile GGUF."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = GGUFWriter(str(tmp), arch=PROFILE_TYPE)  # arch only names general.architecture
+    w.add_type(PROFILE_TYPE)
+    w.add_name(f"qaq KV profile for {p.model.name or p.model.architecture}")
+    _add_keys(w, p)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def _field(reader: GGUFReader, key: str, path, required: bool = True):
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise ProfileError(f"{path}: missing key {key} (a truncated or hand-edited profile?)")
+        return None
+    return f.contents()
+
+
+def read_profile(path: str | Path) -> Profile:
+    """Read a profile file, or the profile embedded in a model file."""
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:
+        raise ProfileError(f"cannot read {path}: not a GGUF file, truncated, or unreadable ({e})") from e
+    if "qaq.schema_version" not in r.fields:
+        raise ProfileError(f"{path} is a GGUF file but holds no qaq KV profile (no qaq.schema_version key)")
+    schema = _field(r, "qaq.schema_version", path)
+    if schema != SCHEMA_VERSION:
+        raise ProfileError(f"{path}: profile schema version {schema}, this qaq-gguf reads version {SCHEMA_VERSION}")
+    n = int(_field(r, "qaq.model.n_layer", path))
+    ident = ModelIdentity(
+        architecture=_field(r, "qaq.model.architecture", path),
+        n_layer=n,
+        n_head_kv=[int(x) for x in _field(r, "qaq.model.n_head_kv", path)],
+        head_dim_k=[int(x) for x in _field(r, "qaq.model.head_dim_k", path)],
+        head_dim_v=[int(x) for x in _field(r, "qaq.model.head_dim_v", path)],
+        is_swa=[bool(x) for x in _field(r, "qaq.model.is_swa", path)],
+        n_swa=int(_field(r, "qaq.model.n_swa", path)),
+        fingerprint=_field(r, "qaq.model.fingerprint", path),
+        name=_field(r, "qaq.model.name", path, required=False) or "",
+    )
+    tk = list(_field(r, "qaq.kv.type_k", path))
+    tv = list(_field(r, "qaq.kv.type_v", path))
+    for key, arr in (("n_head_kv", ident.n_head_kv), ("head_dim_k", ident.head_dim_k),
+                     ("head_dim_v", ident.head_dim_v), ("is_swa", ident.is_swa), ("type_k", tk), ("type_v", tv)):
+        if len(arr) != n:
+            raise ProfileError(f"{path}: {key} has {len(arr)} entries, expected one per layer ({n})")
+    prov = {}
+    for key, f in r.fields.items():
+        if key.startswith("qaq.provenance."):
+            v = f.contents()
+            if isinstance(v, str) and v[:1] in "[{" or v in ("true", "false", "null"):
+                try:
+                    v = json.loads(v)
+                except ValueError:
+                    pass
+            prov[key[len("qaq.provenance."):]] = v
+    p = Profile(ident, tk, tv, prov)
+    cands = _field(r, "qaq.stats.candidates", path, required=False)
+    if cands:
+        p.candidates = list(cands)
+        p.score_k = np.asarray(_field(r, "qaq.stats.score_k", path), np.float32).reshape(n, len(cands))
+        p.score_v = np.asarray(_field(r, "qaq.stats.score_v", path), np.float32).reshape(n, len(cands))
+    return p
+
+
+def embed_profile(model_path: str | Path, profile: Profile, out_path: str | Path) -> Path:
+    """Write a copy of the model GGUF with the profile's keys added (any earlier qaq.* keys are replaced)."""
+    model_path, out_path = Path(model_path), Path(out_path)
+    if out_path.resolve() == model_path.resolve():
+        raise ProfileError("embed writes a copy: give an output path different from the model")
+    fp = fingerprint(model_path)
+    if fp != profile.model.fingerprint:
+        raise ProfileError(f"the profile was made for a model with fingerprint {profile.model.fingerprint[:12]}, "
+                           f"but {model_path} has {fp[:12]}")
+    r = GGUFReader(str(model_path))
+    arch = r.fields["general.architecture"].contents()
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    w = GGUFWriter(str(tmp), arch=arch, endianess=r.endianess)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key.startswith("qaq.") or key == "general.architecture":
+            continue
+        vtype = f.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            sub = f.types[-1] if len(f.types) > 1 else None
+            w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+        else:
+            w.add_key_value(key, f.contents(), vtype)
+    _add_keys(w, profile)
+    for t in r.tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in r.tensors:
+        w.write_tensor_data(t.data)
+    w.close()
+    tmp.replace(out_path)
+    return out_path
+
+
+# --- reading it as a person ----------------------------------------------------------------------------------
+
+def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
+    """The per-layer table `qaq-gguf profile inspect` prints."""
+    m = p.model
+    lines = [f"model: {m.name or '?'} ({m.architecture}, {m.n_layer} layers, fingerprint {m.fingerprint[:12]})"]
+    for k in ("method", "budget", "text_sha256", "n_ctx", "tool_version", "created"):
+        if k in p.provenance:
+            lines.append(f"{k}: {p.provenance[k]}")
+    has_scores = p.score_k is not None and p.candidates
+    hdr = f"{'layer':>5} {'swa':>3} {'heads':>5} {'K type':>7} {'V type':>7} {'cells':>7} {'KiB':>9}"
+    if has_scores:
+        hdr += f" {'K score':>9} {'V score':>9}"
+    lines.append(hdr)
+    for il in range(m.n_layer):
+        nk, nv = layer_values(m, il, n_ctx, **kw)
+        kib = (cachetypes.row_bytes(p.type_k[il], nk) + cachetypes.row_bytes(p.type_v[il], nv)) / 1024 \
+            if m.has_kv(il) else 0.0
+        row = (f"{il:>5} {'y' if m.is_swa[il] else '':>3} {m.n_head_kv[il]:>5} {p.type_k[il]:>7} {p.type_v[il]:>7} "
+               f"{layer_cells(m, il, n_ctx, **kw) if m.has_kv(il) else 0:>7} {kib:>9.1f}")
+        if has_scores:
+            sk = _score_of(p, p.score_k, il, p.type_k[il])
+            sv = _score_of(p, p.score_v, il, p.type_v[il])
+            row += f" {sk:>9.2e} {sv:>9.2e}"
+        lines.append(row)
+    total = kv_bytes(p, n_ctx, **kw)
+    lines.append(f"average bits per value: {average_bits(p):.3f} (per layer), "
+                 f"{average_bits(p, n_ctx, **kw):.3f} (weighted by cells at n_ctx={n_ctx})")
+    lines.append(f"KV cache at n_ctx={n_ctx}: {total / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
+def _score_of(p: Profile, scores, il: int, t: str) -> float:
+    return float(scores[il, p.candidates.index(t)]) if t in p.candidates else math.nan
+

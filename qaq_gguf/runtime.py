@@ -1,0 +1,165 @@
+"""The runtime hook: run llama-cpp-python with a per-layer KV cache profile.
+
+    from qaq_gguf import Llama
+    llm = Llama("model.gguf", kv_profile="qaq.gguf", n_ctx=8192)
+
+The profile is checked and applied by the native library (`qaq_model_apply_kv_profile`, the same code
+`llama-server --kv-profile` runs) after the model is loaded and before its context is created.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from . import _native
+from .profile import NO_KV, ProfileError, needs_flash_attn, read_profile
+
+
+def llama_cpp_module():
+    """The low-level llama_cpp bindings module, bound to our library (importing qaq_gguf did the binding)."""
+    import llama_cpp
+
+    return llama_cpp
+
+
+def as_cffi(ptr):
+    """A ctypes pointer (llama-cpp-python's handles) as a cffi void* for our C functions."""
+    ffi, _ = _native.ffi_lib()
+    addr = ctypes.cast(ptr, ctypes.c_void_p).value
+    if not addr:
+        raise ValueError("null pointer")
+    return ffi.cast("void *", addr)
+
+
+def as_ctypes_model(ptr):
+    ffi, _ = _native.ffi_lib()
+    return ctypes.c_void_p(int(ffi.cast("uintptr_t", ptr)))
+
+
+def model_meta(model, key: str) -> str:
+    """A string metadata value of a loaded model (cffi pointer), or '' when absent."""
+    lc = llama_cpp_module()
+    buf = ctypes.create_string_buffer(512)
+    n = lc.llama_model_meta_val_str(as_ctypes_model(model), key.encode(), buf, len(buf))
+    return buf.value.decode(errors="replace") if n >= 0 else ""
+
+
+@contextlib.contextmanager
+def vocab_only_model(path: str | Path) -> Iterator[tuple]:
+    """Load a model's hyperparameters and vocabulary only (no weights); yields (model, lib, ffi)."""
+    lc = llama_cpp_module()
+    ffi, lib = _native.ffi_lib()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ProfileError(f"llama.cpp could not load {path} (see the log above)")
+    try:
+        yield as_cffi(model), lib, ffi
+    finally:
+        lc.llama_model_free(model)
+
+
+def apply_profile(model_ptr, model_path: str | Path, profile: str | Path) -> None:
+    """Check `profile` against the loaded model (ctypes pointer) and set its per-layer K/V cache types."""
+    ffi, lib = _native.ffi_lib()
+    err = ffi.new("char[2048]")
+    rc = lib.qaq_model_apply_kv_profile(as_cffi(model_ptr), str(model_path).encode(), str(profile).encode(),
+                                        err, len(err))
+    if rc != 0:
+        raise ProfileError(ffi.string(err).decode(errors="replace"))
+
+
+def kv_layer_info(llm_or_ctx) -> list[dict]:
+    """Per-layer K/V cache type and bytes of a live context (a Llama, or a llama_context pointer)."""
+    ffi, lib = _native.ffi_lib()
+    lc = llama_cpp_module()
+    ctx = llm_or_ctx.ctx if hasattr(llm_or_ctx, "ctx") else llm_or_ctx
+    cctx = as_cffi(ctx)
+    model = lc.llama_get_model(ctx)
+    out = []
+    t = ffi.new("int32_t[2]")
+    s = ffi.new("size_t[2]")
+    cells = ffi.new("uint32_t *")
+    for il in range(lib.llama_model_n_layer_kv(as_cffi(model))):
+        if not lib.llama_kv_layer_info(cctx, il, t, t + 1, s, s + 1, cells):
+            continue
+        out.append({"layer": il, "type_k": ggml_type_name(t[0]), "type_v": ggml_type_name(t[1]),
+                    "bytes_k": int(s[0]), "bytes_v": int(s[1]), "n_cells": int(cells[0])})
+    return out
+
+
+def ggml_type_name(t: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(t).name.lower()
+    except ValueError:
+        return NO_KV if t < 0 or t >= 1000 else f"type{t}"
+
+
+_hook_lock = threading.Lock()
+
+
+class Llama(llama_cpp_module().Llama):
+    """llama_cpp.Llama with a per-layer KV cache profile.
+
+    kv_profile: path of a qaq profile (.gguf), or "embedded" for the profile stored in the model file. Every other
+    argument keeps its llama-cpp-python meaning; type_k/type_v cannot be combined with a profile. A profile that
+    stores V quantized needs flash attention: it is turned on (and said so) unless flash_attn=False was passed,
+    which is an error.
+    """
+
+    def __init__(self, model_path: str, *args, kv_profile: str | Path | None = None, **kwargs):
+        self.kv_profile = str(kv_profile) if kv_profile is not None else None
+        if self.kv_profile is None:
+            super().__init__(model_path, *args, **kwargs)
+            return
+        for k in ("type_k", "type_v"):
+            if kwargs.get(k) is not None:
+                raise ProfileError(f"kv_profile sets every layer's cache type; drop {k}= or the profile")
+        if self.kv_profile != "embedded" and not Path(self.kv_profile).is_file():
+            raise ProfileError(f"profile file not found: {self.kv_profile}")
+        prof = read_profile(model_path if self.kv_profile == "embedded" else self.kv_profile)
+        if needs_flash_attn(prof):
+            if kwargs.get("flash_attn") is False:
+                raise ProfileError("this profile stores V quantized, which llama.cpp supports only with flash "
+                                   "attention; pass flash_attn=True (or leave it out), or use a profile with f16 V")
+            if not kwargs.get("flash_attn"):
+                kwargs["flash_attn"] = True
+                if kwargs.get("verbose", True):
+                    print("qaq-gguf: flash attention turned on: the profile stores V quantized", file=sys.stderr)
+
+        # llama-cpp-python loads the model and creates the context inside Llama.__init__: the profile goes in
+        # between, by wrapping the context constructor for the duration of this call.
+        from llama_cpp import llama as llama_mod
+
+        internals = llama_mod.internals
+        make_context = internals.LlamaContext
+        profile_path = self.kv_profile
+
+        def context_with_profile(*, model, params, verbose):
+            apply_profile(model.model, model_path, profile_path)
+            return make_context(model=model, params=params, verbose=verbose)
+
+        with _hook_lock:
+            internals.LlamaContext = context_with_profile
+            try:
+                super().__init__(model_path, *args, **kwargs)
+            finally:
+                internals.LlamaContext = make_context
+
+    def kv_layer_info(self) -> list[dict]:
+        return kv_layer_info(self)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["kv_profile"] = self.kv_profile
+        return state
