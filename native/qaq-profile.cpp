@@ -129,7 +129,6 @@ void check_backends(ggml_type tk, ggml_type tv, int64_t head_k, int64_t head_v, 
     ggml_tensor * v    = ggml_new_tensor_4d(ctx, tv, head_v, n_kv, n_head_kv, 1);
     ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, 1);
     ggml_tensor * fa   = ggml_flash_attn_ext(ctx, q, k, v, mask, 1.0f, 0.0f, 0.0f);
-    ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
     std::string bad;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);

@@ -179,7 +179,7 @@ def make_profile(ident: ModelIdentity, type_k: list[str] | str, type_v: list[str
 
 def needs_flash_attn(profile: Profile) -> bool:
     """llama.cpp stores a quantized V cache only with flash attention."""
-    return any(t != NO_KV and cachetypes.get(t).is_quantized for t in profile.type_v)
+    return any(t in cachetypes.TYPES and cachetypes.TYPES[t].is_quantized for t in profile.type_v)
 
 
 # --- GGUF I/O --------------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def read_profile(path: str | Path) -> Profile:
     for key, f in r.fields.items():
         if key.startswith("qaq.provenance."):
             v = f.contents()
-            if isinstance(v, str) and v[:1] in "[{" or v in ("true", "false", "null"):
+            if isinstance(v, str) and (v[:1] in ("[", "{") or v in ("true", "false", "null")):
                 try:
                     v = json.loads(v)
                 except ValueError:

@@ -50,13 +50,15 @@ def model_meta(model, key: str) -> str:
 
 @contextlib.contextmanager
 def vocab_only_model(path: str | Path) -> Iterator[tuple]:
-    """Load a model's hyperparameters and vocabulary only (no weights); yields (model, lib, ffi)."""
+    """Load a model's hyperparameters and tensor metadata, no weight data; yields (model, lib, ffi)."""
     lc = llama_cpp_module()
     ffi, lib = _native.ffi_lib()
     if not Path(path).is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     params = lc.llama_model_default_params()
-    params.vocab_only = True
+    params.no_alloc = True  # hyperparameters and tensor metadata, no weight data (as llama.cpp's -fit does)
+    params.load_mode = 0    # LLAMA_LOAD_MODE_NONE
+    params.n_gpu_layers = 0
     lc.llama_backend_init()
     model = lc.llama_model_load_from_file(str(path).encode(), params)
     if not model:
@@ -127,7 +129,16 @@ class Llama(llama_cpp_module().Llama):
                 raise ProfileError(f"kv_profile sets every layer's cache type; drop {k}= or the profile")
         if self.kv_profile != "embedded" and not Path(self.kv_profile).is_file():
             raise ProfileError(f"profile file not found: {self.kv_profile}")
-        prof = read_profile(model_path if self.kv_profile == "embedded" else self.kv_profile)
+        if self.kv_profile == "embedded":
+            try:
+                prof = read_profile(model_path)
+            except ProfileError as e:
+                if "holds no qaq KV profile" not in str(e):
+                    raise
+                raise ProfileError(f"{model_path} has no embedded qaq profile (embed one with "
+                                   "`qaq-gguf profile embed`)") from None
+        else:
+            prof = read_profile(self.kv_profile)
         if needs_flash_attn(prof):
             if kwargs.get("flash_attn") is False:
                 raise ProfileError("this profile stores V quantized, which llama.cpp supports only with flash "

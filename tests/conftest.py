@@ -1,0 +1,155 @@
+"""Shared fixtures: the real Gemma 3 270M, small synthetic GGUFs, and the bundled binaries."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qaq_gguf  # noqa: F401  (binds llama-cpp-python to our library before anything imports llama_cpp)
+from qaq_gguf import _native, models, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Path:
+    return models.gemma3_270m()
+
+
+@pytest.fixture(scope="session")
+def gemma_ident(gemma):
+    return profile.model_identity(gemma)
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> str:
+    """Held-out text: WikiText-2 test when the shared data is beside the checkout, else a fixed paragraph."""
+    f = SHARED_DATA / "wikitext-2-raw-test.txt"
+    if f.is_file():
+        return f.read_text()[:20000]
+    return (" The tower is 324 metres tall , about the same height as an 81 @-@ storey building , and the tallest "
+            "structure in Paris . Its base is square , measuring 125 metres on each side . ") * 60
+
+
+def write_synthetic_model(path: Path, n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512,
+                          seed=0) -> Path:
+    """A tiny random-weight llama-architecture GGUF (f32 weights, no tokenizer): for fast shape and error tests."""
+    from gguf import GGUFWriter
+
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "llama")
+    hd = n_embd // n_head
+    w.add_name(f"synthetic-{n_layer}x{n_embd}")
+    w.add_context_length(4096); w.add_embedding_length(n_embd); w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff); w.add_head_count(n_head); w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(hd); w.add_layer_norm_rms_eps(1e-5); w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("none")
+    f = lambda *s: (rng.standard_normal(s) * 0.02).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", f(n_vocab, n_embd))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    w.add_tensor("output.weight", f(n_vocab, n_embd))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor(p + "attn_q.weight", f(n_embd, n_embd))
+        w.add_tensor(p + "attn_k.weight", f(n_head_kv * hd, n_embd))
+        w.add_tensor(p + "attn_v.weight", f(n_head_kv * hd, n_embd))
+        w.add_tensor(p + "attn_output.weight", f(n_embd, n_embd))
+        w.add_tensor(p + "ffn_gate.weight", f(n_ff, n_embd))
+        w.add_tensor(p + "ffn_up.weight", f(n_ff, n_embd))
+        w.add_tensor(p + "ffn_down.weight", f(n_embd, n_ff))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_synthetic_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """llama-server on 127.0.0.1, stopped when the test ends."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        exe = _native.bin_dir() / "llama-server"
+        self.proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(self.port), *args],
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout=120.0) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"llama-server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def get(self, path: str):
+        import json
+
+        req = urllib.request.Request(self.url + path, headers={"Accept-Encoding": "gzip"})  # the UI is served gzipped
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = r.read()
+            return r.status, r.headers.get("Content-Type", ""), body if not path.endswith(("/props", "/health")) \
+                else json.loads(body)
+
+    def post(self, path: str, payload: dict) -> dict:
+        import json
+
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    servers = []
+
+    def start(args: list[str]) -> Server:
+        s = Server(args, tmp_path / f"server{len(servers)}.log")
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def has_cuda() -> bool:
+    ffi, lib = _native.ffi_lib()
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    return any(_native.c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) == "CUDA"
+               for i in range(lib.ggml_backend_reg_count())) and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
