@@ -121,6 +121,7 @@ class Llama(llama_cpp_module().Llama):
 
     def __init__(self, model_path: str, *args, kv_profile: str | Path | None = None, **kwargs):
         self.kv_profile = str(kv_profile) if kv_profile is not None else None
+        self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if a check below raises
         if self.kv_profile is None:
             super().__init__(model_path, *args, **kwargs)
             return
