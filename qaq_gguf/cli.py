@@ -21,6 +21,9 @@ examples:
   qaq-gguf profile inspect qaq.gguf --n-ctx 32768 per-layer table, average bits, bytes at a context length
   qaq-gguf profile embed MODEL qaq.gguf -o model-qaq.gguf
                                                   a model copy carrying the profile (use kv_profile="embedded")
+  qaq-gguf calibrate MODEL --text calib.txt --budget 5.5 -o qaq.gguf
+                                                  measure each layer's K/V sensitivity and solve the per-layer
+                                                  types for an average of 5.5 bits per cached value
   qaq-gguf server -m MODEL --kv-profile qaq.gguf  the bundled llama-server (any llama-server arguments)
   qaq-gguf perplexity -m MODEL --kv-profile qaq.gguf -f text.txt
 """
@@ -152,6 +155,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(s: str) -> int:
+    """'2GiB', '512MiB', '1.5G', '300M', '123456' -> bytes (K/M/G/T are powers of 1024, as llama.cpp prints)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", s.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (examples: 2GiB, 512MiB, 1.5G, 1000000)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _native()
+    from . import calibrate, models, profile
+
+    model = args.model or str(models.gemma3_270m())
+    if args.budget is None and args.max_kv_bytes is None and not args.frontier:
+        raise SystemExit("qaq-gguf calibrate: give a budget: --budget BITS, or --max-kv-bytes SIZE --n-ctx N "
+                         "(or --frontier DIR)")
+    if args.max_kv_bytes is not None and not args.n_ctx:
+        raise SystemExit("qaq-gguf calibrate: --max-kv-bytes needs --n-ctx (the context length the cache must hold)")
+    cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
+    if not args.scores and not args.text:
+        raise SystemExit("qaq-gguf calibrate: give the calibration text: --text FILE (never the evaluation text)")
+    if args.scores:
+        scores = calibrate.scores_from_profile(profile.read_profile(args.scores))
+        print(f"scores from {args.scores} (no model run)", file=sys.stderr)
+    else:
+        scores = calibrate.calibrate(model, _read_text(args.text), n_ctx=args.ctx, n_chunks=args.chunks,
+                                     candidates=cands, method=args.method, max_queries=args.max_queries,
+                                     n_threads=args.threads)
+    prov = {"tool_version": _version(), "calib_text": Path(args.text).name if args.text else ""}
+    if args.frontier:
+        out_dir = Path(args.frontier)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for p in calibrate.frontier(scores, candidates=cands, provenance=prov):
+            f = out_dir / f"qaq-{profile.average_bits(p):.2f}bits.gguf"
+            profile.write_profile(p, f)
+            print(f"{f}  avg {profile.average_bits(p):.3f} bits  predicted error "
+                  f"{p.provenance['predicted_error']:.4g}")
+    if args.budget is not None or args.max_kv_bytes is not None:
+        p = calibrate.allocate(scores, avg_bits=args.budget, max_kv_bytes=args.max_kv_bytes, n_ctx=args.n_ctx,
+                               candidates=cands, provenance=prov)
+        profile.write_profile(p, args.output)
+        print(profile.describe(p, n_ctx=args.n_ctx or 4096))
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _version() -> str:
     from . import __version__
 
@@ -182,6 +240,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("-o", "--output", default="qaq-demo.gguf", help="where to write the demo profile")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "calibrate", help="measure per-layer K/V sensitivity on text and solve the per-layer types for a budget",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Run MODEL on calibration text through llama.cpp (f16 cache, flash attention off), record each layer's queries,
+keys, values and attention probabilities, score every layer's K and V under every candidate cache type with QAQ's
+error model (the real quantizers, llama.cpp's Hadamard rotation included), and choose one type per layer's K and V
+with the least predicted error that fits the budget (an exact multiple-choice knapsack).
+
+budgets:
+  --budget BITS           average bits per cached value over all layers' K and V, block scales included.
+                          Reference points: f16 = 16, q8_0 = 8.5, q5_0 = 5.5, q4_0 = 4.5.
+                          --budget 6.5 is the size of -ctk q8_0 -ctv q4_0; --budget 4.5 that of q4_0/q4_0.
+  --max-kv-bytes SIZE --n-ctx N
+                          the whole cache at context N fits in SIZE (e.g. 24MiB, 2GiB); sliding-window layers
+                          count only the cells they hold.
+
+examples:
+  qaq-gguf calibrate model.gguf --text wiki.valid.txt --budget 5.5 -o qaq.gguf
+  qaq-gguf calibrate model.gguf --text wiki.valid.txt --max-kv-bytes 1GiB --n-ctx 32768 -o qaq.gguf
+  qaq-gguf calibrate model.gguf --text wiki.valid.txt --frontier profiles/     one profile per 0.25 bits
+  qaq-gguf calibrate model.gguf --scores qaq.gguf --budget 4.5 -o qaq45.gguf   re-solve, no model run
+
+Never calibrate on the text you evaluate on.""")
+    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("--text", help="calibration text file (plain UTF-8)")
+    p.add_argument("--budget", type=float, metavar="BITS", help="average bits per cached value")
+    p.add_argument("--max-kv-bytes", type=parse_size, metavar="SIZE", help="cache size bound at --n-ctx")
+    p.add_argument("--n-ctx", type=int, help="context length for --max-kv-bytes (and the printed sizes)")
+    p.add_argument("-o", "--output", default="qaq.gguf", help="profile to write (default: qaq.gguf)")
+    p.add_argument("--frontier", metavar="DIR", help="also write one profile per distinct allocation along the "
+                                                     "predicted quality/size frontier into DIR")
+    p.add_argument("--chunks", type=int, default=8, help="chunks of calibration text to run (default 8)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    p.add_argument("--method", choices=("measured", "qaq"), default="measured",
+                   help="measured: real quantization error through the layer's real attention (default); "
+                        "qaq: QAQ's closed-form bounds")
+    p.add_argument("--candidates", help="comma-separated cache types to choose from (default: f16 and every "
+                                        "quantized cache type)")
+    p.add_argument("--max-queries", type=int, default=128, help="query rows sampled per chunk and layer")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile")
+    p.set_defaults(func=cmd_calibrate)
 
     prof = sub.add_parser("profile", help="make, inspect and embed KV profiles",
                           description="Make, inspect and embed KV profiles (docs/profile-format.md).")
@@ -226,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ProfileError, LibraryError, FileNotFoundError, ImportError) as e:
+    except (ProfileError, LibraryError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"qaq-gguf: error: {e}", file=sys.stderr)
         return 2
 

@@ -60,9 +60,12 @@ def vocab_only_model(path: str | Path) -> Iterator[tuple]:
     params.load_mode = 0    # LLAMA_LOAD_MODE_NONE
     params.n_gpu_layers = 0
     lc.llama_backend_init()
-    model = lc.llama_model_load_from_file(str(path).encode(), params)
+    from .collect import quiet_llama_log
+
+    with quiet_llama_log():
+        model = lc.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise ProfileError(f"llama.cpp could not load {path} (see the log above)")
+        raise ProfileError(f"llama.cpp could not load {path} (is it a GGUF model?)")
     try:
         yield as_cffi(model), lib, ffi
     finally:

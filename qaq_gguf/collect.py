@@ -1,0 +1,240 @@
+"""Collect per-layer attention activations through llama.cpp itself, chunk by chunk.
+
+The model runs on calibration text with an f16 KV cache and flash attention off (so the attention probabilities
+exist as a tensor), and an eval callback — the mechanism llama.cpp's imatrix tool uses — copies out, for every
+layer, the tensors the QAQ error model needs:
+
+- ``Qcur-<il>``: queries as fed to attention (post-norm, post-RoPE), ``(n_tokens, n_head, head_dim)``;
+- ``Kcur-<il>``: keys as written to the cache (post-norm, post-RoPE), ``(n_tokens, n_head_kv, head_dim)``;
+- ``Vcur-<il>``: values, ``(n_tokens, n_head_kv, head_dim_v)``;
+- ``kq_soft_max-<il>``: attention probabilities ``(n_head, n_tokens, n_kv)``, masks (causal, sliding window)
+  and soft-capping applied exactly as the model does.
+
+Each chunk of ``n_ctx`` tokens is decoded as one micro-batch on an empty cache, so cache cell ``t`` holds token
+``t`` and every query sees its whole causal context. :func:`iter_chunks` yields one chunk's activations at a time
+and drops them before the next: memory is bounded by one chunk whatever the text length.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _native
+
+WANTED = ("Qcur", "Kcur", "Vcur", "kq_soft_max")
+_NAME = re.compile(r"^(Qcur|Kcur|Vcur|kq_soft_max)-(\d+)$")
+
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+
+
+class _Tensor(ctypes.Structure):
+    """The leading fields of ggml's ``struct ggml_tensor`` (only read through a pointer)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+
+
+def _ggml():
+    lib = ctypes.CDLL(str(_native.lib_dir() / "libggml-base.so"))
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
+
+
+def read_tensor(lib, ptr: int) -> np.ndarray:
+    """A ggml tensor's data as a numpy array in ggml's axis order reversed (ne3, ne2, ne1, ne0), float32."""
+    t = _Tensor.from_address(ptr)
+    if t.type not in (GGML_TYPE_F32, GGML_TYPE_F16):
+        raise ValueError(f"tensor {lib.ggml_get_name(ptr).decode()} has ggml type {t.type}, expected f32 or f16")
+    dtype = np.float32 if t.type == GGML_TYPE_F32 else np.float16
+    ne = [int(x) for x in t.ne]
+    nb = [int(x) for x in t.nb]
+    span = sum((n - 1) * b for n, b in zip(ne, nb)) + np.dtype(dtype).itemsize
+    raw = np.empty(span, dtype=np.uint8)
+    lib.ggml_backend_tensor_get(ptr, raw.ctypes.data, 0, span)
+    arr = np.lib.stride_tricks.as_strided(raw.view(dtype), shape=ne[::-1], strides=nb[::-1])
+    return np.array(arr, dtype=np.float32)
+
+
+@dataclass
+class LayerActivations:
+    """One layer's activations over one chunk (see the module docstring for the shapes)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    attn: np.ndarray
+
+
+def tokenize(model, text: str) -> list[int]:
+    """Tokens of ``text`` (no BOS), with the model's own tokenizer (a llama_cpp model pointer)."""
+    import llama_cpp as lc
+
+    vocab = lc.llama_model_get_vocab(model)
+    data = text.encode()
+    n = -lc.llama_tokenize(vocab, data, len(data), None, 0, False, True)
+    buf = (lc.llama_token * max(n, 1))()
+    got = lc.llama_tokenize(vocab, data, len(data), buf, n, False, True)
+    if got < 0:
+        raise RuntimeError("tokenization failed")
+    return list(buf[:got])
+
+
+@contextlib.contextmanager
+def quiet_llama_log(quiet: bool = True):
+    """Silence llama.cpp's log for the duration (llama-cpp-python's own log callback comes back after)."""
+    import llama_cpp as lc
+    from llama_cpp import _logger
+
+    if not quiet:
+        yield
+        return
+    cb = lc.llama_log_callback(lambda level, text, user: None)
+    lc.llama_log_set(cb, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def iter_chunks(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = None,
+                layers: Sequence[int] | None = None, n_threads: int | None = None, verbose: bool = False,
+                ) -> Iterator[dict[int, LayerActivations]]:
+    """Run ``model_path`` over ``text`` in chunks of ``n_ctx`` tokens (the first replaced by BOS when the model
+    adds one) and yield, per chunk, ``{layer: LayerActivations}`` for ``layers`` (default: all with a KV cache).
+
+    The cache is f16, flash attention off (so ``kq_soft_max`` exists), one micro-batch per chunk."""
+    import os
+
+    import llama_cpp as lc
+
+    with quiet_llama_log(not verbose):
+        yield from _iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks, layers=layers,
+                                n_threads=n_threads)
+
+
+def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
+    import os
+
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    mp = lc.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {model_path}")
+    ctx = None
+    try:
+        vocab = lc.llama_model_get_vocab(model)
+        tokens = tokenize(model, text)
+        n_avail = len(tokens) // n_ctx
+        if n_avail < 1:
+            raise ValueError(f"the calibration text has {len(tokens)} tokens; one chunk needs {n_ctx} "
+                             f"(give more text or a smaller n_ctx)")
+        n = n_avail if n_chunks is None else min(n_chunks, n_avail)
+        want_layers = set(layers) if layers is not None else None
+        got: dict[tuple[str, int], np.ndarray] = {}
+        ggml = _ggml()
+
+        def on_tensor(t, ask, user):
+            name = ggml.ggml_get_name(t).decode(errors="replace")
+            m = _NAME.match(name)
+            if not m or (want_layers is not None and int(m.group(2)) not in want_layers):
+                return not ask  # ask: not interested; data: keep going
+            if ask:
+                return True
+            got[(m.group(1), int(m.group(2)))] = read_tensor(ggml, t)  # the last Qcur/Kcur is the post-RoPE one
+            return True
+
+        cb = lc.ggml_backend_sched_eval_callback(on_tensor)
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx
+        cp.n_ubatch = n_ctx
+        cp.n_seq_max = 1
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.type_k = cp.type_v = GGML_TYPE_F16
+        cp.swa_full = True
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.cb_eval = cb
+        cp.cb_eval_user_data = None
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create the calibration context")
+        bos = lc.llama_vocab_bos(vocab) if lc.llama_vocab_get_add_bos(vocab) else None
+        batch = lc.llama_batch_init(n_ctx, 0, 1)
+        try:
+            for c in range(n):
+                chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
+                if bos is not None:
+                    chunk[0] = bos
+                batch.n_tokens = n_ctx
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = i == n_ctx - 1
+                lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+                got.clear()
+                rc = lc.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed ({rc}) on calibration chunk {c}")
+                yield _assemble(got, n_ctx)
+                got.clear()
+        finally:
+            lc.llama_batch_free(batch)
+        del cb
+    finally:
+        if ctx:
+            lc.llama_free(ctx)
+        lc.llama_model_free(model)
+
+
+def _assemble(got: dict[tuple[str, int], np.ndarray], n_tok: int) -> dict[int, LayerActivations]:
+    out = {}
+    for il in sorted({il for _, il in got}):
+        parts = {w: got.get((w, il)) for w in WANTED}
+        missing = [w for w, a in parts.items() if a is None]
+        if missing:
+            raise RuntimeError(f"layer {il}: the graph produced no {', '.join(missing)} tensor; this architecture "
+                               "names its attention tensors differently (calibration supports llama.cpp's "
+                               "standard attention graph)")
+        q, k, v, a = (parts[w] for w in WANTED)
+        # (1, n_tok, n_head, D) -> (n_tok, n_head, D); attn (1, n_head, n_tok, n_kv) -> (n_head, n_tok, n_tok)
+        out[il] = LayerActivations(q.reshape(q.shape[-3:]), k.reshape(k.shape[-3:]), v.reshape(v.shape[-3:]),
+                                   a.reshape(a.shape[-3:])[:, :, :n_tok])
+    return out
+
+
+def estimate_kq_scale(act: LayerActivations, n_rows: int = 64) -> float:
+    """The logit scale ``s`` with ``attn = softmax(s * q.k + mask)``, fitted on the observed probabilities.
+
+    Models differ in where the ``1/sqrt(d)`` goes (Gemma 3 pre-scales Q after the ``Qcur`` tensor, most models
+    pass it to the attention): a least-squares fit of ``log p`` against ``q.k`` over visible keys recovers it."""
+    n_q, n_head, _ = act.q.shape
+    group = n_head // act.k.shape[1]
+    rows = np.linspace(n_q // 4, n_q - 1, num=min(n_rows, n_q), dtype=int)
+    num = den = 0.0
+    for h in range(n_head):
+        z = act.q[rows, h, :] @ act.k[:, h // group, :].T  # (rows, n_kv)
+        p = act.attn[h][rows]
+        for i in range(len(rows)):
+            m = p[i] > 1e-6
+            if m.sum() < 3:
+                continue
+            lz = z[i, m] - z[i, m].mean()
+            lp = np.log(p[i, m]) - np.log(p[i, m]).mean()
+            num += float(lz @ lp)
+            den += float(lz @ lz)
+    return num / den if den > 0 else 1.0
