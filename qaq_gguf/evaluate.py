@@ -1,0 +1,474 @@
+"""KV-cache quality the llama.cpp way: perplexity, KL-divergence and top-1 agreement against the f16 cache.
+
+`evaluate()` follows `perplexity()` in llama.cpp's tools/perplexity/perplexity.cpp: the text is tokenized as
+`llama-perplexity -f` tokenizes it (`common_tokenize(ctx, text, add_special=true)`: a BOS first when the vocabulary
+adds one), cut into chunks of n_ctx tokens whose first token becomes BOS, and each chunk is decoded from an empty
+cache in batches of n_batch at positions 0..n_ctx-1. Positions j in [n_ctx/2, n_ctx-2] are scored on token j+1.
+
+Unlike `llama-perplexity --kl-divergence`, which stores the reference log-probabilities of a first run in a file
+(n_vocab values per token: 262k for Gemma 3), the reference runs in lockstep: every batch is decoded in the
+reference context (f16 K and V) and then in each configuration's context, so only one batch of reference
+log-probabilities is held. Every context runs with flash attention on (llama.cpp stores a quantized V cache only
+with it), the reference included.
+
+    from qaq_gguf.evaluate import CacheConfig, evaluate, format_table
+    res = evaluate("model.gguf", text, [CacheConfig("q8/q4", type_k="q8_0", type_v="q4_0"),
+                                        CacheConfig("qaq", profile="qaq.gguf")], n_ctx=1024, n_chunks=8)
+    print(format_table(res))
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _native, cachetypes, runtime
+
+REFERENCE_TYPE = "f16"
+_ROW_BLOCK = 32  # rows of n_vocab processed at once when comparing log-probabilities (bounds temporaries)
+
+
+@dataclass
+class CacheConfig:
+    """One KV cache to evaluate: a profile (per-layer types), or one K and one V type for every layer."""
+    label: str
+    profile: str | None = None  # path of a qaq profile .gguf; when set, type_k/type_v are not used
+    type_k: str = "f16"         # llama.cpp cache type names: f16, q8_0, q4_0, ... (qaq_gguf.cachetypes)
+    type_v: str = "f16"
+
+
+# --- text ------------------------------------------------------------------------------------------------------
+
+def read_text_file(path: str | Path) -> str:
+    """A text file as `llama-perplexity -f` reads it: the whole file, one trailing newline dropped."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text[:-1] if text.endswith("\n") else text
+
+
+def tokenize(model, text: str) -> list[int]:
+    """Tokens of `text` for a loaded model (ctypes pointer), as perplexity.cpp tokenizes its input:
+    special tokens added (a BOS first when the vocabulary adds one), special-token text not parsed."""
+    lc = runtime.llama_cpp_module()
+    vocab = lc.llama_model_get_vocab(model)
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    for _ in range(2):
+        buf = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, True, False)
+        if n >= 0:
+            return list(buf[:n])
+        n_max = -n
+    raise RuntimeError("llama_tokenize failed")
+
+
+def tokenize_text(model_path: str | Path, text: str) -> list[int]:
+    """Tokens of the whole text for the model at model_path (vocabulary-only load), exactly those evaluate() uses:
+    a BOS first when the model's vocabulary adds one, as `llama-perplexity` tokenizes its file."""
+    lc = runtime.llama_cpp_module()
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    with _quiet_log(False):
+        model = _load_model(model_path, params)
+    try:
+        return tokenize(model, text)
+    finally:
+        lc.llama_model_free(model)
+
+
+# --- llama.cpp plumbing ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_log(verbose: bool) -> Iterator[list[str]]:
+    """Silence llama.cpp's log for the duration (unless verbose); yields the error lines it logged meanwhile,
+    and puts the previous log callback back at the end."""
+    lc = runtime.llama_cpp_module()
+    errors: list[str] = []
+    if verbose:
+        yield errors
+        return
+
+    @lc.llama_log_callback
+    def keep_errors(level, text, user_data):  # noqa: ARG001 - llama.cpp's callback signature
+        if level == 3:  # GGML_LOG_LEVEL_ERROR
+            errors.append(text.decode("utf-8", errors="replace").rstrip())
+
+    old_cb, old_ud = lc.llama_log_callback(), ctypes.c_void_p()
+    lc.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_ud))
+    lc.llama_log_set(keep_errors, None)
+    try:
+        yield errors
+    finally:
+        lc.llama_log_set(old_cb, old_ud)
+        del keep_errors  # only after llama.cpp no longer points at it
+
+
+def _load_model(model_path: str | Path, params=None, errors: list[str] | None = None):
+    lc = runtime.llama_cpp_module()
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"model file not found: {model_path}")
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(model_path).encode(), params or lc.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {model_path}" + _tail(errors))
+    return model
+
+
+def _tail(errors: list[str] | None) -> str:
+    return (": " + " | ".join(errors[-3:])) if errors else ""
+
+
+def _cache_type(cfg: CacheConfig, name: str) -> int:
+    try:
+        return cachetypes.get(name).type_id
+    except ValueError as e:
+        raise ValueError(f"config {cfg.label!r}: {e}") from None
+
+
+def _new_context(model, cfg: CacheConfig, n_ctx: int, n_batch: int, n_threads: int, errors: list[str]):
+    """A context with flash attention on, n_ubatch = n_batch, a window-sized cache for sliding-window layers
+    (swa_full off, as llama-perplexity runs), and cfg's uniform types (a profile's are set on the model)."""
+    lc = runtime.llama_cpp_module()
+    p = lc.llama_context_default_params()
+    p.n_ctx = n_ctx
+    p.n_batch = n_batch
+    p.n_ubatch = n_batch
+    p.n_seq_max = 1
+    p.n_threads = n_threads
+    p.n_threads_batch = n_threads
+    p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    p.swa_full = False
+    p.no_perf = True
+    if cfg.profile is None:
+        p.type_k = _cache_type(cfg, cfg.type_k)
+        p.type_v = _cache_type(cfg, cfg.type_v)
+    ctx = lc.llama_init_from_model(model, p)
+    if not ctx:
+        raise RuntimeError(f"config {cfg.label!r}: llama.cpp could not create the context" + _tail(errors))
+    return ctx
+
+
+def _kv_summary(ctx, model) -> dict:
+    """What the context allocated: K/V bytes summed over layers, and average bits per cached value.
+
+    avg_bits = 8 * bytes / values, with values = n_cells * n_head_kv * head_dim (K, and likewise V) of every
+    layer that has a cache of its own: the bytes are the cache tensors' own sizes (kv_layer_info) and the value
+    counts come from the model's per-layer shapes, so the figure is exact (sliding-window layers, which hold fewer
+    cells, weigh less; block scales are included)."""
+    ffi, lib = _native.ffi_lib()
+    rows = runtime.kv_layer_info(ctx)
+    cmodel = runtime.as_cffi(model)
+    shape = ffi.new("int32_t[3]")
+    swa = ffi.new("bool *")
+    nbytes = values = 0
+    for r in rows:
+        if not lib.llama_model_layer_kv_shape(cmodel, r["layer"], shape, shape + 1, shape + 2, swa):
+            continue
+        nbytes += r["bytes_k"] + r["bytes_v"]
+        values += r["n_cells"] * shape[0] * (shape[1] + shape[2])
+    return {"type_k": _types_summary(r["type_k"] for r in rows), "type_v": _types_summary(r["type_v"] for r in rows),
+            "kv_bytes": int(nbytes), "avg_bits": 8.0 * nbytes / values if values else 0.0,
+            "n_cells": sorted({r["n_cells"] for r in rows})}
+
+
+def _types_summary(types) -> str:
+    """One type name, or "mixed(a,b,...)" for a per-layer map (finest first)."""
+    order = {t: i for i, t in enumerate(cachetypes.names())}
+    seen = sorted({t for t in types if t != "none"}, key=lambda t: order.get(t, len(order)))
+    return seen[0] if len(seen) == 1 else "mixed(" + ",".join(seen) + ")"
+
+
+def _fill_batch(batch, tokens: Sequence[int], pos0: int, first: int, last: int) -> int:
+    """Put tokens at positions pos0.. into batch (sequence 0), logits for positions in [first, last];
+    returns the number of outputs."""
+    n_out = 0
+    for k, tok in enumerate(tokens):
+        pos = pos0 + k
+        batch.token[k] = tok
+        batch.pos[k] = pos
+        batch.n_seq_id[k] = 1
+        batch.seq_id[k][0] = 0
+        out = first <= pos <= last
+        batch.logits[k] = out
+        n_out += out
+    batch.n_tokens = len(tokens)
+    return n_out
+
+
+def _decode(ctx, batch, n_out: int, n_vocab: int, label: str, errors: list[str]) -> np.ndarray | None:
+    """Decode the batch; the logits of its n_out outputs (a view into llama.cpp's buffer, valid until the next
+    decode in this context), or None when it has none."""
+    lc = runtime.llama_cpp_module()
+    rc = lc.llama_decode(ctx, batch)
+    if rc != 0:
+        raise RuntimeError(f"config {label!r}: llama_decode failed with {rc}" + _tail(errors))
+    if n_out == 0:
+        return None
+    ptr = lc.llama_get_logits(ctx)
+    return np.ctypeslib.as_array(ptr, shape=(n_out, n_vocab))
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+def _log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log-probabilities float32, max logit float64, log-sum-exp float64) of rows of logits, the way
+    perplexity.cpp's log_softmax sums (exp in float32, sums in float64)."""
+    mx = logits.max(axis=1, keepdims=True)
+    shifted = logits - mx
+    lse = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
+    return shifted - lse.astype(np.float32)[:, None], mx[:, 0].astype(np.float64), lse
+
+
+def _nll(logits: np.ndarray, mx: np.ndarray, lse: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each row's target: max + log(sum exp(l - max)) - l[target]."""
+    return mx + lse - logits[np.arange(len(targets)), targets].astype(np.float64)
+
+
+def _compare(ref: dict, logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nll, KLD(ref || cfg), same top-1) per row of a config's logits against the reference rows."""
+    n = len(targets)
+    nll = np.empty(n)
+    kld = np.empty(n)
+    for a in range(0, n, _ROW_BLOCK):
+        b = min(n, a + _ROW_BLOCK)
+        lp, mx, lse = _log_softmax(logits[a:b])
+        nll[a:b] = _nll(logits[a:b], mx, lse, targets[a:b])
+        diff = ref["logp"][a:b] - lp
+        diff *= ref["p"][a:b]
+        kld[a:b] = diff.sum(axis=1, dtype=np.float64)
+    top1 = np.argmax(logits, axis=1) == ref["top"]
+    return nll, kld, top1
+
+
+def _reference_rows(logits: np.ndarray, targets: np.ndarray) -> dict:
+    """Reference log-probabilities, probabilities, top-1 and nll of one batch's scored rows."""
+    n = len(targets)
+    logp = np.empty(logits.shape, np.float32)
+    nll = np.empty(n)
+    for a in range(0, n, _ROW_BLOCK):
+        b = min(n, a + _ROW_BLOCK)
+        logp[a:b], mx, lse = _log_softmax(logits[a:b])
+        nll[a:b] = _nll(logits[a:b], mx, lse, targets[a:b])
+    return {"logp": logp, "p": np.exp(logp), "top": np.argmax(logits, axis=1), "nll": nll}
+
+
+def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error, as perplexity.cpp computes them (0 error for 10 values or fewer)."""
+    n = len(values)
+    if n < 1:
+        return 0.0, 0.0
+    f = float(np.sum(values) / n)
+    df = float(np.sum(values * values) / n) - f * f
+    return f, (math.sqrt(df / (n - 1)) if df > 0 and n > 10 else 0.0)
+
+
+def percentile(sorted_values: np.ndarray, fraction: float) -> float:
+    """perplexity.cpp's percentile: linear interpolation between the sorted values."""
+    if len(sorted_values) == 0:
+        return 0.0
+    if fraction <= 0:
+        return float(sorted_values[0])
+    if fraction >= 1:
+        return float(sorted_values[-1])
+    p = fraction * (len(sorted_values) - 1)
+    i = int(p)
+    p -= i
+    return float((1 - p) * sorted_values[i] + p * sorted_values[min(i + 1, len(sorted_values) - 1)])
+
+
+def _ppl_stats(nll: np.ndarray) -> dict:
+    """PPL = exp(mean nll) and perplexity.cpp's "Final estimate" uncertainty (ppl * stderr of the nll)."""
+    mean, err = mean_and_uncertainty(nll)
+    ppl = math.exp(mean)
+    return {"ppl": ppl, "ppl_err": ppl * err, "nll": mean}
+
+
+def _config_stats(nll: np.ndarray, ref_nll: np.ndarray, kld: np.ndarray, top1: np.ndarray, ref_ppl: float) -> dict:
+    out = _ppl_stats(nll)
+    out["dppl_pct"] = 100.0 * (out["ppl"] / ref_ppl - 1.0)
+    # uncertainty of the ratio from the paired nll (perplexity.cpp's "Mean PPL(Q)/PPL(base)" line)
+    n = len(nll)
+    _, e1 = mean_and_uncertainty(nll)
+    _, e2 = mean_and_uncertainty(ref_nll)
+    cov = (float(np.sum(nll * ref_nll)) / n - float(np.mean(nll)) * float(np.mean(ref_nll))) / (n - 1) \
+        if n >= 10 else 0.0
+    ratio_unc = math.sqrt(max(0.0, e1 * e1 + e2 * e2 - 2.0 * cov))
+    out["dppl_pct_err"] = 100.0 * (out["ppl"] / ref_ppl) * ratio_unc
+    out["kld"], out["kld_err"] = mean_and_uncertainty(kld)
+    srt = np.sort(kld.astype(np.float32))  # float32 like perplexity.cpp's kld_values
+    out["kld_p99"] = percentile(srt, 0.99)
+    out["kld_max"] = float(srt[-1]) if len(srt) else 0.0
+    out["top1"] = 100.0 * float(np.mean(top1)) if len(top1) else 0.0
+    return out
+
+
+# --- the evaluation --------------------------------------------------------------------------------------------
+
+def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], *, n_ctx: int = 1024,
+             n_batch: int = 256, n_chunks: int | None = None, n_threads: int | None = None, progress: bool = True,
+             verbose: bool = False, text_name: str | None = None) -> dict:
+    """Perplexity, KL-divergence and top-1 agreement of each KV cache config against the f16/f16 cache.
+
+    n_chunk = min(n_chunks, n_tokens // n_ctx) chunks of n_ctx tokens are scored (all when n_chunks is None);
+    n_batch (at most n_ctx) is both the logical and the physical batch. n_threads defaults to the CPU count.
+    verbose keeps llama.cpp's log; text_name only labels the table. Returns a JSON-serialisable dict:
+    {"settings": {...}, "reference": {...}, "results": [{label, type_k, type_v, profile, ppl, ppl_err, dppl_pct,
+    dppl_pct_err, kld, kld_err, kld_p99, kld_max, top1, kv_bytes, avg_bits, ...}, ...]} (kld in nats, top1 and
+    dppl_pct in percent, kv_bytes as llama.cpp allocated them for this n_ctx).
+
+    Raises ValueError for an unknown cache type or a text shorter than one chunk, ProfileError for a profile that
+    does not fit the model, RuntimeError when llama.cpp fails to load, create a context or decode.
+    """
+    lc = runtime.llama_cpp_module()
+    configs = list(configs)
+    if n_ctx < 8:
+        raise ValueError(f"n_ctx must be at least 8, got {n_ctx}")
+    if n_batch < 1:
+        raise ValueError(f"n_batch must be positive, got {n_batch}")
+    n_batch = min(n_batch, n_ctx)
+    if n_chunks is not None and n_chunks < 1:
+        raise ValueError(f"n_chunks must be positive, got {n_chunks}")
+    labels = [c.label for c in configs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"config labels must be distinct: {labels}")
+    for c in configs:  # every type name is checked before anything is loaded
+        if c.profile is None:
+            _cache_type(c, c.type_k)
+            _cache_type(c, c.type_v)
+    n_threads = n_threads or os.cpu_count() or 1
+    ref_cfg = CacheConfig("reference (f16)", None, REFERENCE_TYPE, REFERENCE_TYPE)
+
+    models: list = []
+    contexts: list = []
+    batch = None
+    t0 = time.time()
+    with _quiet_log(verbose) as errors:
+        try:
+            base = _load_model(model_path, errors=errors)
+            models.append(base)
+            vocab = lc.llama_model_get_vocab(base)
+            n_vocab = int(lc.llama_vocab_n_tokens(vocab))
+            add_bos = bool(lc.llama_vocab_get_add_bos(vocab))
+            bos = int(lc.llama_vocab_bos(vocab))
+            tokens = np.asarray(tokenize(base, text), dtype=np.int64)
+            n_chunk_max = len(tokens) // n_ctx
+            if n_chunk_max < 1:
+                raise ValueError(f"the text tokenizes to {len(tokens)} tokens, but one chunk of n_ctx={n_ctx} needs "
+                                 f"at least {n_ctx} tokens")
+            n_chunk = n_chunk_max if n_chunks is None else min(n_chunks, n_chunk_max)
+
+            ref_ctx = _new_context(base, ref_cfg, n_ctx, n_batch, n_threads, errors)
+            contexts.append(ref_ctx)
+            cfg_ctx = []
+            for c in configs:
+                model = base
+                if c.profile is not None:
+                    model = _load_model(model_path, errors=errors)  # per-layer types live on the model
+                    models.append(model)
+                    runtime.apply_profile(model, model_path, c.profile)
+                ctx = _new_context(model, c, n_ctx, n_batch, n_threads, errors)
+                contexts.append(ctx)
+                cfg_ctx.append((ctx, model))
+
+            first = n_ctx // 2
+            last = n_ctx - 2  # the last position has no next token in the chunk
+            n_scored = last - first + 1
+            ref_nll = np.empty(n_chunk * n_scored)
+            nll = np.empty((len(configs), n_chunk * n_scored))
+            kld = np.empty_like(nll)
+            top1 = np.zeros(nll.shape, dtype=bool)
+            batch = lc.llama_batch_init(n_batch, 0, 1)
+            chunks = range(n_chunk)
+            if progress:
+                from tqdm import tqdm
+
+                chunks = tqdm(chunks, desc="chunks", unit="chunk", dynamic_ncols=True)
+            row = 0
+            for i in chunks:
+                start = i * n_ctx
+                chunk = tokens[start:start + n_ctx].copy()
+                if add_bos:
+                    chunk[0] = bos
+                for ctx in contexts:
+                    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+                for pos0 in range(0, n_ctx, n_batch):
+                    part = chunk[pos0:pos0 + n_batch]
+                    n_out = _fill_batch(batch, part.tolist(), pos0, first, last)
+                    logits = _decode(ref_ctx, batch, n_out, n_vocab, ref_cfg.label, errors)
+                    if logits is None:
+                        for c, (ctx, _) in zip(configs, cfg_ctx):
+                            _decode(ctx, batch, 0, n_vocab, c.label, errors)
+                        continue
+                    p_first = max(first, pos0)
+                    targets = tokens[start + p_first + 1:start + p_first + 1 + n_out]
+                    ref = _reference_rows(logits, targets)
+                    ref_nll[row:row + n_out] = ref["nll"]
+                    for k, (c, (ctx, _)) in enumerate(zip(configs, cfg_ctx)):
+                        logits = _decode(ctx, batch, n_out, n_vocab, c.label, errors)
+                        a, b, t = _compare(ref, logits, targets)
+                        nll[k, row:row + n_out], kld[k, row:row + n_out], top1[k, row:row + n_out] = a, b, t
+                    row += n_out
+                    del ref
+            assert row == len(ref_nll)
+
+            reference = {"label": ref_cfg.label, "profile": None, **_ppl_stats(ref_nll),
+                         **_kv_summary(ref_ctx, base)}
+            results = []
+            for k, (c, (ctx, model)) in enumerate(zip(configs, cfg_ctx)):
+                r = {"label": c.label, "profile": str(c.profile) if c.profile is not None else None}
+                r.update(_config_stats(nll[k], ref_nll, kld[k], top1[k], reference["ppl"]))
+                r.update(_kv_summary(ctx, model))
+                results.append(r)
+        finally:
+            if batch is not None:
+                lc.llama_batch_free(batch)
+            for ctx in contexts:
+                lc.llama_free(ctx)
+            for m in models:
+                lc.llama_model_free(m)
+
+    settings = {
+        "model": str(model_path), "text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "n_tokens": int(len(tokens)), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_batch, "n_chunks": n_chunk,
+        "first": first, "n_tokens_scored": int(len(ref_nll)), "add_bos": add_bos, "n_vocab": n_vocab,
+        "flash_attn": True, "reference": f"{REFERENCE_TYPE}/{REFERENCE_TYPE}", "n_threads": n_threads,
+        "seconds": round(time.time() - t0, 2),
+    }
+    return {"settings": settings, "reference": reference, "results": results}
+
+
+# --- the table -------------------------------------------------------------------------------------------------
+
+def format_table(result: dict) -> str:
+    """A fixed-width table of evaluate()'s result, the settings on its first line."""
+    s = result["settings"]
+    name = s.get("text") or f"text {s['text_sha256'][:12]}"
+    lines = [f"{name} chunks={s['n_chunks']} n_ctx={s['n_ctx']} batch={s['n_batch']} "
+             f"scored={s['n_tokens_scored']} tokens, flash attention {'on' if s['flash_attn'] else 'off'}, "
+             f"reference {s['reference']}"]
+    hdr = (f"{'config':<20} {'K':>10} {'V':>10} {'bits':>6} {'KV MiB':>8} {'PPL':>18} {'ΔPPL %':>8} "
+           f"{'KLD':>20} {'KLD p99':>9} {'top-1 %':>8}")
+    lines += [hdr, "-" * len(hdr)]
+    ref = result["reference"]
+    lines.append(_row(ref, f"{ref['ppl']:.4f} ± {ref['ppl_err']:.4f}", "", "", "", ""))
+    for r in result["results"]:
+        lines.append(_row(r, f"{r['ppl']:.4f} ± {r['ppl_err']:.4f}", f"{r['dppl_pct']:+.3f}",
+                          f"{r['kld']:.6f} ± {r['kld_err']:.6f}", f"{r['kld_p99']:.5f}", f"{r['top1']:.2f}"))
+    return "\n".join(lines)
+
+
+def _row(r: dict, ppl: str, dppl: str, kld: str, p99: str, top1: str) -> str:
+    label = r["label"] if len(r["label"]) <= 20 else r["label"][:19] + "…"
+    return (f"{label:<20} {_short(r['type_k']):>10} {_short(r['type_v']):>10} {r['avg_bits']:>6.3f} "
+            f"{r['kv_bytes'] / 2**20:>8.2f} {ppl:>18} {dppl:>8} {kld:>20} {p99:>9} {top1:>8}")
+
+
+def _short(t: str) -> str:
+    return "mixed" if t.startswith("mixed(") else t
