@@ -13,7 +13,8 @@ profile (a small GGUF file of metadata) that is bound to the model it was made f
 
 examples:
   qaq-gguf info                                   versions, library, backends and devices
-  qaq-gguf demo                                   run the bundled Gemma 3 270M with a mixed K/V profile
+  qaq-gguf demo                                   the main job on the bundled Gemma 3 270M: calibrate,
+                                                  evaluate against uniform -ctk/-ctv pairs, generate
   qaq-gguf profile make MODEL -k q8_0 -v q4_0 -o qaq.gguf
                                                   a hand-made profile: every layer K q8_0, V q4_0
   qaq-gguf profile make MODEL -k q8_0,q4_0,... -v q4_0 -o qaq.gguf
@@ -24,6 +25,12 @@ examples:
   qaq-gguf calibrate MODEL --text calib.txt --budget 5.5 -o qaq.gguf
                                                   measure each layer's K/V sensitivity and solve the per-layer
                                                   types for an average of 5.5 bits per cached value
+  qaq-gguf eval MODEL --text test.txt --profile qaq.gguf -ctk q8_0 -ctv q4_0
+                                                  PPL, KL-divergence, top-1 against the f16 cache
+  qaq-gguf frontier MODEL --calib-text calib.txt --text test.txt
+                                                  quality vs bits: uniform pairs and calibrated profiles (PNG)
+  qaq-gguf ablate MODEL --scores qaq.gguf --text test.txt
+                                                  does the error model rank layers right?
   qaq-gguf server -m MODEL --kv-profile qaq.gguf  the bundled llama-server (any llama-server arguments)
   qaq-gguf perplexity -m MODEL --kv-profile qaq.gguf -f text.txt
 """
@@ -133,25 +140,119 @@ def cmd_profile_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    qaq_gguf, _ = _native()
-    from . import models, profile
+DATA = Path(__file__).resolve().parent / "data"
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: calibrate the bundled model, evaluate the profiles beside uniform pairs, generate text."""
+    qaq_gguf, _ = _native()
+    import time
+
+    from . import calibrate, evaluate, frontier, models, profile
+
+    t0 = time.time()
     model = Path(args.model) if args.model else models.gemma3_270m()
-    ident = profile.model_identity(model)
-    # until calibration chooses the map: keys of global layers and the first layer in q8_0, the rest q4_0;
-    # values in q4_0 (the QAQ finding: keys are the sensitive side)
-    tk = ["q8_0" if (not ident.is_swa[il] or il == 0) else "q4_0" for il in range(ident.n_layer)]
-    p = profile.make_profile(ident, tk, "q4_0", {"method": "demo"})
-    out = Path(args.output)
-    profile.write_profile(p, out)
-    print(profile.describe(p, n_ctx=args.n_ctx))
-    llm = qaq_gguf.Llama(str(model), kv_profile=str(out), n_ctx=args.n_ctx, verbose=False, seed=0)
-    info = llm.kv_layer_info()
-    print(f"\nallocated: {sum(r['bytes_k'] + r['bytes_v'] for r in info) / 2**20:.2f} MiB in "
-          f"{len({(r['type_k'], r['type_v']) for r in info})} K/V type pairs")
-    res = llm(args.prompt, max_tokens=args.max_tokens, temperature=0.0)
-    print(f"\n{args.prompt}{res['choices'][0]['text']}")
+    calib = args.calib_text or str(DATA / "wikitext-2-valid-sample.txt")
+    held_out = args.text or str(DATA / "wikitext-2-test-sample.txt")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"1/3 calibrating {model.name} on {Path(calib).name} ({args.calib_chunks} chunks of 512 tokens)")
+    scores = calibrate.calibrate(model, _read_text(calib), n_chunks=args.calib_chunks, n_threads=args.threads)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    print(f"2/3 evaluating on held-out {Path(held_out).name} against the f16 cache "
+          f"({args.chunks} chunks of {args.n_ctx} tokens)")
+    res = frontier.run(model, scores, evaluate.read_text_file(held_out), budgets=budgets,
+                       pairs=frontier.pairs_from_arg(args.pairs), work_dir=out, n_ctx=args.n_ctx,
+                       n_chunks=args.chunks, n_threads=args.threads, text_name=Path(held_out).name)
+    frontier.save(res, out / "demo.json")
+    print()
+    print(evaluate.format_table(res))
+    print()
+    print(frontier.summary(res))
+    best = out / f"qaq-{budgets[0]:g}bits.gguf"
+    p = profile.read_profile(best)
+    print(f"\n3/3 generating with {best} (K {','.join(sorted(set(p.type_k)))} / V "
+          f"{','.join(sorted(set(p.type_v)))}, {profile.average_bits(p):.2f} bits per value)")
+    llm = qaq_gguf.Llama(str(model), kv_profile=str(best), n_ctx=2048, verbose=False, seed=0)
+    gen = llm(args.prompt, max_tokens=args.max_tokens, temperature=0.0)
+    print(f"{args.prompt}{gen['choices'][0]['text']}")
+    print(f"\nprofiles and results in {out}/ ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def _configs(args: argparse.Namespace) -> list:
+    from . import evaluate, frontier
+
+    cfgs = [evaluate.CacheConfig(Path(p).stem, profile=p) for p in args.profile or []]
+    if args.type_k or args.type_v:
+        tk, tv = args.type_k or "f16", args.type_v or "f16"
+        cfgs.append(evaluate.CacheConfig(f"{tk}/{tv}", type_k=tk, type_v=tv))
+    if args.pairs:
+        cfgs += [evaluate.CacheConfig(f"{tk}/{tv}", type_k=tk, type_v=tv) for tk, tv in frontier.pairs_from_arg(
+            args.pairs)]
+    return cfgs
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _native()
+    from . import evaluate, models
+
+    model = args.model or str(models.gemma3_270m())
+    cfgs = _configs(args)
+    if not cfgs:
+        raise SystemExit("qaq-gguf eval: nothing to evaluate: give --profile P, -ctk/-ctv, or --pairs")
+    res = evaluate.evaluate(model, evaluate.read_text_file(args.text), cfgs, n_ctx=args.ctx, n_batch=args.batch,
+                            n_chunks=args.chunks, n_threads=args.threads, text_name=Path(args.text).name)
+    print(evaluate.format_table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _scores(args: argparse.Namespace, model: str):
+    from . import calibrate, profile
+
+    if args.scores:
+        return calibrate.scores_from_profile(profile.read_profile(args.scores))
+    if not args.calib_text:
+        raise SystemExit("qaq-gguf: give --scores PROFILE (a calibrated profile) or --calib-text FILE")
+    return calibrate.calibrate(model, _read_text(args.calib_text), n_chunks=args.calib_chunks, n_threads=args.threads)
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    _native()
+    from . import evaluate, frontier, models
+
+    model = args.model or str(models.gemma3_270m())
+    scores = _scores(args, model)
+    out = Path(args.output_dir)
+    res = frontier.run(model, scores, evaluate.read_text_file(args.text),
+                       budgets=[float(b) for b in args.budgets.split(",")], pairs=frontier.pairs_from_arg(args.pairs),
+                       work_dir=out, n_ctx=args.ctx, n_chunks=args.chunks, n_threads=args.threads,
+                       text_name=Path(args.text).name)
+    frontier.save(res, out / "frontier.json")
+    png = frontier.plot(res, out / "frontier.png")
+    print(evaluate.format_table(res))
+    print()
+    print(frontier.summary(res))
+    print(f"wrote {out / 'frontier.json'}, {png} and the profiles in {out}/")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    _native()
+    from . import ablate, models
+
+    model = args.model or str(models.gemma3_270m())
+    scores = _scores(args, model)
+    out = Path(args.output_dir)
+    res = ablate.run(model, scores, _read_text(args.text), type_name=args.type, work_dir=out, n_ctx=args.ctx,
+                     n_chunks=args.chunks, n_threads=args.threads)
+    (out / "ablate.json").write_text(json.dumps(res, indent=1))
+    png = ablate.plot(res, out / "ablate.png")
+    print(ablate.table(res))
+    print(f"wrote {out / 'ablate.json'} and {png}")
     return 0
 
 
@@ -233,13 +334,75 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
         p.set_defaults(func=lambda a, exe=exe: _exec_binary(exe, a.rest), rest=[])
 
-    p = sub.add_parser("demo", help="run the bundled Gemma 3 270M with a mixed per-layer K/V profile")
+    p = sub.add_parser("demo", help="the main job on the bundled Gemma 3 270M: calibrate, evaluate, generate",
+                       description="Calibrate the bundled Gemma 3 270M on WikiText-2 validation text, evaluate "
+                                   "calibrated profiles beside uniform -ctk/-ctv pairs on held-out WikiText-2 test "
+                                   "text (perplexity, KL-divergence, top-1 against the f16 cache), then generate "
+                                   "text with the first profile. Samples of both texts ship with the package.")
     p.add_argument("--model", help="a GGUF model instead of the bundled one")
+    p.add_argument("--calib-text", help="calibration text (default: the packaged WikiText-2 valid sample)")
+    p.add_argument("--text", help="held-out evaluation text (default: the packaged WikiText-2 test sample)")
+    p.add_argument("--budgets", default="6.5,5.5", help="bits per value of the calibrated profiles (default 6.5,5.5)")
+    p.add_argument("--pairs", default="q8_0/q4_0,q5_0/q5_0,q4_0/q4_0",
+                   help="uniform K/V pairs to compare with (default q8_0/q4_0,q5_0/q5_0,q4_0/q4_0)")
+    p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks of 512 tokens (default 8)")
+    p.add_argument("--chunks", type=int, default=8, help="evaluation chunks (default 8)")
+    p.add_argument("--n-ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("-o", "--output", default="qaq-demo.gguf", help="where to write the demo profile")
+    p.add_argument("-o", "--output-dir", default="qaq-demo", help="where profiles and results go")
     p.set_defaults(func=cmd_demo)
+
+    ev = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("eval", help="perplexity, KL-divergence and top-1 against the f16 cache", **ev,
+                       description="""\
+Evaluate KV cache configs against the f16 cache on the same tokens, the llama-perplexity way: chunks of --ctx
+tokens (the first replaced by BOS), the second half of each chunk scored, flash attention on for every config.
+Reports PPL, ΔPPL against f16, mean KL-divergence (and its 99th percentile), top-1 agreement, KV bytes and
+average bits per value.
+
+examples:
+  qaq-gguf eval model.gguf --text wiki.test.raw --profile qaq.gguf
+  qaq-gguf eval model.gguf --text wiki.test.raw -ctk q8_0 -ctv q4_0 --profile qaq.gguf --json out.json
+  qaq-gguf eval model.gguf --text wiki.test.raw --pairs q8_0/q8_0,q4_0/q4_0""")
+    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("--text", required=True, help="held-out text (never the calibration text)")
+    p.add_argument("--profile", action="append", help="a profile to evaluate (repeatable)")
+    p.add_argument("-ctk", "--type-k", help="uniform K cache type")
+    p.add_argument("-ctv", "--type-v", help="uniform V cache type")
+    p.add_argument("--pairs", help="uniform pairs, e.g. q8_0/q4_0,q4_0/q4_0")
+    p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default 1024)")
+    p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--chunks", type=int, default=8, help="chunks to score (default 8)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", help="also write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    for name, helptext in (("frontier", "uniform pairs vs calibrated profiles across budgets: table, JSON, PNG"),
+                           ("ablate", "one layer's K or V quantized at a time: measured loss vs predicted score")):
+        p = sub.add_parser(name, help=helptext, description=helptext + ". Scores come from a calibrated profile "
+                           "(--scores) or a calibration run (--calib-text).")
+        p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+        p.add_argument("--text", required=True, help="held-out evaluation text")
+        p.add_argument("--scores", help="a calibrated profile whose stored scores to use")
+        p.add_argument("--calib-text", help="calibration text (when --scores is not given)")
+        p.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
+        p.add_argument("--threads", type=int)
+        if name == "frontier":
+            p.add_argument("--budgets", default=",".join(f"{b:g}" for b in (8.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5)))
+            p.add_argument("--pairs", default="q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q5_1/q5_1,q5_0/q5_0,q5_0/q4_0,"
+                                              "q4_1/q4_1,q4_0/q4_0,iq4_nl/iq4_nl")
+            p.add_argument("--ctx", type=int, default=1024)
+            p.add_argument("--chunks", type=int, default=8)
+            p.add_argument("-o", "--output-dir", default="qaq-frontier")
+            p.set_defaults(func=cmd_frontier)
+        else:
+            p.add_argument("--type", default="q4_0", help="the type one layer is quantized to (default q4_0)")
+            p.add_argument("--ctx", type=int, default=512)
+            p.add_argument("--chunks", type=int, default=4)
+            p.add_argument("-o", "--output-dir", default="qaq-ablate")
+            p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser(
         "calibrate", help="measure per-layer K/V sensitivity on text and solve the per-layer types for a budget",

@@ -251,13 +251,37 @@ def _relative(total: float, count: int, layer: _Layer) -> float:
 # Error models, given the cache error dk = k_hat - k or dv = v_hat - v
 
 
-def _key_measured(layer: _Layer, dk: np.ndarray) -> float:
-    """First-order output error: dX_i = sum_t S_it e_it (v_t - X_i), e_it = s q_i . dk_t."""
+def query_dot_type(k_type: str) -> str:
+    """The type llama.cpp rounds Q to before the dot product with a K cache of ``k_type`` (ggml-cpu's flash
+    attention converts Q to K's ``vec_dot_type``: q8_0 for the quantized cache types, q8_1 — the same rounding
+    of the values — for q4_1/q5_1; f16 for an f16 cache). CUDA's vector kernel likewise quantizes Q to 8 bits."""
+    ct = cachetypes.get(k_type)
+    return "q8_0" if ct.is_quantized else ct.name
+
+
+def query_roundtrip(q: np.ndarray, k_type: str, *, rotate: bool | None = None) -> np.ndarray:
+    """Q as the attention kernel sees it for a K cache of ``k_type`` (rotated like K, rounded, un-rotated)."""
+    ct = cachetypes.get(k_type)
+    n = rotation_size(q.shape[-1], False)
+    if rotate is None:
+        rotate = ct.is_quantized and n is not None
+    qt = cachetypes.get(query_dot_type(k_type))
+    if not rotate:
+        return _roundtrip_plain(np.asarray(q, np.float32), qt)
+    return _rotate(_roundtrip_plain(_rotate(np.asarray(q, np.float32), n), qt), n)
+
+
+def _key_measured(layer: _Layer, dk: np.ndarray, dq: np.ndarray | None = None,
+                  k_hat: np.ndarray | None = None) -> float:
+    """First-order output error: dX_i = sum_t S_it e_it (v_t - X_i), e_it = s (q_hat_i . k_hat_t - q_i . k_t),
+    where q_hat = q + dq is Q as the kernel rounds it (``dq`` None: Q exact, e_it = s q_i . dk_t)."""
     total = 0.0
     for h in range(layer.q.shape[1]):
         g = h // layer.group
         s = layer.attn[h][layer.rows]
         e = layer.kq_scale * (layer.q[layer.rows, h, :] @ dk[:, g, :].T)
+        if dq is not None:
+            e += layer.kq_scale * (dq[layer.rows, h, :] @ k_hat[:, g, :].T)
         p = s * e
         dx = p @ layer.v[:, g, :] - p.sum(axis=1, keepdims=True) * layer.x[h]
         total += float(np.sum(dx.astype(np.float64) ** 2))
@@ -391,11 +415,14 @@ def score_layer(
     max_queries: int | None = None,
     seed: int = 0,
     n_swa: int | None = None,
+    round_q: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """``{type: (key_score, value_score)}`` for every candidate cache type of one layer.
 
     Same arguments as :func:`key_score` / :func:`value_score`; the attention output and
-    the query sample are computed once and shared by all candidates.
+    the query sample are computed once and shared by all candidates. ``round_q`` (measured
+    method) includes the kernel's rounding of Q to K's dot-product type
+    (:func:`query_dot_type`): it is why 8-bit keys cost more than 8-bit values.
     """
     _check_method(method)
     layer = _prepare(q, k, v, attn, kq_scale=kq_scale, max_queries=max_queries, seed=seed, n_swa=n_swa)
@@ -403,10 +430,12 @@ def score_layer(
     v = np.asarray(v, dtype=np.float32)
     scores: dict[str, tuple[float, float]] = {}
     for name in candidates:
-        dk = quant_roundtrip(k, name, rotate=rotate) - k
+        k_hat = quant_roundtrip(k, name, rotate=rotate)
+        dk = k_hat - k
         dv = quant_roundtrip(v, name, is_v=True, rotate=rotate) - v
         if method == "measured":
-            scores[name] = (_key_measured(layer, dk), _value_measured(layer, dv))
+            dq = query_roundtrip(layer.q, name, rotate=rotate) - layer.q if round_q else None
+            scores[name] = (_key_measured(layer, dk, dq, k_hat), _value_measured(layer, dv))
         else:
             scores[name] = (_key_qaq(layer, dk), _value_qaq(layer, dv, window))
     return scores

@@ -144,3 +144,35 @@ def test_cli_calibrate_then_resolve_from_stored_scores(gemma, calib_text, tmp_pa
     assert profile.average_bits(p2) <= 4.5
     assert cli.main(["calibrate", str(gemma), "--scores", str(out), "--budget", "2", "-o", str(out2)]) == 2
     assert "below the smallest" in capsys.readouterr().err
+
+
+def test_spearman():
+    from qaq_gguf.ablate import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(0.894427, rel=1e-5)  # ties share ranks
+
+
+def test_frontier_and_ablate_commands_write_results(gemma, scores, eval_text, tmp_path, capsys):
+    import json
+
+    prof = profile.write_profile(calibrate.allocate(scores, avg_bits=6.5), tmp_path / "scores.gguf")
+    text = tmp_path / "test.txt"
+    text.write_text(eval_text)
+    out = tmp_path / "fr"
+    assert cli.main(["frontier", str(gemma), "--scores", str(prof), "--text", str(text), "--budgets", "6.5",
+                     "--pairs", "q8_0/q4_0", "--ctx", "256", "--chunks", "1", "--threads", "2", "-o", str(out)]) == 0
+    res = json.loads((out / "frontier.json").read_text())
+    assert [r["series"] for r in res["results"]] == ["uniform", "calibrated"]
+    assert all(r["bits"] <= 6.5 for r in res["results"])
+    assert (out / "frontier.png").stat().st_size > 10_000 and (out / "qaq-6.5bits.gguf").is_file()
+    assert "best uniform" in capsys.readouterr().out
+
+    out = tmp_path / "ab"
+    assert cli.main(["ablate", str(gemma), "--scores", str(prof), "--text", str(text), "--ctx", "256",
+                     "--chunks", "1", "--threads", "2", "-o", str(out)]) == 0
+    res = json.loads((out / "ablate.json").read_text())
+    assert len(res["rows"]) == 2 * 18 and set(res["spearman"]) == {"K", "V", "all"}
+    assert all(r["kld"] > 0 for r in res["rows"])
+    assert (out / "ablate.png").is_file()

@@ -148,7 +148,20 @@ def test_iq4_nl_blocks_use_the_codebook():
     np.testing.assert_array_equal(zero, 0)
 
 
-@pytest.mark.skipif(not os.environ.get("QAQ_GGML_BASE_LIB"), reason="set QAQ_GGML_BASE_LIB to a libggml-base.so")
+def _ggml_base_lib() -> str | None:
+    """libggml-base.so: QAQ_GGML_BASE_LIB, else the installed qaq-gguf's own."""
+    if os.environ.get("QAQ_GGML_BASE_LIB"):
+        return os.environ["QAQ_GGML_BASE_LIB"]
+    from importlib import metadata
+
+    try:
+        f = pathlib.Path(str(metadata.distribution("qaq-gguf").locate_file("qaq_gguf/lib/libggml-base.so")))
+    except metadata.PackageNotFoundError:
+        return None
+    return str(f) if f.is_file() else None
+
+
+@pytest.mark.skipif(_ggml_base_lib() is None, reason="qaq-gguf is not installed (or set QAQ_GGML_BASE_LIB)")
 @pytest.mark.parametrize("type_name", QUANTIZED)
 def test_roundtrip_matches_ggml_reference_quantizer(type_name):
     """Bit-exact against ggml's from_float_ref (what the CPU cache's set_rows uses)."""
@@ -159,7 +172,7 @@ def test_roundtrip_matches_ggml_reference_quantizer(type_name):
                     ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
                     ("from_float_ref", ctypes.c_void_p)]
 
-    lib = ctypes.CDLL(os.environ["QAQ_GGML_BASE_LIB"])
+    lib = ctypes.CDLL(_ggml_base_lib())
     lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
     ct = cachetypes.get(type_name)
     traits = lib.ggml_get_type_traits(ct.type_id).contents
@@ -212,8 +225,10 @@ def _layer(rng, n=12, n_head=4, n_head_kv=2, d=64, temp=1.0, k_offset=0.0, v_mea
     return q, k, v
 
 
-def _reference(q, k, v, k_hat, v_hat, window=5):
-    """Straightforward loops; returns (key measured, key qaq, value measured, value qaq)."""
+def _reference(q, k, v, k_hat, v_hat, window=5, q_hat=None):
+    """Straightforward loops; returns (key measured, key qaq, value measured, value qaq).
+    ``q_hat``: Q as the kernel rounds it (key measured then uses q_hat . k_hat - q . k)."""
+    q_hat = q if q_hat is None else q_hat
     n_q, n_head, _ = q.shape
     n_kv, n_head_kv, _ = k.shape
     group = n_head // n_head_kv
@@ -229,7 +244,7 @@ def _reference(q, k, v, k_hat, v_hat, window=5):
         for i in range(n_q):
             x = sum(s[i, t] * v[t, g] for t in range(n_kv))
             xn += x @ x
-            dx = sum(s[i, t] * (q[i, h] @ (k_hat[t, g] - k[t, g])) * (v[t, g] - x) for t in range(n_kv))
+            dx = sum(s[i, t] * (q_hat[i, h] @ k_hat[t, g] - q[i, h] @ k[t, g]) * (v[t, g] - x) for t in range(n_kv))
             km += dx @ dx
             dx = sum(s[i, t] * (v_hat[t, g] - v[t, g]) for t in range(n_kv))
             vm += dx @ dx
@@ -263,8 +278,13 @@ def test_scores_match_loop_reference(type_name):
     assert all(r > 0 for r in ref)
     # attn=None computes the same causal attention
     np.testing.assert_allclose(scoring.key_score(q, k, v, None, type_name), ref[0], rtol=1e-3)
-    both = scoring.score_layer(q, k, v, attn, [type_name])[type_name]
+    both = scoring.score_layer(q, k, v, attn, [type_name], round_q=False)[type_name]
     np.testing.assert_allclose(both, (ref[0], ref[2]), rtol=1e-3)
+    # with the kernel's rounding of Q to 8 bits (what score_layer does by default)
+    q_hat = scoring.query_roundtrip(q, type_name)
+    ref_q = _reference(q, k, v, k_hat, v_hat, window=3, q_hat=q_hat)
+    both = scoring.score_layer(q, k, v, attn, [type_name])[type_name]
+    np.testing.assert_allclose(both, (ref_q[0], ref_q[2]), rtol=2e-2)  # first order in the Q error
     both = scoring.score_layer(q, k, v, attn, [type_name], method="qaq", window=3)[type_name]
     np.testing.assert_allclose(both, (ref[1], ref[3]), rtol=1e-3)
 
@@ -341,3 +361,18 @@ def test_gqa_and_shape_checks():
         scoring.key_score(q, k, v, np.zeros((4, 8, 7), np.float32), "q4_0")
     with pytest.raises(ValueError, match="method"):
         scoring.key_score(q, k, v, None, "q4_0", method="nope")
+
+
+def test_query_rounding_is_modelled_for_quantized_keys():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((64, 2, 64)).astype(np.float32)
+    k = rng.standard_normal((64, 1, 64)).astype(np.float32)
+    v = rng.standard_normal((64, 1, 64)).astype(np.float32)
+    with_q = scoring.score_layer(q, k, v, None, ["f16", "q8_0", "q4_0"], kq_scale=0.3)
+    without = scoring.score_layer(q, k, v, None, ["f16", "q8_0", "q4_0"], kq_scale=0.3, round_q=False)
+    assert scoring.query_dot_type("q4_1") == "q8_0" and scoring.query_dot_type("f16") == "f16"
+    # 8-bit Q rounding is comparable to 8-bit K rounding: it roughly doubles q8_0's key error ...
+    assert 1.3 < with_q["q8_0"][0] / without["q8_0"][0] < 4
+    # ... and barely moves q4_0's, whose own error dominates; values are unaffected
+    assert with_q["q4_0"][0] / without["q4_0"][0] < 1.2
+    assert with_q["q8_0"][1] == without["q8_0"][1]

@@ -1,0 +1,117 @@
+"""Quality against size: uniform K/V type pairs next to calibrated profiles, evaluated side by side.
+
+    res = run(model, scores, eval_text, budgets=[6.5, 5.5, 4.5])   # scores from calibrate.calibrate()
+    plot(res, "frontier.png")
+
+Every config is evaluated in the same run against the same f16 reference on the same tokens (evaluate.py), so
+the comparison does not depend on the machine's noise. The x axis is the average bits per cached value over all
+layers' K and V (equal weight per token, the budget ``qaq-gguf calibrate --budget`` solves for).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from . import cachetypes, calibrate, evaluate, profile
+
+# the uniform pairs people run (-ctk/-ctv), finest first
+UNIFORM_PAIRS: tuple[tuple[str, str], ...] = (
+    ("q8_0", "q8_0"), ("q8_0", "q5_0"), ("q8_0", "q4_0"), ("q5_1", "q5_1"), ("q5_0", "q5_0"), ("q5_0", "q4_0"),
+    ("q4_1", "q4_1"), ("q4_0", "q4_0"), ("iq4_nl", "iq4_nl"),
+)
+DEFAULT_BUDGETS: tuple[float, ...] = (8.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5)
+
+
+def uniform_bits(tk: str, tv: str, ident: profile.ModelIdentity) -> float:
+    return profile.average_bits(profile.make_profile(ident, tk, tv))
+
+
+def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets: Sequence[float] = DEFAULT_BUDGETS,
+        pairs: Sequence[tuple[str, str]] = UNIFORM_PAIRS, work_dir: str | Path = "qaq-frontier", n_ctx: int = 1024,
+        n_batch: int = 256, n_chunks: int | None = 8, n_threads: int | None = None, progress: bool = True,
+        text_name: str | None = None) -> dict:
+    """Evaluate ``pairs`` and one calibrated profile per budget (written to ``work_dir``) in one run."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    configs, meta = [], []
+    for tk, tv in pairs:
+        configs.append(evaluate.CacheConfig(f"{tk}/{tv}", type_k=tk, type_v=tv))
+        meta.append({"series": "uniform", "bits": uniform_bits(tk, tv, scores.ident), "budget": None})
+    for b in budgets:
+        p = calibrate.allocate(scores, avg_bits=b)
+        f = profile.write_profile(p, work / f"qaq-{b:g}bits.gguf")
+        configs.append(evaluate.CacheConfig(f"qaq@{b:g}", profile=str(f)))
+        meta.append({"series": "calibrated", "bits": profile.average_bits(p), "budget": b,
+                     "layer_type_k": p.type_k, "layer_type_v": p.type_v})
+    res = evaluate.evaluate(model_path, text, configs, n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks,
+                            n_threads=n_threads, progress=progress, text_name=text_name)
+    for r, m in zip(res["results"], meta):
+        r.update(m)
+    res["calibration"] = scores.settings
+    return res
+
+
+def plot(res: dict, path: str | Path, *, title: str | None = None) -> Path:
+    """PPL change and KLD against average bits: uniform pairs and the calibrated frontier as two series."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or qaq-gguf[demo])") from None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "dppl_pct", "PPL vs f16 cache (%)"), (axes[1], "kld", "KL-divergence vs f16")):
+        for series, style in (("uniform", dict(marker="o", ls="none", color="tab:gray")),
+                              ("calibrated", dict(marker="s", ls="-", color="tab:red"))):
+            rows = sorted((r for r in res["results"] if r.get("series") == series), key=lambda r: r["bits"])
+            if not rows:
+                continue
+            ax.plot([r["bits"] for r in rows], [r[key] for r in rows], label=f"{series}", **style)
+            if series == "uniform":
+                for r in rows:
+                    ax.annotate(r["label"], (r["bits"], r[key]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        ax.set_xlabel("average bits per cached value (K and V, scales included)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    s = res["settings"]
+    fig.suptitle(title or f"{Path(s.get('model', 'model')).name}: {s['n_chunks']}×{s['n_ctx']} tokens, "
+                 f"{s['n_tokens_scored']} scored")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def summary(res: dict) -> str:
+    """For each calibrated profile: the best uniform pair at no more bits, and whether the profile beats it."""
+    uni = [r for r in res["results"] if r.get("series") == "uniform"]
+    lines = [f"{'profile':<10} {'bits':>6} {'ΔPPL %':>8} {'KLD':>9}   best uniform at ≤ bits"]
+    for r in (r for r in res["results"] if r.get("series") == "calibrated"):
+        ok = [u for u in uni if u["bits"] <= r["bits"] + 1e-9]
+        best = min(ok, key=lambda u: u["kld"]) if ok else None
+        cmp = (f"{best['label']:<14} {best['bits']:>5.2f} {best['dppl_pct']:+8.3f} {best['kld']:9.5f}  "
+               f"{'beats it' if r['kld'] < best['kld'] else 'does NOT beat it'} (KLD)") if best else "none"
+        lines.append(f"{r['label']:<10} {r['bits']:>6.3f} {r['dppl_pct']:+8.3f} {r['kld']:9.5f}   {cmp}")
+    return "\n".join(lines)
+
+
+def save(res: dict, path: str | Path) -> Path:
+    out = Path(path)
+    out.write_text(json.dumps(res, indent=1))
+    return out
+
+
+def pairs_from_arg(s: str) -> list[tuple[str, str]]:
+    """'q8_0/q4_0,q4_0/q4_0' -> [("q8_0", "q4_0"), ("q4_0", "q4_0")]."""
+    out = []
+    for item in s.split(","):
+        tk, _, tv = item.strip().partition("/")
+        for t in (tk, tv or tk):
+            cachetypes.get(t)
+        out.append((tk, tv or tk))
+    return out

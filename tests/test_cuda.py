@@ -1,0 +1,56 @@
+"""CUDA checks (run on the GPU machine; skipped cleanly where the build or the machine has no CUDA).
+
+Build there with  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90"
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import has_cuda
+from qaq_gguf import profile
+
+pytestmark = pytest.mark.skipif(not has_cuda(), reason="no CUDA backend in this build, or no GPU")
+
+
+def _logits(gemma, tokens, n_gpu_layers, **kw):
+    import qaq_gguf
+
+    llm = qaq_gguf.Llama(str(gemma), n_ctx=512, n_gpu_layers=n_gpu_layers, logits_all=True, verbose=False, **kw)
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)]), llm
+
+
+def test_generate_fully_offloaded(gemma):
+    import qaq_gguf
+
+    llm = qaq_gguf.Llama(str(gemma), n_ctx=256, n_gpu_layers=99, verbose=False, seed=0)
+    out = llm("The capital of France is", max_tokens=16, temperature=0.0)
+    assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["text"].strip()
+
+
+@pytest.mark.parametrize("tk,tv,tol", [("f16", "f16", 0.05), ("q8_0", "q4_0", 0.3)])
+def test_mixed_profile_on_gpu_matches_cpu(gemma, gemma_ident, eval_text, tmp_path, tk, tv, tol):
+    # alternate the pair across layers so every layer type combination is exercised
+    ks = [tk if il % 2 else tv for il in range(gemma_ident.n_layer)]
+    vs = [tv if il % 2 else tk for il in range(gemma_ident.n_layer)]
+    f = profile.write_profile(profile.make_profile(gemma_ident, ks, vs), tmp_path / "mixed.gguf")
+    import qaq_gguf
+
+    tok = qaq_gguf.Llama(str(gemma), vocab_only=True, verbose=False).tokenize(eval_text[:3000].encode())[:200]
+    cpu, _ = _logits(gemma, tok, 0, kv_profile=str(f))
+    gpu, llm = _logits(gemma, tok, 99, kv_profile=str(f))
+    assert [r["type_k"] for r in llm.kv_layer_info()] == ks
+    # same model, same cache types: logits agree within the tolerance of the types (different kernels round
+    # differently), and the greedy choice agrees almost everywhere
+    assert np.abs(cpu - gpu).max() < tol * np.abs(cpu).max()
+    assert np.mean(cpu.argmax(1) == gpu.argmax(1)) > 0.97
+
+
+def test_pair_without_a_cuda_kernel_is_refused(gemma, gemma_ident, tmp_path):
+    # iq4_nl has no CUDA flash-attention kernel: the profile must be refused, naming the pair, not run slowly
+    f = profile.write_profile(profile.make_profile(gemma_ident, "q8_0", "iq4_nl"), tmp_path / "p.gguf")
+    import qaq_gguf
+
+    with pytest.raises(profile.ProfileError, match="iq4_nl"):
+        qaq_gguf.Llama(str(gemma), kv_profile=str(f), n_ctx=256, n_gpu_layers=99, verbose=False)
