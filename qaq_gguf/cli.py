@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default="q8_0/q4_0,q5_0/q5_0,q4_0/q4_0",
                    help="uniform K/V pairs to compare with (default q8_0/q4_0,q5_0/q5_0,q4_0/q4_0)")
     p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks of 512 tokens (default 8)")
-    p.add_argument("--chunks", type=int, default=8, help="evaluation chunks (default 8)")
+    p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
     p.add_argument("--n-ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--prompt", default="The capital of France is")

@@ -112,10 +112,6 @@ def iter_chunks(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks
     adds one) and yield, per chunk, ``{layer: LayerActivations}`` for ``layers`` (default: all with a KV cache).
 
     The cache is f16, flash attention off (so ``kq_soft_max`` exists), one micro-batch per chunk."""
-    import os
-
-    import llama_cpp as lc
-
     with quiet_llama_log(not verbose):
         yield from _iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks, layers=layers,
                                 n_threads=n_threads)

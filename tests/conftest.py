@@ -38,6 +38,16 @@ def eval_text() -> str:
             "structure in Paris . Its base is square , measuring 125 metres on each side . ") * 60
 
 
+@pytest.fixture(scope="session")
+def calib_text() -> str:
+    """Calibration text: WikiText-2 validation when the shared data is beside the checkout, else the packaged
+    sample of it (never the evaluation text)."""
+    f = SHARED_DATA / "wikitext-2-valid.txt"
+    if not f.is_file():
+        f = ROOT / "qaq_gguf" / "data" / "wikitext-2-valid-sample.txt"
+    return f.read_text()[:30000]
+
+
 def write_synthetic_model(path: Path, n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512,
                           seed=0) -> Path:
     """A tiny random-weight llama-architecture GGUF (f32 weights, no tokenizer): for fast shape and error tests."""

@@ -8,17 +8,6 @@ from qaq_gguf import calibrate, cli, collect, profile, scoring
 
 
 @pytest.fixture(scope="module")
-def calib_text() -> str:
-    from conftest import SHARED_DATA
-
-    f = SHARED_DATA / "wikitext-2-valid.txt"
-    if f.is_file():
-        return f.read_text()[:30000]
-    return (" The river rises in the hills north of the town and flows south for 40 miles before it joins the sea . "
-            "Its valley was settled early , and mills were built along it in the eighteenth century . ") * 80
-
-
-@pytest.fixture(scope="module")
 def chunk(gemma, calib_text):
     return next(collect.iter_chunks(gemma, calib_text, n_ctx=256, n_chunks=1, n_threads=2))
 

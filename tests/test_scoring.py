@@ -1,34 +1,13 @@
-"""Tests for qaq_gguf.cachetypes and qaq_gguf.scoring (pure numpy; no native library).
+"""Tests for qaq_gguf.cachetypes and qaq_gguf.scoring (numpy; the ggml reference check uses the built library)."""
 
-The modules are loaded from their files under a private package name so that
-``qaq_gguf/__init__.py`` (which loads the compiled library) is not executed.
-"""
-
-import importlib
 import os
-import pathlib
-import sys
-import types
 
 import gguf
 import gguf.quants
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    pkg = "_qaq_gguf_standalone"
-    if pkg not in sys.modules:
-        mod = types.ModuleType(pkg)
-        mod.__path__ = [str(ROOT / "qaq_gguf")]
-        sys.modules[pkg] = mod
-    return importlib.import_module(f"{pkg}.{name}")
-
-
-cachetypes = _load("cachetypes")
-scoring = _load("scoring")
+from qaq_gguf import cachetypes, scoring
 
 QUANTIZED = ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 
@@ -148,20 +127,13 @@ def test_iq4_nl_blocks_use_the_codebook():
     np.testing.assert_array_equal(zero, 0)
 
 
-def _ggml_base_lib() -> str | None:
-    """libggml-base.so: QAQ_GGML_BASE_LIB, else the installed qaq-gguf's own."""
-    if os.environ.get("QAQ_GGML_BASE_LIB"):
-        return os.environ["QAQ_GGML_BASE_LIB"]
-    from importlib import metadata
+def _ggml_base_lib() -> str:
+    """libggml-base.so: QAQ_GGML_BASE_LIB, else the one qaq-gguf built."""
+    from qaq_gguf import _native
 
-    try:
-        f = pathlib.Path(str(metadata.distribution("qaq-gguf").locate_file("qaq_gguf/lib/libggml-base.so")))
-    except metadata.PackageNotFoundError:
-        return None
-    return str(f) if f.is_file() else None
+    return os.environ.get("QAQ_GGML_BASE_LIB") or str(_native.lib_dir() / "libggml-base.so")
 
 
-@pytest.mark.skipif(_ggml_base_lib() is None, reason="qaq-gguf is not installed (or set QAQ_GGML_BASE_LIB)")
 @pytest.mark.parametrize("type_name", QUANTIZED)
 def test_roundtrip_matches_ggml_reference_quantizer(type_name):
     """Bit-exact against ggml's from_float_ref (what the CPU cache's set_rows uses)."""

@@ -1,32 +1,12 @@
-"""Tests for qaq_gguf.solver (pure numpy; no native library).
+"""Tests for qaq_gguf.solver (pure numpy)."""
 
-The module is loaded from its file under a private package name so that
-``qaq_gguf/__init__.py`` (which loads the compiled library) is not executed.
-"""
-
-import importlib
 import itertools
 import math
-import pathlib
-import sys
-import types
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    pkg = "_qaq_gguf_standalone"
-    if pkg not in sys.modules:
-        mod = types.ModuleType(pkg)
-        mod.__path__ = [str(ROOT / "qaq_gguf")]
-        sys.modules[pkg] = mod
-    return importlib.import_module(f"{pkg}.{name}")
-
-
-solver = _load("solver")
+from qaq_gguf import solver
 
 BITS = [16.0, 8.5, 6.0, 5.5, 5.0, 4.5]  # f16 q8_0 q5_1 q5_0 q4_1 q4_0
 
