@@ -139,7 +139,10 @@ def test_profile_config(gemma, result, mixed_profile):
     assert mixed["avg_bits"] == pytest.approx(profile.average_bits(p, N_CTX, n_ubatch=N_BATCH), rel=1e-12)
     assert mixed["kv_bytes"] == profile.kv_bytes(p, N_CTX, n_ubatch=N_BATCH)
     assert r["q4"]["kv_bytes"] < mixed["kv_bytes"] < r["q8"]["kv_bytes"]
-    assert r["q8"]["kld"] < mixed["kld"] < r["q4"]["kld"]
+    # between the extremes: below q4_0 strictly; against q8_0 only roughly, because V quantization at these sizes
+    # sits on Gemma 3 270M's perturbation floor (one layer's V in q8_0 costs as much as all: docs/benchmarks.md)
+    assert mixed["kld"] < r["q4"]["kld"] / 3
+    assert mixed["kld"] > 0.5 * r["q8"]["kld"]
 
 
 def test_several_batches_per_chunk(gemma, text_file, result):
