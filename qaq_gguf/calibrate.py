@@ -36,9 +36,25 @@ class Scores:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
 
 
+# cache types without a CUDA flash-attention kernel (ggml-cuda fattn: f16, q4_0, q4_1, q5_0, q5_1, q8_0, bf16)
+NO_CUDA_FA = ("iq4_nl",)
+
+
 def default_candidates() -> list[str]:
-    """The cache types calibration chooses from: every quantized type this build's cache accepts, and f16."""
-    return list(cachetypes.DEFAULT_CANDIDATES)
+    """The cache types calibration chooses from: f16 and every quantized type this build's cache accepts; with a
+    CUDA backend, only those its flash attention has kernels for (a profile using another is refused there)."""
+    cands = list(cachetypes.DEFAULT_CANDIDATES)
+    if "CUDA" in _backends():
+        cands = [c for c in cands if c not in NO_CUDA_FA]
+    return cands
+
+
+def _backends() -> set[str]:
+    from . import _native
+
+    ffi, lib = _native.ffi_lib()
+    return {_native.c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)))
+            for i in range(lib.ggml_backend_reg_count())}
 
 
 def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = 8,

@@ -54,3 +54,9 @@ def test_pair_without_a_cuda_kernel_is_refused(gemma, gemma_ident, tmp_path):
 
     with pytest.raises(profile.ProfileError, match="iq4_nl"):
         qaq_gguf.Llama(str(gemma), kv_profile=str(f), n_ctx=256, n_gpu_layers=99, verbose=False)
+
+
+def test_calibration_candidates_follow_the_backend():
+    from qaq_gguf import calibrate
+
+    assert "iq4_nl" not in calibrate.default_candidates()  # no CUDA flash-attention kernel for it
