@@ -114,6 +114,12 @@ def c_str(ptr) -> str:
     return ffi.string(ptr).decode() if ptr != ffi.NULL else ""
 
 
+def backend_names() -> list[str]:
+    """Names of the ggml backends compiled into this build ("CPU", "CUDA", ...)."""
+    _, lib = ffi_lib()
+    return [c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
+
+
 def version() -> str:
     """qaq_version() from the loaded native library."""
     _, lib = ffi_lib()

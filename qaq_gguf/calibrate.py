@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import cachetypes, collect, profile, scoring, solver
+from . import _native, cachetypes, collect, profile, scoring, solver
 
 
 @dataclass
@@ -30,7 +30,6 @@ class Scores:
     k: np.ndarray
     v: np.ndarray
     settings: dict = field(default_factory=dict)
-    kq_scale: list[float] = field(default_factory=list)
 
     def layers(self) -> list[int]:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
@@ -44,17 +43,9 @@ def default_candidates() -> list[str]:
     """The cache types calibration chooses from: f16 and every quantized type this build's cache accepts; with a
     CUDA backend, only those its flash attention has kernels for (a profile using another is refused there)."""
     cands = list(cachetypes.DEFAULT_CANDIDATES)
-    if "CUDA" in _backends():
+    if "CUDA" in _native.backend_names():
         cands = [c for c in cands if c not in NO_CUDA_FA]
     return cands
-
-
-def _backends() -> set[str]:
-    from . import _native
-
-    ffi, lib = _native.ffi_lib()
-    return {_native.c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)))
-            for i in range(lib.ggml_backend_reg_count())}
 
 
 def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = 8,
@@ -72,17 +63,14 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
     sk = np.zeros((ident.n_layer, len(cands)))
     sv = np.zeros((ident.n_layer, len(cands)))
-    scales = np.zeros(ident.n_layer)
     n_done = 0
-    tokens_per_chunk = n_ctx
-    bar = _bar(progress, n_chunks, "calibrating")
+    bar = progress_bar(progress, n_chunks, "calibrating")
     try:
         for c, chunk in enumerate(collect.iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks,
                                                       layers=layers, n_threads=n_threads)):
             for il, act in chunk.items():
-                s = collect.estimate_kq_scale(act)
-                scales[il] += s
-                res = scoring.score_layer(act.q, act.k, act.v, act.attn, cands, method=method, kq_scale=s,
+                res = scoring.score_layer(act.q, act.k, act.v, act.attn, cands, method=method,
+                                          kq_scale=collect.estimate_kq_scale(act),
                                           window=window, max_queries=max_queries, seed=seed + c)
                 for j, name in enumerate(cands):
                     sk[il, j] += res[name][0]
@@ -93,23 +81,21 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     finally:
         if bar is not None:
             bar.close()
-    sk /= n_done
+    sk /= n_done  # layers without a cache were never scored: they stay 0, no choice to make
     sv /= n_done
-    for il in range(ident.n_layer):  # layers without a cache: no choice to make
-        if il not in layers:
-            sk[il] = sv[il] = 0.0
     settings = {"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx, "n_chunks": n_done,
-                "n_tokens": n_done * tokens_per_chunk, "method": method, "max_queries": max_queries or 0,
+                "n_tokens": n_done * n_ctx, "method": method, "max_queries": max_queries or 0,
                 "window": window, "candidates": cands}
-    return Scores(ident, cands, sk, sv, settings, list(scales / max(n_done, 1)))
+    return Scores(ident, cands, sk, sv, settings)
 
 
-def _bar(progress: bool, total: int | None, desc: str):
+def progress_bar(progress: bool, total: int | None, desc: str, unit: str = "chunk"):
+    """A tqdm bar, or None when progress is off."""
     if not progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="chunk")
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
 def _weights(ident: profile.ModelIdentity, n_ctx: int | None) -> tuple[list[int], list[int]]:
@@ -164,9 +150,10 @@ def allocate(scores: Scores, *, avg_bits: float | None = None, max_kv_bytes: int
     try:
         sol = solver.solve(ck, cv, bits, wk, wv, budget)
     except ValueError:
-        smallest = min(bits)
-        need = (f"{smallest:g} bits per value" if avg_bits is not None else
-                f"{profile.kv_bytes(profile.make_profile(scores.ident, cands[int(np.argmin(bits))], cands[int(np.argmin(bits))]), n_ctx)} bytes at n_ctx={n_ctx}")
+        smallest = cands[int(np.argmin(bits))]
+        need = (f"{cachetypes.bits(smallest):g} bits per value" if avg_bits is not None else
+                f"{profile.kv_bytes(profile.make_profile(scores.ident, smallest, smallest), n_ctx)} bytes at "
+                f"n_ctx={n_ctx}")
         raise ValueError(f"the budget is below the smallest cache these candidates can make ({need})") from None
     return _profile_from(scores, cands, sol, avg_bits=avg_bits, max_kv_bytes=max_kv_bytes, n_ctx=n_ctx,
                          provenance=provenance)

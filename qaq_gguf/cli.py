@@ -58,8 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "backends": [], "devices": [],
     }
     llama_cpp.llama_backend_init()
-    for i in range(lib.ggml_backend_reg_count()):
-        info["backends"].append(native.c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))))
+    info["backends"] = native.backend_names()
     kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
     for i in range(lib.ggml_backend_dev_count()):
         d = lib.ggml_backend_dev_get(i)

@@ -16,7 +16,6 @@ and drops them before the next: memory is bounded by one chunk whatever the text
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import re
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import _native
+from . import _native, runtime
 
 WANTED = ("Qcur", "Kcur", "Vcur", "kq_soft_max")
 _NAME = re.compile(r"^(Qcur|Kcur|Vcur|kq_soft_max)-(\d+)$")
@@ -74,37 +73,6 @@ class LayerActivations:
     attn: np.ndarray
 
 
-def tokenize(model, text: str) -> list[int]:
-    """Tokens of ``text`` (no BOS), with the model's own tokenizer (a llama_cpp model pointer)."""
-    import llama_cpp as lc
-
-    vocab = lc.llama_model_get_vocab(model)
-    data = text.encode()
-    n = -lc.llama_tokenize(vocab, data, len(data), None, 0, False, True)
-    buf = (lc.llama_token * max(n, 1))()
-    got = lc.llama_tokenize(vocab, data, len(data), buf, n, False, True)
-    if got < 0:
-        raise RuntimeError("tokenization failed")
-    return list(buf[:got])
-
-
-@contextlib.contextmanager
-def quiet_llama_log(quiet: bool = True):
-    """Silence llama.cpp's log for the duration (llama-cpp-python's own log callback comes back after)."""
-    import llama_cpp as lc
-    from llama_cpp import _logger
-
-    if not quiet:
-        yield
-        return
-    cb = lc.llama_log_callback(lambda level, text, user: None)
-    lc.llama_log_set(cb, ctypes.c_void_p(0))
-    try:
-        yield
-    finally:
-        lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
 def iter_chunks(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = None,
                 layers: Sequence[int] | None = None, n_threads: int | None = None, verbose: bool = False,
                 ) -> Iterator[dict[int, LayerActivations]]:
@@ -112,7 +80,7 @@ def iter_chunks(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks
     adds one) and yield, per chunk, ``{layer: LayerActivations}`` for ``layers`` (default: all with a KV cache).
 
     The cache is f16, flash attention off (so ``kq_soft_max`` exists), one micro-batch per chunk."""
-    with quiet_llama_log(not verbose):
+    with runtime.quiet_llama_log(verbose):
         yield from _iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks, layers=layers,
                                 n_threads=n_threads)
 
@@ -131,7 +99,7 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
     ctx = None
     try:
         vocab = lc.llama_model_get_vocab(model)
-        tokens = tokenize(model, text)
+        tokens = runtime.tokenize(model, text, add_special=False, parse_special=True)
         n_avail = len(tokens) // n_ctx
         if n_avail < 1:
             raise ValueError(f"the calibration text has {len(tokens)} tokens; one chunk needs {n_ctx} "

@@ -18,15 +18,13 @@ with it), the reference included.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -56,17 +54,7 @@ def read_text_file(path: str | Path) -> str:
 def tokenize(model, text: str) -> list[int]:
     """Tokens of `text` for a loaded model (ctypes pointer), as perplexity.cpp tokenizes its input:
     special tokens added (a BOS first when the vocabulary adds one), special-token text not parsed."""
-    lc = runtime.llama_cpp_module()
-    vocab = lc.llama_model_get_vocab(model)
-    data = text.encode("utf-8")
-    n_max = len(data) + 8
-    for _ in range(2):
-        buf = (lc.llama_token * n_max)()
-        n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, True, False)
-        if n >= 0:
-            return list(buf[:n])
-        n_max = -n
-    raise RuntimeError("llama_tokenize failed")
+    return runtime.tokenize(model, text, add_special=True, parse_special=False)
 
 
 def tokenize_text(model_path: str | Path, text: str) -> list[int]:
@@ -75,7 +63,7 @@ def tokenize_text(model_path: str | Path, text: str) -> list[int]:
     lc = runtime.llama_cpp_module()
     params = lc.llama_model_default_params()
     params.vocab_only = True
-    with _quiet_log(False):
+    with runtime.quiet_llama_log():
         model = _load_model(model_path, params)
     try:
         return tokenize(model, text)
@@ -84,31 +72,6 @@ def tokenize_text(model_path: str | Path, text: str) -> list[int]:
 
 
 # --- llama.cpp plumbing ----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _quiet_log(verbose: bool) -> Iterator[list[str]]:
-    """Silence llama.cpp's log for the duration (unless verbose); yields the error lines it logged meanwhile,
-    and puts the previous log callback back at the end."""
-    lc = runtime.llama_cpp_module()
-    errors: list[str] = []
-    if verbose:
-        yield errors
-        return
-
-    @lc.llama_log_callback
-    def keep_errors(level, text, user_data):  # noqa: ARG001 - llama.cpp's callback signature
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
-            errors.append(text.decode("utf-8", errors="replace").rstrip())
-
-    old_cb, old_ud = lc.llama_log_callback(), ctypes.c_void_p()
-    lc.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_ud))
-    lc.llama_log_set(keep_errors, None)
-    try:
-        yield errors
-    finally:
-        lc.llama_log_set(old_cb, old_ud)
-        del keep_errors  # only after llama.cpp no longer points at it
-
 
 def _load_model(model_path: str | Path, params=None, errors: list[str] | None = None):
     lc = runtime.llama_cpp_module()
@@ -349,7 +312,7 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     contexts: list = []
     batch = None
     t0 = time.time()
-    with _quiet_log(verbose) as errors:
+    with runtime.quiet_llama_log(verbose) as errors:
         try:
             base = _load_model(model_path, errors=errors)
             models.append(base)

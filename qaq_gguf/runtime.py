@@ -49,6 +49,47 @@ def model_meta(model, key: str) -> str:
 
 
 @contextlib.contextmanager
+def quiet_llama_log(verbose: bool = False) -> Iterator[list[str]]:
+    """Silence llama.cpp's log for the duration (unless verbose); yields the error lines it logged meanwhile,
+    and puts the previous log callback back at the end."""
+    lc = llama_cpp_module()
+    errors: list[str] = []
+    if verbose:
+        yield errors
+        return
+
+    @lc.llama_log_callback
+    def keep_errors(level, text, user_data):  # noqa: ARG001 - llama.cpp's callback signature
+        if level == 3:  # GGML_LOG_LEVEL_ERROR
+            errors.append(text.decode("utf-8", errors="replace").rstrip())
+
+    old_cb, old_ud = lc.llama_log_callback(), ctypes.c_void_p()
+    lc.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_ud))
+    lc.llama_log_set(keep_errors, None)
+    try:
+        yield errors
+    finally:
+        lc.llama_log_set(old_cb, old_ud)
+        del keep_errors  # only after llama.cpp no longer points at it
+
+
+def tokenize(model, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    """Tokens of `text` for a loaded model (ctypes pointer). add_special: the vocabulary's BOS/EOS as it adds them;
+    parse_special: text such as "<unk>" becomes the special token rather than characters."""
+    lc = llama_cpp_module()
+    vocab = lc.llama_model_get_vocab(model)
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    for _ in range(2):
+        buf = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n >= 0:
+            return list(buf[:n])
+        n_max = -n
+    raise RuntimeError("llama_tokenize failed")
+
+
+@contextlib.contextmanager
 def vocab_only_model(path: str | Path) -> Iterator[tuple]:
     """Load a model's hyperparameters and tensor metadata, no weight data; yields (model, lib, ffi)."""
     lc = llama_cpp_module()
@@ -60,8 +101,6 @@ def vocab_only_model(path: str | Path) -> Iterator[tuple]:
     params.load_mode = 0    # LLAMA_LOAD_MODE_NONE
     params.n_gpu_layers = 0
     lc.llama_backend_init()
-    from .collect import quiet_llama_log
-
     with quiet_llama_log():
         model = lc.llama_model_load_from_file(str(path).encode(), params)
     if not model:

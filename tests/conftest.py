@@ -160,5 +160,4 @@ def has_cuda() -> bool:
     import llama_cpp
 
     llama_cpp.llama_backend_init()
-    return any(_native.c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) == "CUDA"
-               for i in range(lib.ggml_backend_reg_count())) and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    return "CUDA" in _native.backend_names() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
