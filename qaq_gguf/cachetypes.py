@@ -40,7 +40,7 @@ def _from_gguf(name: str, is_quantized: bool) -> CacheType:
     return CacheType(name, int(qtype), block_size, type_size, is_quantized)
 
 
-# Upstream whitelist (common/arg.cpp kv_cache_types), finest first.
+# The -ctk/-ctv whitelist (common/arg.cpp kv_cache_types), finest first.
 _TYPES: tuple[CacheType, ...] = (
     _from_gguf("f32", False),
     _from_gguf("f16", False),
@@ -51,11 +51,14 @@ _TYPES: tuple[CacheType, ...] = (
     _from_gguf("q4_1", True),
     _from_gguf("q4_0", True),
     _from_gguf("iq4_nl", True),
+    # qaq-gguf's own types (patches/0004; gguf-py does not know them): qaq_gguf/quants.py, docs/cache-types.md
+    CacheType("qaq3", 43, 32, 14, True),
+    CacheType("qaq2", 44, 32, 10, True),
 )
 
 TYPES: dict[str, CacheType] = {t.name: t for t in _TYPES}
 
-DEFAULT_CANDIDATES: tuple[str, ...] = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+DEFAULT_CANDIDATES: tuple[str, ...] = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "qaq3", "qaq2")
 
 
 def names() -> list[str]:

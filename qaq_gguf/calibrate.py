@@ -35,7 +35,8 @@ class Scores:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
 
 
-# cache types without a CUDA flash-attention kernel (ggml-cuda fattn: f16, q4_0, q4_1, q5_0, q5_1, q8_0, bf16)
+# cache types without a CUDA flash-attention kernel (ggml-cuda fattn: f16, q4_0, q4_1, q5_0, q5_1, q8_0, bf16,
+# and qaq-gguf's qaq3/qaq2)
 NO_CUDA_FA = ("iq4_nl",)
 
 

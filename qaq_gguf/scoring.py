@@ -31,9 +31,10 @@ from gguf import GGMLQuantizationType
 import gguf.quants
 
 try:
-    from . import cachetypes
+    from . import cachetypes, quants
 except ImportError:  # loaded as a top-level module
     import cachetypes  # type: ignore[no-redef]
+    import quants  # type: ignore[no-redef]
 
 
 # ---------------------------------------------------------------------------
@@ -142,6 +143,8 @@ def _roundtrip_plain(x: np.ndarray, ct: cachetypes.CacheType) -> np.ndarray:
         return x.copy()
     if x.shape[-1] % ct.block_size:
         raise ValueError(f"{ct.name}: last dimension {x.shape[-1]} is not a multiple of the block size {ct.block_size}")
+    if ct.name in quants.KVALUES:
+        return quants.roundtrip(x, ct.name)
     try:
         qtype = GGMLQuantizationType(ct.type_id)
     except ValueError:

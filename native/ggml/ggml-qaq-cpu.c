@@ -1,0 +1,137 @@
+// qaq3 / qaq2 CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, and the dot product with a
+// q8_0 row that flash attention uses for K.q (Q is rounded to q8_0 blocks of 32 once per query row; the
+// measured cost of that rounding below 4 bits is under 1% of the cache's own error, docs/cache-types.md).
+
+#include "ggml-qaq.h"
+#include "ggml-qaq-cpu.h"
+
+#define GGML_COMMON_DECL_C
+#include "ggml-common.h"
+#include "ggml-impl.h"
+#include "simd-mappings.h"
+
+#include <assert.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static const int8_t kvalues_qaq3_cpu[8] = { QAQ3_KVALUES };
+static const int8_t kvalues_qaq2_cpu[4] = { QAQ2_KVALUES };
+
+void quantize_row_qaq3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq3_ref(x, (block_qaq3 *) y, k);
+}
+
+void quantize_row_qaq2(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq2_ref(x, (block_qaq2 *) y, k);
+}
+
+#if defined(__AVX2__)
+// the 2-bit low index of values 0..31 as 32 bytes: qs holds value j in byte j%8 at bits 2*(j/8)
+static inline __m256i qaq_low2(const uint8_t * qs) {
+    uint64_t q;
+    memcpy(&q, qs, sizeof(q));
+    const __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x((long long) q), _mm256_set_epi64x(6, 4, 2, 0));
+    return _mm256_and_si256(v, _mm256_set1_epi8(3));
+}
+
+// the high bit of values 0..31 (bit j%8 of qh[j/8]) as 32 bytes of 0 or 4
+static inline __m256i qaq_high4(const uint8_t * qh) {
+    uint32_t h;
+    memcpy(&h, qh, sizeof(h));
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int) h), shuf);
+    const __m256i bit = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
+    b = _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+    return _mm256_and_si256(b, _mm256_set1_epi8(4));
+}
+
+// sum over one block of codebook values (int8, 32 bytes) times q8 values: two 16-value partial sums as floats,
+// multiplied by the per-half scales and accumulated into acc
+static inline __m256 qaq_block_acc(__m256 acc, __m256i xv, const block_q8_0 * y, float d0, float d1) {
+    const __m256i yv = _mm256_loadu_si256((const __m256i *) y->qs);
+    const __m256i ax = _mm256_sign_epi8(xv, xv);
+    const __m256i sy = _mm256_sign_epi8(yv, xv);
+    const __m256i p16 = _mm256_maddubs_epi16(ax, sy);                      // |x|*sign(y,x) pairs (|x| <= 127)
+    const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));      // lane 0: values 0..15, lane 1: 16..31
+    const float dy = GGML_CPU_FP16_TO_FP32(y->d);
+    const __m256 sc = _mm256_setr_ps(d0*dy, d0*dy, d0*dy, d0*dy, d1*dy, d1*dy, d1*dy, d1*dy);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), sc, acc);
+}
+
+static inline float qaq_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+void ggml_vec_dot_qaq3_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                            const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(n % QK_QAQ == 0);
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+
+    const block_qaq3 * GGML_RESTRICT x = (const block_qaq3 *) vx;
+    const block_q8_0 * GGML_RESTRICT y = (const block_q8_0 *) vy;
+    const int nb = n / QK_QAQ;
+
+#if defined(__AVX2__)
+    const __m256i table = _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < nb; ++ib) {
+        const __m256i idx = _mm256_or_si256(qaq_low2(x[ib].qs), qaq_high4(x[ib].qh));
+        acc = qaq_block_acc(acc, _mm256_shuffle_epi8(table, idx), &y[ib],
+                            qaq_ue5m3_to_fp32(x[ib].d[0]), qaq_ue5m3_to_fp32(x[ib].d[1]));
+    }
+    *s = qaq_hsum(acc);
+#else
+    float sumf = 0.0f;
+    for (int ib = 0; ib < nb; ++ib) {
+        int sum[2] = { 0, 0 };
+        for (int j = 0; j < QK_QAQ; ++j) {
+            const int l = (x[ib].qs[j % 8] >> 2*(j / 8) & 3) | (x[ib].qh[j / 8] >> (j % 8) & 1) << 2;
+            sum[j / 16] += kvalues_qaq3_cpu[l] * y[ib].qs[j];
+        }
+        sumf += GGML_CPU_FP16_TO_FP32(y[ib].d) *
+                (qaq_ue5m3_to_fp32(x[ib].d[0])*(float) sum[0] + qaq_ue5m3_to_fp32(x[ib].d[1])*(float) sum[1]);
+    }
+    *s = sumf;
+#endif
+}
+
+void ggml_vec_dot_qaq2_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                            const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(n % QK_QAQ == 0);
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+
+    const block_qaq2 * GGML_RESTRICT x = (const block_qaq2 *) vx;
+    const block_q8_0 * GGML_RESTRICT y = (const block_q8_0 *) vy;
+    const int nb = n / QK_QAQ;
+
+#if defined(__AVX2__)
+    const __m256i table = _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < nb; ++ib) {
+        acc = qaq_block_acc(acc, _mm256_shuffle_epi8(table, qaq_low2(x[ib].qs)), &y[ib],
+                            qaq_ue5m3_to_fp32(x[ib].d[0]), qaq_ue5m3_to_fp32(x[ib].d[1]));
+    }
+    *s = qaq_hsum(acc);
+#else
+    float sumf = 0.0f;
+    for (int ib = 0; ib < nb; ++ib) {
+        int sum[2] = { 0, 0 };
+        for (int j = 0; j < QK_QAQ; ++j) {
+            sum[j / 16] += kvalues_qaq2_cpu[x[ib].qs[j % 8] >> 2*(j / 8) & 3] * y[ib].qs[j];
+        }
+        sumf += GGML_CPU_FP16_TO_FP32(y[ib].d) *
+                (qaq_ue5m3_to_fp32(x[ib].d[0])*(float) sum[0] + qaq_ue5m3_to_fp32(x[ib].d[1])*(float) sum[1]);
+    }
+    *s = sumf;
+#endif
+}

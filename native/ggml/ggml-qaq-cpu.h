@@ -1,0 +1,19 @@
+// qaq3 / qaq2 CPU kernels: declarations for ggml-cpu's type_traits_cpu rows.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+void quantize_row_qaq3(const float * x, void * y, int64_t k);
+void quantize_row_qaq2(const float * x, void * y, int64_t k);
+
+void ggml_vec_dot_qaq3_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+void ggml_vec_dot_qaq2_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,162 @@
+"""numpy reference of qaq-gguf's own cache types, ``qaq3`` and ``qaq2`` (byte for byte what ggml writes).
+
+Both types store 32 values per block: two ue5m3 scales (the top byte of an fp16 without its sign, one per 16
+values) and an index per value into a fixed symmetric int8 codebook. ``qaq3`` has 8 levels in 14 bytes (3.5
+bits per value), ``qaq2`` 4 levels in 10 bytes (2.5 bits). The C layout and the quantizer this module ports,
+operation for operation, are ``native/ggml/ggml-qaq.h`` and ``ggml-qaq.c``; the design study behind them is
+``docs/cache-types.md``.
+
+Use :func:`quantize` / :func:`dequantize` for raw blocks and :func:`roundtrip` for the values the cache holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK = 32          # values per block
+HALF = 16        # values per scale
+NTRY = 11        # scale candidates amax * (0.45 + 0.07 i) / 127
+UE5M3_MAX = 0xF7  # largest scale byte with a finite value (61440)
+
+KVALUES = {
+    "qaq3": np.array([-127, -79, -45, -14, 14, 45, 79, 127], dtype=np.float32),
+    "qaq2": np.array([-127, -38, 38, 127], dtype=np.float32),
+}
+BLOCK_BYTES = {"qaq3": 14, "qaq2": 10}
+
+
+def _midpoints(t: np.ndarray) -> np.ndarray:
+    return ((t[:-1] + t[1:]) / np.float32(2)).astype(np.float32)
+
+
+MIDS = {name: _midpoints(t) for name, t in KVALUES.items()}
+
+
+def ue5m3_to_float(b: np.ndarray) -> np.ndarray:
+    """Decode ue5m3 scale bytes: the fp16 whose bits are ``b << 7``."""
+    return (np.asarray(b, np.uint16) << 7).view(np.float16).astype(np.float32)
+
+
+_UE5M3 = ue5m3_to_float(np.arange(UE5M3_MAX + 1, dtype=np.uint16))
+
+
+def ue5m3_floor(v: np.ndarray) -> np.ndarray:
+    """The largest scale byte whose value is <= v (0 where none, or where v is not positive)."""
+    v = np.asarray(v, np.float32)
+    b = np.searchsorted(_UE5M3, v, side="right") - 1
+    return np.where(v > 0, np.clip(b, 0, UE5M3_MAX), 0).astype(np.int32)
+
+
+def _nearest(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
+    """Index of the nearest level: the number of midpoints strictly below v (ties go down), as in C."""
+    return (v[..., None] > mids).sum(axis=-1)
+
+
+def _quantize_halves(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Port of ``qaq_quantize_half`` for many 16-value halves at once: x (n, 16) float32 ->
+    (scale bytes (n,), indices (n, 16))."""
+    T, mids = KVALUES[name], MIDS[name]
+    f32 = np.float32
+    n = x.shape[0]
+    amax = np.abs(x).max(axis=1) if n else np.zeros(0, f32)
+    sumx2 = np.zeros(n, f32)
+    for j in range(HALF):  # sequential float32 sums, as the C loop
+        sumx2 = sumx2 + x[:, j] * x[:, j]
+    izero = int(_nearest(np.zeros(1, f32), mids)[0])
+    live = (amax > 0) & np.isfinite(amax)
+    a = np.where(live, amax, f32(1)).astype(f32)
+
+    def fit(inv_d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sqx = np.zeros(n, f32)
+        sq2 = np.zeros(n, f32)
+        for j in range(HALF):
+            t = T[_nearest(x[:, j] * inv_d, mids)]
+            sqx = sqx + x[:, j] * t
+            sq2 = sq2 + t * t
+        ok = (sqx > 0) & (sq2 > 0)
+        ds = (sqx / np.where(ok, sq2, f32(1))).astype(f32)
+        err = (sumx2 - ds * sqx).astype(f32)
+        return ok, ds, err
+
+    best_err = np.full(n, np.inf, f32)
+    best_d = (a / f32(127)).astype(f32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for i in range(NTRY):
+            g = f32(0.45) + f32(0.07) * f32(i)
+            d = (a * g / f32(127)).astype(f32)
+            ok, ds, err = fit((f32(1) / d).astype(f32))
+            upd = ok & (err < best_err)
+            best_err = np.where(upd, err, best_err)
+            best_d = np.where(upd, ds, best_d)
+        ok, ds, err = fit((f32(1) / best_d).astype(f32))
+        best_d = np.where(ok & (err < best_err), ds, best_d).astype(f32)
+
+        b0 = ue5m3_floor(best_d)
+        best_b = b0.copy()
+        best_e = np.full(n, np.inf, f32)
+        for c in range(2):
+            b = b0 + c
+            valid = b <= UE5M3_MAX
+            d = _UE5M3[np.minimum(b, UE5M3_MAX)]
+            inv = np.where(d > 0, f32(1) / np.where(d > 0, d, f32(1)), f32(0)).astype(f32)
+            e = np.zeros(n, f32)
+            for j in range(HALF):
+                r = x[:, j] - d * T[_nearest(x[:, j] * inv, mids)]
+                e = e + r * r
+            e = np.where(d > 0, e, sumx2)
+            upd = valid & (e < best_e)
+            best_e = np.where(upd, e, best_e)
+            best_b = np.where(upd, b, best_b)
+        d = _UE5M3[best_b]
+        inv = np.where(d > 0, f32(1) / np.where(d > 0, d, f32(1)), f32(0)).astype(f32)
+        idx = _nearest(x * inv[:, None], mids)
+    idx = np.where((d > 0)[:, None] & live[:, None], idx, izero)
+    best_b = np.where(live, best_b, 0)
+    return best_b.astype(np.uint8), idx.astype(np.uint8)
+
+
+def quantize(x: np.ndarray, name: str) -> np.ndarray:
+    """Quantize rows (last axis a multiple of 32) to raw ``name`` blocks: uint8 (..., n/32 * block bytes)."""
+    if name not in KVALUES:
+        raise ValueError(f"unknown qaq type {name!r}; known: {', '.join(KVALUES)}")
+    x = np.asarray(x, np.float32)
+    if x.shape[-1] % QK:
+        raise ValueError(f"{name}: last dimension {x.shape[-1]} is not a multiple of {QK}")
+    blocks = x.reshape(-1, QK)
+    nb = blocks.shape[0]
+    d, idx = _quantize_halves(blocks.reshape(-1, HALF), name)
+    d = d.reshape(nb, 2)
+    idx = idx.reshape(nb, QK).astype(np.uint8)
+    lo = idx & 3
+    qs = lo[:, 0:8] | lo[:, 8:16] << 2 | lo[:, 16:24] << 4 | lo[:, 24:32] << 6
+    parts = [d, qs]
+    if name == "qaq3":
+        hi = (idx >> 2).reshape(nb, 4, 8)
+        qh = (hi << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
+        parts.append(qh)
+    out = np.concatenate(parts, axis=1).astype(np.uint8)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // QK * BLOCK_BYTES[name])
+
+
+def dequantize(data: np.ndarray, name: str) -> np.ndarray:
+    """Raw ``name`` blocks (uint8, last axis a multiple of the block size) -> float32 values."""
+    bb = BLOCK_BYTES[name]
+    data = np.asarray(data, np.uint8)
+    if data.shape[-1] % bb:
+        raise ValueError(f"{name}: {data.shape[-1]} bytes is not a whole number of {bb}-byte blocks")
+    blk = data.reshape(-1, bb)
+    d = ue5m3_to_float(blk[:, 0:2])
+    qs = blk[:, 2:10]
+    j = np.arange(QK)
+    idx = (qs[:, j % 8] >> (2 * (j // 8))) & 3
+    if name == "qaq3":
+        qh = blk[:, 10:14]
+        idx = idx | ((qh[:, j // 8] >> (j % 8)) & 1) << 2
+    y = d[:, j // HALF] * KVALUES[name][idx]
+    return y.astype(np.float32).reshape(*data.shape[:-1], data.shape[-1] // bb * QK)
+
+
+def roundtrip(x: np.ndarray, name: str) -> np.ndarray:
+    """The values a ``name`` cache holds for x (same shape, float32)."""
+    x = np.asarray(x, np.float32)
+    return dequantize(quantize(x, name), name).reshape(x.shape)

@@ -1,0 +1,308 @@
+"""qaq3 / qaq2 cache types: the built ggml (CPU) against the numpy reference in qaq_gguf/quants.py.
+
+Covers the ops the KV cache uses, run through ggml itself (ctypes, CPU backend): the reference quantizer and
+dequantizer, SET_ROWS (what writes the cache), GET_ROWS, the K.q dot product and FLASH_ATTN_EXT with qaq K and/or V
+over head sizes 64/128/256, GQA ratios 1-4 and batch 1 and 64.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import numpy as np
+import pytest
+
+from qaq_gguf import _native, cachetypes, quants, scoring
+
+QAQ = ["qaq3", "qaq2"]
+F32, F16, Q8_0, Q4_0, I64 = 0, 1, 8, 2, 27
+
+
+class _Traits(ctypes.Structure):
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+class _CpuTraits(ctypes.Structure):
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+_ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_DOT_FN = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
+                           ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    base = ctypes.CDLL(str(_native.lib_dir() / "libggml-base.so"))
+    cpu = ctypes.CDLL(str(_native.lib_dir() / "libggml-cpu.so"))
+    P = ctypes.c_void_p
+    base.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+    base.ggml_type_name.restype = ctypes.c_char_p
+    base.ggml_type_size.restype = ctypes.c_size_t
+    base.ggml_init.restype = P
+    base.ggml_init.argtypes = [_InitParams]
+    base.ggml_free.argtypes = [P]
+    base.ggml_new_tensor_4d.restype = P
+    base.ggml_new_tensor_4d.argtypes = [P, ctypes.c_int] + [ctypes.c_int64] * 4
+    base.ggml_get_data.restype = P
+    base.ggml_get_data.argtypes = [P]
+    base.ggml_nbytes.restype = ctypes.c_size_t
+    base.ggml_nbytes.argtypes = [P]
+    base.ggml_flash_attn_ext.restype = P
+    base.ggml_flash_attn_ext.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_float, ctypes.c_float]
+    base.ggml_set_rows.restype = P
+    base.ggml_set_rows.argtypes = [P, P, P, P]
+    base.ggml_get_rows.restype = P
+    base.ggml_get_rows.argtypes = [P, P, P]
+    base.ggml_new_graph.restype = P
+    base.ggml_new_graph.argtypes = [P]
+    base.ggml_build_forward_expand.argtypes = [P, P]
+    base.ggml_quantize_chunk.restype = ctypes.c_size_t
+    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, P, P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, P]
+    base.ggml_validate_row_data.restype = ctypes.c_bool
+    base.ggml_validate_row_data.argtypes = [ctypes.c_int, P, ctypes.c_size_t]
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+    cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+def _tid(name: str) -> int:
+    return cachetypes.get(name).type_id
+
+
+def _gaussian(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * rng.uniform(0.01, 30, (*shape[:-1], 1))).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# format and reference quantizer
+
+
+def test_types_are_registered(ggml):
+    base, _ = ggml
+    for name, size, bits in (("qaq3", 14, 3.5), ("qaq2", 10, 2.5)):
+        assert base.ggml_type_name(_tid(name)).decode() == name
+        assert base.ggml_type_size(_tid(name)) == size
+        assert cachetypes.bits(name) == bits
+
+
+def test_ue5m3_is_the_top_byte_of_an_fp16():
+    b = np.arange(quants.UE5M3_MAX + 1)
+    d = quants.ue5m3_to_float(b)
+    assert np.all(np.diff(d) > 0) and d[0] == 0 and d[-1] == 61440
+    np.testing.assert_array_equal(quants.ue5m3_floor(d), b)
+    np.testing.assert_array_equal(quants.ue5m3_floor(d[1:] * np.float32(0.9999)), b[:-1])
+    assert quants.ue5m3_floor(np.float32(1e9)) == quants.UE5M3_MAX and quants.ue5m3_floor(np.float32(-1)) == 0
+
+
+@pytest.mark.parametrize("name", QAQ)
+def test_numpy_quantizer_is_bit_exact_with_ggml(ggml, name):
+    base, _ = ggml
+    x = _gaussian((300, 256), seed=1)
+    x[0] = 0                        # all-zero block
+    x[1, :16] = 0                   # one zero half
+    x[2, 40:48] = 1e-30             # tiny (subnormal scale range)
+    x[3, :32] = 1e7                 # beyond the largest scale: saturates, stays finite
+    x[4, ::5] *= 50                 # outliers
+    out = np.zeros((300, 256 // 32 * quants.BLOCK_BYTES[name]), np.uint8)
+    base.ggml_quantize_chunk(_tid(name), x.ctypes.data, out.ctypes.data, 0, 300, 256, None)
+    np.testing.assert_array_equal(quants.quantize(x, name), out)
+    assert base.ggml_validate_row_data(_tid(name), out.ctypes.data, out.nbytes)
+    # from_float_ref (set_rows on CPU goes through the same function) and to_float
+    traits = base.ggml_get_type_traits(_tid(name)).contents
+    row = np.zeros(out.shape[1], np.uint8)
+    _ROW_FN(traits.from_float_ref)(x[4].ctypes.data, row.ctypes.data, 256)
+    np.testing.assert_array_equal(row, out[4])
+    y = np.zeros_like(x)
+    _ROW_FN(traits.to_float)(out.ctypes.data, y.ctypes.data, x.size)
+    np.testing.assert_array_equal(quants.dequantize(out, name), y)
+    assert np.all(np.isfinite(y)) and np.all(y[0] == 0) and np.all(y[1, :16] == 0)
+
+
+def test_validation_rejects_non_finite_scales(ggml):
+    base, _ = ggml
+    blk = quants.quantize(np.ones(32, np.float32), "qaq3")
+    assert base.ggml_validate_row_data(_tid("qaq3"), blk.ctypes.data, blk.nbytes)
+    blk[0] = 0xF8  # decodes to inf
+    assert not base.ggml_validate_row_data(_tid("qaq3"), blk.ctypes.data, blk.nbytes)
+
+
+@pytest.mark.parametrize("name", QAQ)
+def test_codebook_points_round_trip_exactly(name):
+    """A half-block that is a representable scale times codebook levels is stored exactly."""
+    rng = np.random.default_rng(2)
+    T = quants.KVALUES[name]
+    scales = quants.ue5m3_to_float(rng.integers(40, 200, (64, 2)))
+    idx = rng.integers(0, len(T), (64, 32))
+    idx[:, 0] = len(T) - 1  # the largest level present, so amax/127 is the scale
+    idx[:, 16] = 0
+    x = (np.repeat(scales, 16, axis=1) * T[idx]).astype(np.float32)
+    np.testing.assert_array_equal(quants.roundtrip(x, name), x)
+
+
+@pytest.mark.parametrize("name,lo,hi", [("qaq3", 2.4, 3.4), ("qaq2", 10.0, 15.0)])
+def test_error_relative_to_q4_0_and_per_value_bound(name, lo, hi):
+    """Gaussian rows (what the Hadamard-rotated cache holds): error in the designed range against q4_0, and every
+    value within half the largest level gap (or the clipping distance) of the original."""
+    x = np.random.default_rng(3).standard_normal((512, 256)).astype(np.float32)
+    y = quants.roundtrip(x, name)
+    q4 = scoring.quant_roundtrip(x, "q4_0", rotate=False)
+    ratio = np.mean((y - x) ** 2) / np.mean((q4 - x) ** 2)
+    assert lo < ratio < hi, ratio
+    raw = quants.quantize(x, name).reshape(-1, quants.BLOCK_BYTES[name])
+    d = np.repeat(quants.ue5m3_to_float(raw[:, :2]), 16, axis=1).reshape(x.shape)
+    T = quants.KVALUES[name]
+    half_gap = np.max(np.diff(T)) / 2
+    bound = np.maximum(d * half_gap, np.abs(x) - 127 * d) * (1 + 1e-6)
+    assert np.all(np.abs(y - x) <= bound)
+
+
+# ---------------------------------------------------------------------------
+# ggml ops on the CPU backend
+
+
+class _Graph:
+    def __init__(self, ggml, mem=256 << 20):
+        self.base, self.cpu = ggml
+        self.ctx = self.base.ggml_init(_InitParams(mem, None, False))
+
+    def tensor(self, type_id, ne, data=None):
+        ne = list(ne) + [1] * (4 - len(ne))
+        t = self.base.ggml_new_tensor_4d(self.ctx, type_id, *ne)
+        if data is not None:
+            data = np.ascontiguousarray(data)
+            assert data.nbytes == self.base.ggml_nbytes(t)
+            ctypes.memmove(self.base.ggml_get_data(t), data.ctypes.data, data.nbytes)
+        return t
+
+    def read(self, t, dtype, shape):
+        buf = np.empty(shape, dtype)
+        ctypes.memmove(buf.ctypes.data, self.base.ggml_get_data(t), buf.nbytes)
+        return buf
+
+    def compute(self, out, n_threads=2):
+        gf = self.base.ggml_new_graph(self.ctx)
+        self.base.ggml_build_forward_expand(gf, out)
+        assert self.cpu.ggml_graph_compute_with_ctx(self.ctx, gf, n_threads) == 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.base.ggml_free(self.ctx)
+
+
+@pytest.mark.parametrize("name", QAQ)
+def test_set_rows_and_get_rows(ggml, name):
+    """SET_ROWS (how llama.cpp writes the cache) stores the reference bytes at the given rows; GET_ROWS reads
+    them back as the reference dequantization."""
+    n_rows, d = 16, 128
+    bb = d // 32 * quants.BLOCK_BYTES[name]
+    src = _gaussian((5, d), seed=4)
+    rows = np.array([3, 0, 11, 7, 15], np.int64)
+    with _Graph(ggml) as g:
+        dst = g.tensor(_tid(name), (d, n_rows), np.zeros((n_rows, bb), np.uint8))
+        out = g.base.ggml_set_rows(g.ctx, dst, g.tensor(F32, (d, 5), src), g.tensor(I64, (5,), rows))
+        g.compute(out)
+        stored = g.read(dst, np.uint8, (n_rows, bb))
+        np.testing.assert_array_equal(stored[rows], quants.quantize(src, name))
+        assert not stored[[1, 2, 4]].any()
+        sel = np.array([11, 3], np.int32)
+        got = g.base.ggml_get_rows(g.ctx, dst, g.tensor(26, (2,), sel))  # GGML_TYPE_I32 = 26
+        g.compute(got)
+        np.testing.assert_array_equal(g.read(got, np.float32, (2, d)), quants.dequantize(stored[sel], name))
+
+
+def _q8_0_roundtrip(x):
+    """Q as ggml-cpu's SIMD quantize_row_q8_0 rounds it for the K.q dot product (x * (127/amax), rounded to
+    nearest even; gguf-py's reference computes 1/(amax/127), which differs on exact ties)."""
+    b = np.asarray(x, np.float32).reshape(-1, 32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    return (np.round(b * inv) * d).astype(np.float32).reshape(np.shape(x))
+
+
+@pytest.mark.parametrize("name", QAQ)
+def test_vec_dot_against_q8_0(ggml, name):
+    """The K.q kernel (AVX2 where built for it, scalar otherwise) equals the dot product of the dequantized rows."""
+    base, cpu = ggml
+    traits = cpu.ggml_get_type_traits_cpu(_tid(name)).contents
+    assert traits.vec_dot_type == Q8_0
+    dot = _DOT_FN(traits.vec_dot)
+    rng = np.random.default_rng(6)
+    for n in (32, 64, 256, 512):
+        for _ in range(20):
+            k = rng.standard_normal(n).astype(np.float32) * rng.uniform(0.01, 10)
+            q = rng.standard_normal(n).astype(np.float32)
+            kq = quants.quantize(k, name)
+            qq = gguf.quants.quantize(q, gguf.GGMLQuantizationType.Q8_0)
+            s = ctypes.c_float()
+            dot(n, ctypes.byref(s), 0, kq.ctypes.data, 0, qq.ctypes.data, 0, 1)
+            q_val = gguf.quants.dequantize(qq, gguf.GGMLQuantizationType.Q8_0)
+            ref = float(np.dot(quants.dequantize(kq, name).astype(np.float64), q_val.astype(np.float64)))
+            scale = float(np.linalg.norm(quants.dequantize(kq, name)) * np.linalg.norm(q))
+            assert abs(s.value - ref) <= 1e-5 * scale + 1e-6, (n, s.value, ref)
+
+
+def _attention_ref(q, k, v, scale):
+    """q (n_head, n_q, d), k (n_head_kv, n_kv, d), v (n_head_kv, n_kv, dv) -> (n_q, n_head, dv), float64."""
+    rep = q.shape[0] // k.shape[0]
+    k = np.repeat(k, rep, axis=0).astype(np.float64)
+    v = np.repeat(v, rep, axis=0).astype(np.float64)
+    s = np.einsum("hqd,hkd->hqk", q.astype(np.float64), k) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hqk,hkd->qhd", p, v)
+
+
+def _cache(x, type_name):
+    """(rows of) x as stored in a cache of type_name: raw bytes for ggml, and the values the kernel reads."""
+    if type_name in quants.KVALUES:
+        raw = quants.quantize(x, type_name)
+        return raw, quants.dequantize(raw, type_name).reshape(x.shape)
+    if type_name == "f16":
+        h = x.astype(np.float16)
+        return h, h.astype(np.float32)
+    t = gguf.GGMLQuantizationType[type_name.upper()]
+    raw = gguf.quants.quantize(x, t)
+    return raw, gguf.quants.dequantize(raw, t).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kv", ["qaq3/qaq3", "qaq2/qaq2", "qaq3/qaq2", "q8_0/qaq2", "qaq3/f16", "f16/qaq3",
+                                "q4_0/qaq3", "qaq2/q8_0", "q8_0/q8_0"])
+@pytest.mark.parametrize("d,n_head,n_head_kv", [(64, 8, 1), (128, 4, 4), (256, 4, 1), (128, 8, 2)])
+@pytest.mark.parametrize("n_q", [1, 64])
+def test_flash_attn_ext(ggml, kv, d, n_head, n_head_kv, n_q):
+    """FLASH_ATTN_EXT on the CPU with qaq K and/or V against attention over the dequantized cache (Q rounded to
+    q8_0 for a quantized K, as ggml's CPU kernel does)."""
+    tk, tv = kv.split("/")
+    n_kv = 96
+    rng = np.random.default_rng(d * 131 + n_head * 7 + n_q)
+    q = rng.standard_normal((n_head, n_q, d)).astype(np.float32)
+    k = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    k_raw, k_val = _cache(k, tk)
+    v_raw, v_val = _cache(v, tv)
+    scale = 1.0 / np.sqrt(d)
+    q_eff = _q8_0_roundtrip(q) if tk != "f16" else q.astype(np.float16).astype(np.float32)
+    ref = _attention_ref(q_eff, k_val, v_val, scale)
+    with _Graph(ggml) as g:
+        tq = g.tensor(F32, (d, n_q, n_head), q)
+        tkk = g.tensor(_tid(tk), (d, n_kv, n_head_kv), k_raw)
+        tvv = g.tensor(_tid(tv), (d, n_kv, n_head_kv), v_raw)
+        out = g.base.ggml_flash_attn_ext(g.ctx, tq, tkk, tvv, None, scale, 0.0, 0.0)
+        g.compute(out)
+        got = g.read(out, np.float32, (n_q, n_head, d))
+    tol = 5e-3 if tv == "f16" else 1e-4  # ggml accumulates an f16 V in f16
+    np.testing.assert_allclose(got, ref, atol=tol * np.abs(ref).max(), rtol=0)
