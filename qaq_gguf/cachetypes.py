@@ -74,6 +74,11 @@ def get(name: str) -> CacheType:
     return t
 
 
+def by_id(type_id: int) -> CacheType | None:
+    """The cache type with ggml type id ``type_id``, or None."""
+    return next((t for t in _TYPES if t.type_id == type_id), None)
+
+
 def bits(name: str) -> float:
     """Bits per value of cache type ``name``, block scales included."""
     return get(name).bits

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from . import _native
+from . import _native, cachetypes
 from .profile import NO_KV, ProfileError, needs_flash_attn, read_profile
 
 
@@ -143,6 +143,9 @@ def kv_layer_info(llm_or_ctx) -> list[dict]:
 def ggml_type_name(t: int) -> str:
     from gguf import GGMLQuantizationType
 
+    ct = cachetypes.by_id(t)
+    if ct is not None:
+        return ct.name
     try:
         return GGMLQuantizationType(t).name.lower()
     except ValueError:

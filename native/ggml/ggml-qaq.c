@@ -7,6 +7,7 @@
 
 #include <assert.h>
 #include <math.h>
+#include <string.h>
 
 static const int8_t kvalues_qaq3[8] = { QAQ3_KVALUES };
 static const int8_t kvalues_qaq2[4] = { QAQ2_KVALUES };
@@ -174,15 +175,32 @@ void quantize_row_qaq2_ref(const float * x, block_qaq2 * y, int64_t k) {
     }
 }
 
+// Dequantizers run once per cached V row per query in CPU flash attention, so they are written for speed: the
+// 8 (4) possible values of each half-block are tabulated first (d * level: one rounding, as d * T[l] would be),
+// then every value is one table load. Value j = 8*g + b sits in qs[b] at bits 2g and in qh[g] at bit b.
 void dequantize_row_qaq3(const block_qaq3 * x, float * y, int64_t k) {
     assert(k % QK_QAQ == 0);
     const int64_t nb = k / QK_QAQ;
     for (int64_t i = 0; i < nb; ++i, y += QK_QAQ) {
-        const float d0 = qaq_ue5m3_to_fp32(x[i].d[0]);
-        const float d1 = qaq_ue5m3_to_fp32(x[i].d[1]);
-        for (int j = 0; j < QK_QAQ; ++j) {
-            const int l = (x[i].qs[j % 8] >> 2*(j / 8) & 3) | (x[i].qh[j / 8] >> (j % 8) & 1) << 2;
-            y[j] = (j < QAQ_HALF ? d0 : d1) * (float) kvalues_qaq3[l];
+        float tab[2][8];
+        for (int h = 0; h < 2; ++h) {
+            const float d = qaq_ue5m3_to_fp32(x[i].d[h]);
+            for (int l = 0; l < 8; ++l) {
+                tab[h][l] = d*(float) kvalues_qaq3[l];
+            }
+        }
+        // 8 indices at a time in a 64-bit word (byte b = value 8g + b; ggml targets are little-endian)
+        uint64_t q64;
+        memcpy(&q64, x[i].qs, sizeof(q64));
+        for (int g = 0; g < 4; ++g) {
+            const uint64_t lo = (q64 >> 2*g) & 0x0303030303030303ULL;
+            uint64_t hi = ((uint64_t) x[i].qh[g] * 0x0101010101010101ULL) & 0x8040201008040201ULL;  // bit b in byte b
+            hi = ((hi + 0x7F7F7F7F7F7F7F7FULL) & 0x8080808080808080ULL) >> 5;                     // -> 4 or 0
+            const uint64_t id = lo | hi;
+            const float * t = tab[g >> 1];
+            for (int b = 0; b < 8; ++b) {
+                y[8*g + b] = t[(id >> 8*b) & 0xFF];
+            }
         }
     }
 }
@@ -191,11 +209,21 @@ void dequantize_row_qaq2(const block_qaq2 * x, float * y, int64_t k) {
     assert(k % QK_QAQ == 0);
     const int64_t nb = k / QK_QAQ;
     for (int64_t i = 0; i < nb; ++i, y += QK_QAQ) {
-        const float d0 = qaq_ue5m3_to_fp32(x[i].d[0]);
-        const float d1 = qaq_ue5m3_to_fp32(x[i].d[1]);
-        for (int j = 0; j < QK_QAQ; ++j) {
-            const int l = x[i].qs[j % 8] >> 2*(j / 8) & 3;
-            y[j] = (j < QAQ_HALF ? d0 : d1) * (float) kvalues_qaq2[l];
+        float tab[2][4];
+        for (int h = 0; h < 2; ++h) {
+            const float d = qaq_ue5m3_to_fp32(x[i].d[h]);
+            for (int l = 0; l < 4; ++l) {
+                tab[h][l] = d*(float) kvalues_qaq2[l];
+            }
+        }
+        uint64_t q64;
+        memcpy(&q64, x[i].qs, sizeof(q64));
+        for (int g = 0; g < 4; ++g) {
+            const uint64_t id = (q64 >> 2*g) & 0x0303030303030303ULL;
+            const float * t = tab[g >> 1];
+            for (int b = 0; b < 8; ++b) {
+                y[8*g + b] = t[(id >> 8*b) & 0xFF];
+            }
         }
     }
 }

@@ -1,0 +1,460 @@
+// qaq3 / qaq2 CUDA device code (layout, codebooks and the ue5m3 scale in ggml-qaq.h; design in docs/cache-types.md).
+//
+// Include after ggml-cuda's common.cuh (ggml_cuda_memcpy_1, ggml_cuda_dp4a, WARP_SIZE, QI8_1). Contents:
+//   - ue5m3 decode, codebook lookup with __byte_perm (4 indices -> 4 int8 values, ready for dp4a);
+//   - dequantize_qaq{3,2}: the dequantize_kernel_t of convert.cu / getrows.cu / cpy.cu (2 values at a time);
+//   - quantize_f32_qaq{3,2}_block: the set_rows / cpy block quantizer, bit-exact with quantize_row_qaq{3,2}_ref;
+//   - vec_dot_fattn_vec_KQ_qaq{3,2} and dequantize_V_qaq{3,2} for the flash-attention vector kernel.
+#pragma once
+
+#include "ggml-qaq.h"
+
+#include <cstdint>
+
+// ---------------------------------------------------------------------------------------------------------------------
+// codebooks as packed bytes: qaq3 = bytes 0..3 in lo, 4..7 in hi (the 8-byte pool of __byte_perm(lo, hi, sel));
+// qaq2 = bytes 0..3
+
+static constexpr __host__ __device__ uint32_t qaq_pack4(const int a, const int b, const int c, const int d) {
+    return (uint32_t) (uint8_t) a | (uint32_t) (uint8_t) b << 8 | (uint32_t) (uint8_t) c << 16 | (uint32_t) (uint8_t) d << 24;
+}
+static constexpr __host__ __device__ uint32_t qaq_tab8_lo(const int a0, const int a1, const int a2, const int a3,
+                                                          const int, const int, const int, const int) {
+    return qaq_pack4(a0, a1, a2, a3);
+}
+static constexpr __host__ __device__ uint32_t qaq_tab8_hi(const int, const int, const int, const int,
+                                                          const int a4, const int a5, const int a6, const int a7) {
+    return qaq_pack4(a4, a5, a6, a7);
+}
+
+#define QAQ3_TAB_LO qaq_tab8_lo(QAQ3_KVALUES)
+#define QAQ3_TAB_HI qaq_tab8_hi(QAQ3_KVALUES)
+#define QAQ2_TAB    qaq_pack4(QAQ2_KVALUES)
+
+static_assert(QAQ3_TAB_LO == 0xF2D3B181u && QAQ3_TAB_HI == 0x7F4F2D0Eu, "qaq3 codebook changed: check the kernels");
+static_assert(QAQ2_TAB    == 0x7F26DA81u,                               "qaq2 codebook changed: check the kernels");
+
+// ue5m3 -> fp16 / fp32: the byte is the top of an fp16 without sign (exact, no table). The fp32 value is built from
+// the bits as qaq_ue5m3_to_fp32 does (exponent 0: the fp16 subnormal m * 2^-17, a normal fp32), so that no
+// flush-to-zero mode of an fp16 conversion can touch it.
+static __device__ __forceinline__ half qaq_ue5m3_to_f16(const uint8_t b) {
+    return __ushort_as_half((unsigned short) (b << 7));
+}
+static __device__ __forceinline__ float qaq_ue5m3_to_f32(const uint8_t b) {
+    const uint32_t e = b >> 3;
+    const uint32_t m = b & 7;
+    return e == 0 ? (float) m * 7.62939453125e-06f : __uint_as_float((e + 112) << 23 | m << 20);
+}
+
+// codebook value of index l as a float
+static __device__ __forceinline__ float qaq3_level(const int l) {
+    return (float) (int8_t) __byte_perm(QAQ3_TAB_LO, QAQ3_TAB_HI, l);
+}
+static __device__ __forceinline__ float qaq2_level(const int l) {
+    return (float) (int8_t) __byte_perm(QAQ2_TAB, 0, l);
+}
+
+// four 3-bit (<= 7) indices, one per byte, -> __byte_perm selector, one per nibble (bits 3, 7, 11, 15 stay 0)
+static __device__ __forceinline__ uint32_t qaq_bytes_to_selector(const uint32_t idx) {
+    const uint32_t t = (idx | idx >> 4) & 0x00FF00FFu;  // nibbles 0,1 = bytes 0,1; nibbles 4,5 = bytes 2,3
+    return t | t >> 8;                                 // only the low 16 bits are read
+}
+
+// the codebook values (int8) of values 4*iqs .. 4*iqs+3 of a block, iqs = 0..7, packed into an int:
+// value j's low 2 bits are bits 2*(j/8) of qs[j%8], so these 4 values sit in qs[4*(iqs%2) .. +3] at bits 2*(iqs/2);
+// the high bits of values 0..31 are bits 0..31 of the little-endian qh word
+static __device__ __forceinline__ int qaq3_get_int(const block_qaq3 * __restrict__ x, const int iqs) {
+    int ql;
+    int qh;
+    ggml_cuda_memcpy_1<sizeof(int), 2>(&ql, x->qs + 4*(iqs % 2));
+    ggml_cuda_memcpy_1<sizeof(int), 2>(&qh, x->qh);
+    const uint32_t lo = ((uint32_t) ql >> 2*(iqs / 2)) & 0x03030303u;
+    const uint32_t hi = ((((uint32_t) qh >> 4*iqs) & 0xFu) * 0x00204081u) & 0x01010101u;  // bit l -> byte l
+    return (int) __byte_perm(QAQ3_TAB_LO, QAQ3_TAB_HI, qaq_bytes_to_selector(lo | hi << 2));
+}
+
+static __device__ __forceinline__ int qaq2_get_int(const block_qaq2 * __restrict__ x, const int iqs) {
+    int ql;
+    ggml_cuda_memcpy_1<sizeof(int), 2>(&ql, x->qs + 4*(iqs % 2));
+    const uint32_t lo = ((uint32_t) ql >> 2*(iqs / 2)) & 0x03030303u;
+    return (int) __byte_perm(QAQ2_TAB, 0, qaq_bytes_to_selector(lo));
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// dequantize_kernel_t (qk = QK_QAQ, qr = 1): values iqs and iqs + 1 of block ib (iqs even)
+
+static __device__ __forceinline__ void dequantize_qaq3(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const block_qaq3 * x = (const block_qaq3 *) vx + ib;
+
+    const float d  = qaq_ue5m3_to_f32(x->d[iqs / (QK_QAQ/2)]);
+    const int   sh = 2*(iqs / 8);
+    const int   h  = x->qh[iqs / 8] >> (iqs % 8);  // iqs even: iqs and iqs + 1 share qh[iqs/8]
+
+    const int l0 = ((x->qs[(iqs + 0) % 8] >> sh) & 3) | ((h >> 0) & 1) << 2;
+    const int l1 = ((x->qs[(iqs + 1) % 8] >> sh) & 3) | ((h >> 1) & 1) << 2;
+
+    v.x = d * qaq3_level(l0);
+    v.y = d * qaq3_level(l1);
+}
+
+static __device__ __forceinline__ void dequantize_qaq2(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const block_qaq2 * x = (const block_qaq2 *) vx + ib;
+
+    const float d  = qaq_ue5m3_to_f32(x->d[iqs / (QK_QAQ/2)]);
+    const int   sh = 2*(iqs / 8);
+
+    v.x = d * qaq2_level((x->qs[(iqs + 0) % 8] >> sh) & 3);
+    v.y = d * qaq2_level((x->qs[(iqs + 1) % 8] >> sh) & 3);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Block quantizer (one thread per block of 32), the algorithm of qaq_quantize_half in ggml-qaq.c with the same float
+// operations in the same order. ggml-cuda is built with -use_fast_math (FMA contraction, approximate division,
+// flush-to-zero), so every float operation and comparison below is an explicit IEEE round-to-nearest PTX instruction
+// without .ftz: the bytes match the CPU reference (compiled with -ffp-contract=off) even for subnormal inputs.
+
+#if !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA)
+static __device__ __forceinline__ float qaq_fadd(const float a, const float b) {
+    float r; asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
+}
+static __device__ __forceinline__ float qaq_fsub(const float a, const float b) {
+    float r; asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
+}
+static __device__ __forceinline__ float qaq_fmul(const float a, const float b) {
+    float r; asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
+}
+static __device__ __forceinline__ float qaq_fdiv(const float a, const float b) {
+    float r; asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
+}
+static __device__ __forceinline__ bool qaq_fgt(const float a, const float b) {  // a > b, false if either is NaN
+    uint32_t r;
+    asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}" : "=r"(r) : "f"(a), "f"(b));
+    return r != 0;
+}
+static __device__ __forceinline__ bool qaq_fle(const float a, const float b) {  // a <= b, false if either is NaN
+    uint32_t r;
+    asm("{\n\t.reg .pred p;\n\tsetp.le.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}" : "=r"(r) : "f"(a), "f"(b));
+    return r != 0;
+}
+#else
+static __device__ __forceinline__ float qaq_fadd(const float a, const float b) { return __fadd_rn(a, b); }
+static __device__ __forceinline__ float qaq_fsub(const float a, const float b) { return __fsub_rn(a, b); }
+static __device__ __forceinline__ float qaq_fmul(const float a, const float b) { return __fmul_rn(a, b); }
+static __device__ __forceinline__ float qaq_fdiv(const float a, const float b) { return __fdiv_rn(a, b); }
+static __device__ __forceinline__ bool  qaq_fgt (const float a, const float b) { return a >  b; }
+static __device__ __forceinline__ bool  qaq_fle (const float a, const float b) { return a <= b; }
+#endif // !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA)
+
+static __device__ __forceinline__ float qaq_fabs(const float x) {
+    return __int_as_float(__float_as_int(x) & 0x7FFFFFFF);
+}
+static __device__ __forceinline__ bool qaq_isfinite(const float x) {
+    return (__float_as_int(x) & 0x7F800000) != 0x7F800000;
+}
+
+// per type: number of levels, decision thresholds (midpoints, as kmid_qaq{3,2} in ggml-qaq.c), level values
+template <int nlev> struct qaq_quant_traits;
+
+template <> struct qaq_quant_traits<8> {
+    static __device__ __forceinline__ float mid(const int m) {
+        return m == 0 ? -103.0f : m == 1 ? -62.0f : m == 2 ? -29.5f : m == 3 ? 0.0f :
+               m == 4 ?   29.5f : m == 5 ?  62.0f : 103.0f;
+    }
+    static __device__ __forceinline__ float level(const int l) { return qaq3_level(l); }
+};
+
+template <> struct qaq_quant_traits<4> {
+    static __device__ __forceinline__ float mid(const int m) {
+        return m == 0 ? -82.5f : m == 1 ? 0.0f : 82.5f;
+    }
+    static __device__ __forceinline__ float level(const int l) { return qaq2_level(l); }
+};
+
+// index of the nearest level = number of thresholds below v
+template <int nlev>
+static __device__ __forceinline__ int qaq_nearest(const float v) {
+    int i = 0;
+#pragma unroll
+    for (int m = 0; m < nlev - 1; ++m) {
+        i += qaq_fgt(v, qaq_quant_traits<nlev>::mid(m));
+    }
+    return i;
+}
+
+// largest ue5m3 byte whose value is <= v (0 if none), bisection as qaq_ue5m3_floor
+static __device__ __forceinline__ uint8_t qaq_ue5m3_floor_dev(const float v) {
+    if (!qaq_fgt(v, 0.0f)) {
+        return 0;
+    }
+    if (qaq_fle(qaq_ue5m3_to_f32(QAQ_UE5M3_MAX), v)) {
+        return QAQ_UE5M3_MAX;
+    }
+    int lo = 0;
+    int hi = QAQ_UE5M3_MAX;
+    while (hi - lo > 1) {  // invariant: dec(lo) <= v < dec(hi)
+        const int mid = (lo + hi) / 2;
+        if (qaq_fle(qaq_ue5m3_to_f32((uint8_t) mid), v)) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return (uint8_t) lo;
+}
+
+// QK_QAQ/2 values: returns the scale byte, writes the level indices to L
+template <int nlev>
+static __device__ __forceinline__ uint8_t qaq_quantize_half_dev(const float * __restrict__ x, uint8_t * __restrict__ L) {
+    typedef qaq_quant_traits<nlev> tr;
+    constexpr int nh = QK_QAQ/2;
+
+    float amax  = 0.0f;
+    float sumx2 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < nh; ++j) {
+        const float ax = qaq_fabs(x[j]);
+        amax  = qaq_fgt(ax, amax) ? ax : amax;
+        sumx2 = qaq_fadd(sumx2, qaq_fmul(x[j], x[j]));
+    }
+    const int izero = qaq_nearest<nlev>(0.0f);
+    if (!qaq_fgt(amax, 0.0f) || !qaq_isfinite(amax)) {
+#pragma unroll
+        for (int j = 0; j < nh; ++j) {
+            L[j] = (uint8_t) izero;
+        }
+        return 0;
+    }
+
+    float best_err = INFINITY;
+    float best_d   = qaq_fdiv(amax, 127.0f);
+#pragma unroll 1
+    for (int i = 0; i < 11; ++i) {
+        const float g  = qaq_fadd(0.45f, qaq_fmul(0.07f, (float) i));
+        const float d  = qaq_fdiv(qaq_fmul(amax, g), 127.0f);
+        const float id = qaq_fdiv(1.0f, d);
+        float sumqx = 0.0f;
+        float sumq2 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < nh; ++j) {
+            const float t = tr::level(qaq_nearest<nlev>(qaq_fmul(x[j], id)));
+            sumqx = qaq_fadd(sumqx, qaq_fmul(x[j], t));
+            sumq2 = qaq_fadd(sumq2, qaq_fmul(t, t));
+        }
+        if (qaq_fgt(sumqx, 0.0f) && qaq_fgt(sumq2, 0.0f)) {
+            const float ds  = qaq_fdiv(sumqx, sumq2);
+            const float err = qaq_fsub(sumx2, qaq_fmul(ds, sumqx));
+            if (qaq_fgt(best_err, err)) {
+                best_err = err;
+                best_d   = ds;
+            }
+        }
+    }
+    {   // one refit with the best scale's assignment
+        const float id = qaq_fdiv(1.0f, best_d);
+        float sumqx = 0.0f;
+        float sumq2 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < nh; ++j) {
+            const float t = tr::level(qaq_nearest<nlev>(qaq_fmul(x[j], id)));
+            sumqx = qaq_fadd(sumqx, qaq_fmul(x[j], t));
+            sumq2 = qaq_fadd(sumq2, qaq_fmul(t, t));
+        }
+        if (qaq_fgt(sumqx, 0.0f) && qaq_fgt(sumq2, 0.0f)) {
+            const float ds  = qaq_fdiv(sumqx, sumq2);
+            const float err = qaq_fsub(sumx2, qaq_fmul(ds, sumqx));
+            if (qaq_fgt(best_err, err)) {
+                best_d = ds;
+            }
+        }
+    }
+
+    // store: the ue5m3 neighbour (below or above) with the lower squared error
+    const uint8_t b0 = qaq_ue5m3_floor_dev(best_d);
+    uint8_t best_b = b0;
+    float   best_e = INFINITY;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        const int b = b0 + c;
+        if (b > QAQ_UE5M3_MAX) {
+            break;
+        }
+        const float d = qaq_ue5m3_to_f32((uint8_t) b);
+        float e = 0.0f;
+        if (qaq_fgt(d, 0.0f)) {
+            const float id = qaq_fdiv(1.0f, d);
+#pragma unroll
+            for (int j = 0; j < nh; ++j) {
+                const float r = qaq_fsub(x[j], qaq_fmul(d, tr::level(qaq_nearest<nlev>(qaq_fmul(x[j], id)))));
+                e = qaq_fadd(e, qaq_fmul(r, r));
+            }
+        } else {
+            e = sumx2;
+        }
+        if (qaq_fgt(best_e, e)) {
+            best_e = e;
+            best_b = (uint8_t) b;
+        }
+    }
+    const float d = qaq_ue5m3_to_f32(best_b);
+    if (qaq_fgt(d, 0.0f)) {
+        const float id = qaq_fdiv(1.0f, d);
+#pragma unroll
+        for (int j = 0; j < nh; ++j) {
+            L[j] = (uint8_t) qaq_nearest<nlev>(qaq_fmul(x[j], id));
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < nh; ++j) {
+            L[j] = (uint8_t) izero;
+        }
+    }
+    return best_b;
+}
+
+static __device__ void quantize_f32_qaq3_block(const float * __restrict__ x, block_qaq3 * __restrict__ y) {
+    float   xh[QK_QAQ/2];
+    uint8_t L[QK_QAQ];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < QK_QAQ/2; ++j) {
+            xh[j] = x[h*(QK_QAQ/2) + j];
+        }
+        y->d[h] = qaq_quantize_half_dev<8>(xh, L + h*(QK_QAQ/2));
+    }
+#pragma unroll
+    for (int b = 0; b < QK_QAQ/4; ++b) {
+        y->qs[b] = (uint8_t) ((L[b] & 3) | (L[b + 8] & 3) << 2 | (L[b + 16] & 3) << 4 | (L[b + 24] & 3) << 6);
+    }
+#pragma unroll
+    for (int b = 0; b < QK_QAQ/8; ++b) {
+        uint8_t h = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            h |= (uint8_t) ((L[8*b + j] >> 2) << j);
+        }
+        y->qh[b] = h;
+    }
+}
+
+static __device__ void quantize_f32_qaq2_block(const float * __restrict__ x, block_qaq2 * __restrict__ y) {
+    float   xh[QK_QAQ/2];
+    uint8_t L[QK_QAQ];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < QK_QAQ/2; ++j) {
+            xh[j] = x[h*(QK_QAQ/2) + j];
+        }
+        y->d[h] = qaq_quantize_half_dev<4>(xh, L + h*(QK_QAQ/2));
+    }
+#pragma unroll
+    for (int b = 0; b < QK_QAQ/4; ++b) {
+        y->qs[b] = (uint8_t) (L[b] | L[b + 8] << 2 | L[b + 16] << 4 | L[b + 24] << 6);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Flash attention, vector kernel (fattn-vec.cuh): K.Q against Q as q8_1 (one int of 4 values per k_KQ, QI8_1 ints per
+// block; a block of qaq is one block of q8_1, and each int lies inside one half, i.e. one scale), and V rows.
+
+template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq3(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+
+    const block_qaq3 * K_qaq3 = (const block_qaq3 *) K_c;
+    GGML_UNUSED(Q_v);
+
+    float sum = 0.0f;
+
+#pragma unroll
+    for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
+        const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
+
+        const int ib  = k_KQ / QI8_1;
+        const int iqs = k_KQ % QI8_1;
+
+        const int v    = qaq3_get_int(K_qaq3 + ib, iqs);
+        const int sumi = ggml_cuda_dp4a(v, Q_q8[k_KQ_0/nthreads], 0);
+
+        const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
+        sum += qaq_ue5m3_to_f32(K_qaq3[ib].d[iqs / (QI8_1/2)]) * Q_ds.x * sumi;
+    }
+
+    return sum;
+}
+
+template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq2(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+
+    const block_qaq2 * K_qaq2 = (const block_qaq2 *) K_c;
+    GGML_UNUSED(Q_v);
+
+    float sum = 0.0f;
+
+#pragma unroll
+    for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
+        const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
+
+        const int ib  = k_KQ / QI8_1;
+        const int iqs = k_KQ % QI8_1;
+
+        const int v    = qaq2_get_int(K_qaq2 + ib, iqs);
+        const int sumi = ggml_cuda_dp4a(v, Q_q8[k_KQ_0/nthreads], 0);
+
+        const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
+        sum += qaq_ue5m3_to_f32(K_qaq2[ib].d[iqs / (QI8_1/2)]) * Q_ds.x * sumi;
+    }
+
+    return sum;
+}
+
+// ne (2 or 4) consecutive values of a V row from element i0 (a multiple of ne), as half or float
+template <typename T, int ne, typename block_t, int (*get_int)(const block_t *, int)>
+static __device__ __forceinline__ void dequantize_V_qaq(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    const block_t * x = (const block_t *) vx;
+
+    const int64_t ib  =  i0 / QK_QAQ;
+    const int     iqs = (i0 % QK_QAQ) / 4;
+
+    static_assert(ne == 2 || ne == 4, "bad ne");
+    int q = get_int(x + ib, iqs);
+    if constexpr (ne == 2) {
+        q >>= 16*((i0 % 4) / 2);
+    }
+
+    const int8_t * q8 = (const int8_t *) &q;
+    const uint8_t  db = x[ib].d[iqs / 4];
+
+#ifdef FP16_AVAILABLE
+    if constexpr (std::is_same_v<T, half>) {
+        const half2 d = __half2half2(qaq_ue5m3_to_f16(db));
+
+#pragma unroll
+        for (int l0 = 0; l0 < ne; l0 += 2) {
+            ((half2 *) dst)[l0/2] = d * make_half2(q8[l0 + 0], q8[l0 + 1]);
+        }
+    } else
+#endif // FP16_AVAILABLE
+    if constexpr (std::is_same_v<T, float>) {
+        const float d = qaq_ue5m3_to_f32(db);
+
+#pragma unroll
+        for (int l = 0; l < ne; ++l) {
+            ((float *) dst)[l] = d * q8[l];
+        }
+    } else {
+        static_assert(std::is_same_v<T, void>, "bad type");
+    }
+}
+
+template <typename T, int ne>
+static __device__ __forceinline__ void dequantize_V_qaq3(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    dequantize_V_qaq<T, ne, block_qaq3, qaq3_get_int>(vx, dst, i0);
+}
+
+template <typename T, int ne>
+static __device__ __forceinline__ void dequantize_V_qaq2(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    dequantize_V_qaq<T, ne, block_qaq2, qaq2_get_int>(vx, dst, i0);
+}
