@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a GGUF model instead of the bundled one")
     p.add_argument("--calib-text", help="calibration text (default: the packaged WikiText-2 valid sample)")
     p.add_argument("--text", help="held-out evaluation text (default: the packaged WikiText-2 test sample)")
-    p.add_argument("--budgets", default="6.5,5.5", help="bits per value of the calibrated profiles (default 6.5,5.5)")
+    p.add_argument("--budgets", default="6.5,5.5,4.5",
+                   help="bits per value of the calibrated profiles (default 6.5,5.5,4.5)")
     p.add_argument("--pairs", default="q8_0/q4_0,q5_0/q5_0,q4_0/q4_0",
                    help="uniform K/V pairs to compare with (default q8_0/q4_0,q5_0/q5_0,q4_0/q4_0)")
     p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks of 512 tokens (default 8)")
@@ -389,9 +390,11 @@ examples:
         p.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
         p.add_argument("--threads", type=int)
         if name == "frontier":
-            p.add_argument("--budgets", default=",".join(f"{b:g}" for b in (8.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5)))
+            p.add_argument("--budgets", default=",".join(f"{b:g}" for b in (8.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5, 4.0,
+                                                                               3.5, 3.0)))
             p.add_argument("--pairs", default="q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q5_1/q5_1,q5_0/q5_0,q5_0/q4_0,"
-                                              "q4_1/q4_1,q4_0/q4_0,iq4_nl/iq4_nl")
+                                              "q4_1/q4_1,q4_0/q4_0,iq4_nl/iq4_nl,q4_0/qaq3,qaq3/qaq3,q4_0/qaq2,"
+                                              "qaq3/qaq2")
             p.add_argument("--ctx", type=int, default=1024)
             p.add_argument("--chunks", type=int, default=8)
             p.add_argument("-o", "--output-dir", default="qaq-frontier")
@@ -414,7 +417,8 @@ with the least predicted error that fits the budget (an exact multiple-choice kn
 
 budgets:
   --budget BITS           average bits per cached value over all layers' K and V, block scales included.
-                          Reference points: f16 = 16, q8_0 = 8.5, q5_0 = 5.5, q4_0 = 4.5.
+                          Reference points: f16 = 16, q8_0 = 8.5, q5_0 = 5.5, q4_0 = 4.5, and our
+                          sub-4-bit types qaq3 = 3.5, qaq2 = 2.5.
                           --budget 6.5 is the size of -ctk q8_0 -ctv q4_0; --budget 4.5 that of q4_0/q4_0.
   --max-kv-bytes SIZE --n-ctx N
                           the whole cache at context N fits in SIZE (e.g. 24MiB, 2GiB); sliding-window layers
@@ -453,7 +457,7 @@ Never calibrate on the text you evaluate on.""")
     p = psub.add_parser("make", help="a profile from per-layer type lists",
                         description="Write a profile for MODEL from K and V type lists. A single type applies to "
                                     "every layer; a comma-separated list gives one type per layer. Types: f16, "
-                                    "bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl.")
+                                    "bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, qaq3, qaq2.")
     p.add_argument("model", help="the GGUF model the profile is for (it is bound to this file's tensor layout)")
     p.add_argument("-k", "--type-k", required=True, help="K cache type(s)")
     p.add_argument("-v", "--type-v", required=True, help="V cache type(s)")

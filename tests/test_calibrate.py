@@ -80,7 +80,7 @@ def test_allocation_by_bytes_counts_sliding_window_layers(scores):
 
 def test_budget_below_the_smallest_type_is_a_clear_error(scores):
     with pytest.raises(ValueError, match="below the smallest"):
-        calibrate.allocate(scores, avg_bits=3.0)
+        calibrate.allocate(scores, avg_bits=2.0)  # qaq2, the smallest type, is 2.5 bits
     with pytest.raises(ValueError, match="one budget"):
         calibrate.allocate(scores)
     with pytest.raises(ValueError, match="needs n_ctx"):

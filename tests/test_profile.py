@@ -49,7 +49,7 @@ def test_identity_of_gemma(gemma_ident):
     assert [il for il in range(18) if not g.is_swa[il]] == [5, 11, 17] and g.n_swa == 512
 
 
-@pytest.mark.parametrize("t", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("t", ["f16", "q8_0", "q4_0", "qaq3", "qaq2"])
 def test_uniform_profile_gives_identical_logits(gemma, gemma_ident, eval_text, tmp_path, t):
     p = profile.write_profile(profile.make_profile(gemma_ident, t, t), tmp_path / f"{t}.gguf")
     kw = dict(n_ctx=256, n_batch=64, verbose=False, flash_attn=True, logits_all=True)
@@ -64,9 +64,45 @@ def test_uniform_profile_gives_identical_logits(gemma, gemma_ident, eval_text, t
 
 
 def runtime_type(name: str) -> int:
-    from gguf import GGMLQuantizationType
+    from qaq_gguf import cachetypes
 
-    return int(GGMLQuantizationType[name.upper()])
+    return cachetypes.get(name).type_id
+
+
+def _continuation(llm: Llama, toks: list[int], shift: bool) -> np.ndarray:
+    """Logits of toks[150:200] after toks[:150], with tokens 1..50 dropped either by a K-shift of the cache
+    (shift=True) or by never decoding them (a fresh run over the same remaining tokens)."""
+    import llama_cpp
+
+    kept = toks[:1] + toks[51:150]
+    if not shift:
+        return _logits(llm, kept + toks[150:200])[100:150]
+    llm.reset()
+    llm.eval(toks[:150])
+    mem = llama_cpp.llama_get_memory(llm.ctx)
+    assert llama_cpp.llama_memory_seq_rm(mem, 0, 1, 51)  # keep BOS, drop 50 tokens
+    llama_cpp.llama_memory_seq_add(mem, 0, 51, -1, -50)  # move the rest back: re-rope K in place
+    llm.n_tokens = 100
+    llm.input_ids[:100] = kept
+    llm.eval(toks[150:200])
+    return np.array(llm.scores[100:150], dtype=np.float32)
+
+
+@pytest.mark.parametrize("tk", ["q4_0", "qaq3"])
+def test_context_shift_of_a_quantized_k_cache(gemma, gemma_ident, eval_text, tmp_path, tk):
+    """A K-shift reads the quantized, Hadamard-rotated K cache as f32, re-ropes it and writes it back in its type.
+    Against the f16 cache doing the same, a shifted quantized cache must agree about as well as it does without
+    the shift (a wrong rotation or a broken copy would make the continuation noise)."""
+    kw = dict(n_ctx=256, n_batch=64, verbose=False, flash_attn=True, logits_all=True)
+    p = profile.write_profile(profile.make_profile(gemma_ident, tk, "f16"), tmp_path / "k.gguf")
+    ref, llm = Llama(str(gemma), **kw), Llama(str(gemma), kv_profile=str(p), **kw)
+    toks = _tokens(ref, eval_text, 200)
+    agree = {}
+    for shift in (False, True):
+        a, b = _continuation(ref, toks, shift), _continuation(llm, toks, shift)
+        assert np.all(np.isfinite(b))
+        agree[shift] = np.mean(a.argmax(1) == b.argmax(1))
+    assert agree[True] >= agree[False] - 0.15, agree
 
 
 def test_mixed_profile_allocates_each_layer(gemma, mixed):

@@ -61,6 +61,8 @@ def ggml():
     base.ggml_set_rows.argtypes = [P, P, P, P]
     base.ggml_get_rows.restype = P
     base.ggml_get_rows.argtypes = [P, P, P]
+    base.ggml_cpy.restype = P
+    base.ggml_cpy.argtypes = [P, P, P]
     base.ggml_new_graph.restype = P
     base.ggml_new_graph.argtypes = [P]
     base.ggml_build_forward_expand.argtypes = [P, P]
@@ -220,6 +222,22 @@ def test_set_rows_and_get_rows(ggml, name):
         got = g.base.ggml_get_rows(g.ctx, dst, g.tensor(26, (2,), sel))  # GGML_TYPE_I32 = 26
         g.compute(got)
         np.testing.assert_array_equal(g.read(got, np.float32, (2, d)), quants.dequantize(stored[sel], name))
+
+
+@pytest.mark.parametrize("name", QAQ)
+def test_cpy_both_ways(ggml, name):
+    """CPY f32 -> qaq and qaq -> f32: the K-shift reads a quantized K as f32, re-ropes it and copies it back."""
+    d = 256
+    x = _gaussian((6, d), seed=7)
+    bb = d // 32 * quants.BLOCK_BYTES[name]
+    with _Graph(ggml) as g:
+        q = g.tensor(_tid(name), (d, 6))
+        g.compute(g.base.ggml_cpy(g.ctx, g.tensor(F32, (d, 6), x), q))
+        raw = g.read(q, np.uint8, (6, bb))
+        np.testing.assert_array_equal(raw, quants.quantize(x, name))
+        back = g.tensor(F32, (d, 6))
+        g.compute(g.base.ggml_cpy(g.ctx, q, back))
+        np.testing.assert_array_equal(g.read(back, np.float32, (6, d)), quants.dequantize(raw, name))
 
 
 def _q8_0_roundtrip(x):
