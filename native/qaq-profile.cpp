@@ -10,6 +10,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <cmath>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -100,6 +101,23 @@ struct gguf_file {
             }
         }
         return res;
+    }
+
+    // an optional float32 array of exactly n values; empty when the key is absent
+    std::vector<float> floats(const char * key, size_t n) const {
+        const int64_t id = find(key, false);
+        if (id < 0) {
+            return {};
+        }
+        if (gguf_get_kv_type(ctx, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx, id) != GGUF_TYPE_FLOAT32) {
+            throw profile_error(strfmt("%s: key %s must be an array of float32", path.c_str(), key));
+        }
+        if (gguf_get_arr_n(ctx, id) != n) {
+            throw profile_error(strfmt("%s: key %s has %zu values, expected %zu (n_head_kv * head_dim_k summed over "
+                "layers)", path.c_str(), key, gguf_get_arr_n(ctx, id), n));
+        }
+        const float * data = (const float *) gguf_get_arr_data(ctx, id);
+        return std::vector<float>(data, data + n);
     }
 
     void check_len(const char * key, size_t got, size_t n) const {
@@ -244,7 +262,32 @@ void apply(llama_model * model, const char * model_path, const char * profile_pa
         types_v[il] = tv;
     }
 
+    // optional per-layer key means (keys stored centred): n_head_kv * head_dim_k values per layer, layer after layer
+    size_t n_mean = 0;
+    for (int32_t il = 0; il < n_layer; ++il) {
+        n_mean += (size_t) (n_head_kv[il] * head_k[il]);
+    }
+    const std::vector<float> k_mean = prof.floats("qaq.kv.k_mean", n_mean);
+    for (const float x : k_mean) {
+        if (!std::isfinite(x)) {
+            throw profile_error(prof.path + ": qaq.kv.k_mean holds a non-finite value (a corrupt profile?)");
+        }
+    }
+
+    llama_model_set_kv_layer_k_mean(model, -1, nullptr, 0);
+    for (int32_t il = 0, off = 0; il < n_layer && !k_mean.empty(); ++il) {
+        const int32_t n = (int32_t) (n_head_kv[il] * head_k[il]);
+        if (n > 0 && llama_model_set_kv_layer_k_mean(model, il, k_mean.data() + off, n) != 0) {
+            llama_model_set_kv_layer_k_mean(model, -1, nullptr, 0);
+            throw profile_error(prof.path + ": the profile stores keys centred (qaq.kv.k_mean), which this model's "
+                "attention does not allow (logit soft-capping, attention sinks or MLA): recalibrate with "
+                "`qaq-gguf calibrate --no-center-keys`");
+        }
+        off += n;
+    }
+
     if (llama_model_set_kv_layer_types(model, types_k.data(), types_v.data(), n_layer) != 0) {
+        llama_model_set_kv_layer_k_mean(model, -1, nullptr, 0);
         throw profile_error("llama_model_set_kv_layer_types rejected the profile");
     }
 }

@@ -12,6 +12,7 @@ of the chosen scores under the size budget.
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +31,8 @@ class Scores:
     k: np.ndarray
     v: np.ndarray
     settings: dict = field(default_factory=dict)
+    # per-layer mean keys (flat, n_head_kv * head_dim_k per layer) when the cache stores keys centred
+    k_mean: np.ndarray | None = None
 
     def layers(self) -> list[int]:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
@@ -51,31 +54,45 @@ def default_candidates() -> list[str]:
 
 def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = 8,
               candidates: Sequence[str] | None = None, method: str = "measured", max_queries: int | None = 128,
-              window: int = 5, n_threads: int | None = None, progress: bool = True, seed: int = 0) -> Scores:
+              window: int = 5, n_threads: int | None = None, progress: bool = True, seed: int = 0,
+              center_keys: bool = True) -> Scores:
     """Score every layer's K and V under every candidate type on ``text`` (see the module docstring).
 
     ``method``: ``"measured"`` pushes the real quantization error of each type through the layer's real
     attention (first order in the key error); ``"qaq"`` uses QAQ's closed-form bounds (query-norm percentile for
-    keys, attention with the persistence window for values). ``max_queries`` samples query rows per chunk."""
+    keys, attention with the persistence window for values). ``max_queries`` samples query rows per chunk.
+
+    ``center_keys``: the profile stores each layer's mean key and the cache keeps keys centred (``k - mean``,
+    exact for attention, llama_model_set_kv_layer_k_mean). The mean is the running mean of the chunks seen so far
+    (the first chunk's own mean for chunk 0), so every chunk is scored with a mean it did not fully determine;
+    the final mean over all chunks is what the profile stores."""
     cands = list(candidates) if candidates else default_candidates()
     for c in cands:
         cachetypes.get(c)  # unknown names fail here, before the model runs
+    if center_keys and (why := profile.centring_blocked(model_path)):
+        print(f"qaq-gguf: keys stored as they are: {why}", file=sys.stderr)
+        center_keys = False
     ident = profile.model_identity(model_path)
     layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
     sk = np.zeros((ident.n_layer, len(cands)))
     sv = np.zeros((ident.n_layer, len(cands)))
+    k_sum: dict[int, np.ndarray] = {}
+    n_tok = 0
     n_done = 0
     bar = progress_bar(progress, n_chunks, "calibrating")
     try:
         for c, chunk in enumerate(collect.iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks,
                                                       layers=layers, n_threads=n_threads)):
             for il, act in chunk.items():
+                k_sum[il] = k_sum.get(il, 0.0) + act.k.astype(np.float64).sum(axis=0)
+                mean = (k_sum[il] / (n_tok + act.k.shape[0])).astype(np.float32) if center_keys else None
                 res = scoring.score_layer(act.q, act.k, act.v, act.attn, cands, method=method,
                                           kq_scale=collect.estimate_kq_scale(act),
-                                          window=window, max_queries=max_queries, seed=seed + c)
+                                          window=window, max_queries=max_queries, seed=seed + c, k_mean=mean)
                 for j, name in enumerate(cands):
                     sk[il, j] += res[name][0]
                     sv[il, j] += res[name][1]
+            n_tok += next(iter(chunk.values())).k.shape[0] if chunk else 0
             n_done += 1
             if bar is not None:
                 bar.update(1)
@@ -86,8 +103,13 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     sv /= n_done
     settings = {"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx, "n_chunks": n_done,
                 "n_tokens": n_done * n_ctx, "method": method, "max_queries": max_queries or 0,
-                "window": window, "candidates": cands}
-    return Scores(ident, cands, sk, sv, settings)
+                "window": window, "candidates": cands, "center_keys": center_keys}
+    k_mean = None
+    if center_keys and n_tok:
+        k_mean = np.concatenate([(k_sum[il] / n_tok).astype(np.float32).ravel() if il in k_sum
+                                 else np.zeros(ident.n_head_kv[il] * ident.head_dim_k[il], np.float32)
+                                 for il in range(ident.n_layer)])
+    return Scores(ident, cands, sk, sv, settings, k_mean)
 
 
 def progress_bar(progress: bool, total: int | None, desc: str, unit: str = "chunk"):
@@ -177,6 +199,7 @@ def _profile_from(scores: Scores, cands: list[str], sol: solver.Allocation, *, a
     p.candidates = list(scores.candidates)
     p.score_k = scores.k
     p.score_v = scores.v
+    p.k_mean = scores.k_mean
     return p
 
 
@@ -204,4 +227,4 @@ def scores_from_profile(p: profile.Profile) -> Scores:
     n, c = p.model.n_layer, len(p.candidates)
     settings = {k[len("calib_"):]: v for k, v in p.provenance.items() if k.startswith("calib_")}
     return Scores(p.model, list(p.candidates), np.asarray(p.score_k, float).reshape(n, c),
-                  np.asarray(p.score_v, float).reshape(n, c), settings)
+                  np.asarray(p.score_v, float).reshape(n, c), settings, p.k_mean)

@@ -54,6 +54,8 @@ class Profile:
     candidates: list[str] = field(default_factory=list)
     score_k: np.ndarray | None = None
     score_v: np.ndarray | None = None
+    # keys stored centred: every layer's mean key, flat (n_head_kv * head_dim_k values per layer, in layer order)
+    k_mean: np.ndarray | None = None
 
 
 # --- model identity -------------------------------------------------------------------------------------------
@@ -78,6 +80,24 @@ def fingerprint_text(model_path: str | Path) -> str:
 def fingerprint(model_path: str | Path) -> str:
     """sha256 of the model's architecture, name and tensor layout (names, types, shapes; other metadata left out)."""
     return hashlib.sha256(fingerprint_text(model_path).encode()).hexdigest()
+
+
+def centring_blocked(model_path: str | Path) -> str | None:
+    """Why this model's keys cannot be stored centred (its attention is not invariant to a constant logit shift),
+    or None. Mirrors llama_model_set_kv_layer_k_mean's check, from the GGUF metadata alone."""
+    try:
+        r = GGUFReader(str(model_path))
+    except Exception as e:  # gguf-py raises several types for bad files
+        raise ProfileError(f"cannot read {model_path}: not a GGUF file, truncated, or unreadable ({e})") from e
+    arch = r.fields["general.architecture"].contents()
+    f = r.fields.get(f"{arch}.attn_logit_softcapping")
+    if f is not None and float(f.contents() or 0) != 0:
+        return "the model soft-caps attention logits"
+    if r.fields.get(f"{arch}.attention.kv_lora_rank") is not None:
+        return "the model uses MLA"
+    if any(".attn_sinks" in t.name for t in r.tensors):
+        return "the model has attention sinks"
+    return None
 
 
 def model_identity(model_path: str | Path) -> ModelIdentity:
@@ -198,6 +218,11 @@ def _add_keys(w: GGUFWriter, p: Profile) -> None:
     w.add_string("qaq.model.fingerprint", m.fingerprint)
     w.add_array("qaq.kv.type_k", list(p.type_k))
     w.add_array("qaq.kv.type_v", list(p.type_v))
+    if p.k_mean is not None:
+        n = sum(m.n_head_kv[il] * m.head_dim_k[il] for il in range(m.n_layer))
+        if len(p.k_mean) != n:
+            raise ProfileError(f"k_mean has {len(p.k_mean)} values, the model's keys {n}")
+        w.add_array("qaq.kv.k_mean", [float(x) for x in np.asarray(p.k_mean, np.float32)])
     for k, v in p.provenance.items():
         key = f"qaq.provenance.{k}"
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
@@ -279,6 +304,12 @@ def read_profile(path: str | Path) -> Profile:
                     pass
             prov[key[len("qaq.provenance."):]] = v
     p = Profile(ident, tk, tv, prov)
+    k_mean = _field(r, "qaq.kv.k_mean", path, required=False)
+    if k_mean is not None:
+        p.k_mean = np.asarray(k_mean, np.float32)
+        n_mean = sum(ident.n_head_kv[il] * ident.head_dim_k[il] for il in range(n))
+        if len(p.k_mean) != n_mean:
+            raise ProfileError(f"{path}: qaq.kv.k_mean has {len(p.k_mean)} values, expected {n_mean}")
     cands = _field(r, "qaq.stats.candidates", path, required=False)
     if cands:
         p.candidates = list(cands)
@@ -351,6 +382,8 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
     lines.append(f"average bits per value: {average_bits(p):.3f} (per layer), "
                  f"{average_bits(p, n_ctx, **kw):.3f} (weighted by cells at n_ctx={n_ctx})")
     lines.append(f"KV cache at n_ctx={n_ctx}: {total / 2**20:.2f} MiB")
+    lines.append("keys stored centred (per-layer key means in qaq.kv.k_mean)" if p.k_mean is not None
+                 else "keys stored as they are (no key means)")
     return "\n".join(lines)
 
 

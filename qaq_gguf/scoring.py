@@ -419,18 +419,23 @@ def score_layer(
     seed: int = 0,
     n_swa: int | None = None,
     round_q: bool = True,
+    k_mean: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """``{type: (key_score, value_score)}`` for every candidate cache type of one layer.
 
     Same arguments as :func:`key_score` / :func:`value_score`; the attention output and
     the query sample are computed once and shared by all candidates. ``round_q`` (measured
     method) includes the kernel's rounding of Q to K's dot-product type
-    (:func:`query_dot_type`): it is why 8-bit keys cost more than 8-bit values.
+    (:func:`query_dot_type`): it is why 8-bit keys cost more than 8-bit values. ``k_mean``
+    (``(n_head_kv, head_dim)``): the cache stores keys centred, ``k - k_mean`` — attention is the same (each
+    query's logits move by one constant), only the quantization error changes.
     """
     _check_method(method)
     layer = _prepare(q, k, v, attn, kq_scale=kq_scale, max_queries=max_queries, seed=seed, n_swa=n_swa)
     k = np.asarray(k, dtype=np.float32)
     v = np.asarray(v, dtype=np.float32)
+    if k_mean is not None:
+        k = k - np.asarray(k_mean, dtype=np.float32)  # what the cache stores; the logit error is the same
     scores: dict[str, tuple[float, float]] = {}
     for name in candidates:
         k_hat = quant_roundtrip(k, name, rotate=rotate)
