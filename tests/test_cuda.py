@@ -52,6 +52,22 @@ def test_mixed_profile_on_gpu_matches_cpu(gemma, gemma_ident, eval_text, tmp_pat
     assert np.mean(cpu.argmax(1) == gpu.argmax(1)) > 0.97
 
 
+def test_centred_keys_on_gpu_match_cpu(gemma, gemma_ident, eval_text, tmp_path):
+    """Centred keys (qaq.kv.k_mean): the CUDA graph subtracts the mean before SET_ROWS like the CPU one."""
+    import qaq_gguf
+
+    rng = np.random.default_rng(0)
+    n = sum(gemma_ident.n_head_kv[il] * gemma_ident.head_dim_k[il] for il in range(gemma_ident.n_layer))
+    p = profile.make_profile(gemma_ident, "q8_0", "qaq3")
+    p.k_mean = (rng.standard_normal(n) * 0.5).astype(np.float32)
+    f = profile.write_profile(p, tmp_path / "centred.gguf")
+    tok = qaq_gguf.Llama(str(gemma), vocab_only=True, verbose=False).tokenize(eval_text[:3000].encode())[:200]
+    cpu, _ = _logits(gemma, tok, 0, kv_profile=str(f))
+    gpu, _ = _logits(gemma, tok, 99, kv_profile=str(f))
+    assert np.abs(cpu - gpu).max() < 0.3 * np.abs(cpu).max()
+    assert np.mean(cpu.argmax(1) == gpu.argmax(1)) > 0.97
+
+
 def test_pair_without_a_cuda_kernel_is_refused(gemma, gemma_ident, tmp_path):
     # iq4_nl has no CUDA flash-attention kernel: the profile must be refused, naming the pair, not run slowly
     f = profile.write_profile(profile.make_profile(gemma_ident, "q8_0", "iq4_nl"), tmp_path / "p.gguf")
