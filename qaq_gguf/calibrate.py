@@ -107,7 +107,7 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     k_mean = None
     if center_keys and n_tok:
         k_mean = np.concatenate([(k_sum[il] / n_tok).astype(np.float32).ravel() if il in k_sum
-                                 else np.zeros(ident.n_head_kv[il] * ident.head_dim_k[il], np.float32)
+                                 else np.zeros(ident.n_embd_k(il), np.float32)
                                  for il in range(ident.n_layer)])
     return Scores(ident, cands, sk, sv, settings, k_mean)
 

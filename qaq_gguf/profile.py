@@ -43,6 +43,14 @@ class ModelIdentity:
     def has_kv(self, il: int) -> bool:
         return self.head_dim_k[il] > 0
 
+    def n_embd_k(self, il: int) -> int:
+        """Values of one cell of layer il's K cache (n_head_kv * head_dim_k; 0 without a cache)."""
+        return self.n_head_kv[il] * self.head_dim_k[il]
+
+    def n_key_mean(self) -> int:
+        """Length of a profile's k_mean: every layer's n_embd_k, layer after layer."""
+        return sum(self.n_embd_k(il) for il in range(self.n_layer))
+
 
 @dataclass
 class Profile:
@@ -219,7 +227,7 @@ def _add_keys(w: GGUFWriter, p: Profile) -> None:
     w.add_array("qaq.kv.type_k", list(p.type_k))
     w.add_array("qaq.kv.type_v", list(p.type_v))
     if p.k_mean is not None:
-        n = sum(m.n_head_kv[il] * m.head_dim_k[il] for il in range(m.n_layer))
+        n = m.n_key_mean()
         if len(p.k_mean) != n:
             raise ProfileError(f"k_mean has {len(p.k_mean)} values, the model's keys {n}")
         w.add_array("qaq.kv.k_mean", [float(x) for x in np.asarray(p.k_mean, np.float32)])
@@ -307,7 +315,7 @@ def read_profile(path: str | Path) -> Profile:
     k_mean = _field(r, "qaq.kv.k_mean", path, required=False)
     if k_mean is not None:
         p.k_mean = np.asarray(k_mean, np.float32)
-        n_mean = sum(ident.n_head_kv[il] * ident.head_dim_k[il] for il in range(n))
+        n_mean = ident.n_key_mean()
         if len(p.k_mean) != n_mean:
             raise ProfileError(f"{path}: qaq.kv.k_mean has {len(p.k_mean)} values, expected {n_mean}")
     cands = _field(r, "qaq.stats.candidates", path, required=False)

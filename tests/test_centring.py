@@ -18,7 +18,7 @@ def key_means(gemma, calib_text) -> np.ndarray:
     chunk = next(collect.iter_chunks(gemma, calib_text, n_ctx=512, n_chunks=1, n_threads=2))
     ident = profile.model_identity(gemma)
     return np.concatenate([chunk[il].k.mean(axis=0).ravel() if il in chunk else
-                           np.zeros(ident.n_head_kv[il] * ident.head_dim_k[il], np.float32)
+                           np.zeros(ident.n_embd_k(il), np.float32)
                            for il in range(ident.n_layer)]).astype(np.float32)
 
 

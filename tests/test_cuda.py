@@ -57,7 +57,7 @@ def test_centred_keys_on_gpu_match_cpu(gemma, gemma_ident, eval_text, tmp_path):
     import qaq_gguf
 
     rng = np.random.default_rng(0)
-    n = sum(gemma_ident.n_head_kv[il] * gemma_ident.head_dim_k[il] for il in range(gemma_ident.n_layer))
+    n = gemma_ident.n_key_mean()
     p = profile.make_profile(gemma_ident, "q8_0", "qaq3")
     p.k_mean = (rng.standard_normal(n) * 0.5).astype(np.float32)
     f = profile.write_profile(p, tmp_path / "centred.gguf")

@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.render:
         result = json.loads((a.output_dir / "bench.json").read_text())
-        (a.output_dir / "bench.md").write_text(render(result, a.peak_gbps))
-        print(render(result, a.peak_gbps), end="")
+        table = render(result, a.peak_gbps)
+        (a.output_dir / "bench.md").write_text(table)
+        print(table, end="")
         plot(result["rows"], a.output_dir / "bench.png", Path(result["model"]).name)
         return 0
 

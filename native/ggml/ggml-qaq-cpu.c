@@ -11,13 +11,12 @@
 #include "simd-mappings.h"
 
 #include <assert.h>
+#include <stdbool.h>
+#include <stddef.h>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
-
-static const int8_t kvalues_qaq3_cpu[8] = { QAQ3_KVALUES };
-static const int8_t kvalues_qaq2_cpu[4] = { QAQ2_KVALUES };
 
 void quantize_row_qaq3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
     quantize_row_qaq3_ref(x, (block_qaq3 *) y, k);
@@ -69,69 +68,62 @@ static inline float qaq_hsum(__m256 v) {
 }
 #endif
 
-void ggml_vec_dot_qaq3_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
-                            const void * GGML_RESTRICT vy, size_t by, int nrc) {
+// The dot product of n values of either type with a q8_0 row. Both blocks start with d[2], qs[8]; a qaq3 block
+// (has_qh) continues with qh[4]. bsize is the block's size in bytes. Inlined with constant arguments.
+static inline float qaq_vec_dot_q8_0(int n, const uint8_t * GGML_RESTRICT x, size_t bsize, bool has_qh,
+                                     const block_q8_0 * GGML_RESTRICT y) {
     assert(n % QK_QAQ == 0);
-    assert(nrc == 1);
-    (void) nrc; (void) bx; (void) by; (void) bs;
-
-    const block_qaq3 * GGML_RESTRICT x = (const block_qaq3 *) vx;
-    const block_q8_0 * GGML_RESTRICT y = (const block_q8_0 *) vy;
     const int nb = n / QK_QAQ;
+    const size_t o_qs = offsetof(block_qaq3, qs);
+    const size_t o_qh = offsetof(block_qaq3, qh);
+    _Static_assert(offsetof(block_qaq2, qs) == offsetof(block_qaq3, qs), "qaq2/qaq3 share the d, qs layout");
 
 #if defined(__AVX2__)
-    const __m256i table = _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i table = has_qh
+        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
+        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < nb; ++ib) {
-        const __m256i idx = _mm256_or_si256(qaq_low2(x[ib].qs), qaq_high4(x[ib].qh));
+    for (int ib = 0; ib < nb; ++ib, x += bsize) {
+        __m256i idx = qaq_low2(x + o_qs);
+        if (has_qh) {
+            idx = _mm256_or_si256(idx, qaq_high4(x + o_qh));
+        }
         acc = qaq_block_acc(acc, _mm256_shuffle_epi8(table, idx), &y[ib],
-                            qaq_ue5m3_to_fp32(x[ib].d[0]), qaq_ue5m3_to_fp32(x[ib].d[1]));
+                            qaq_ue5m3_to_fp32(x[0]), qaq_ue5m3_to_fp32(x[1]));
     }
-    *s = qaq_hsum(acc);
+    return qaq_hsum(acc);
 #else
+    static const int8_t kvalues_qaq3[8] = { QAQ3_KVALUES };
+    static const int8_t kvalues_qaq2[4] = { QAQ2_KVALUES };
+    const int8_t * T = has_qh ? kvalues_qaq3 : kvalues_qaq2;
     float sumf = 0.0f;
-    for (int ib = 0; ib < nb; ++ib) {
+    for (int ib = 0; ib < nb; ++ib, x += bsize) {
         int sum[2] = { 0, 0 };
         for (int j = 0; j < QK_QAQ; ++j) {
-            const int l = (x[ib].qs[j % 8] >> 2*(j / 8) & 3) | (x[ib].qh[j / 8] >> (j % 8) & 1) << 2;
-            sum[j / 16] += kvalues_qaq3_cpu[l] * y[ib].qs[j];
+            int l = x[o_qs + j % 8] >> 2*(j / 8) & 3;
+            if (has_qh) {
+                l |= (x[o_qh + j / 8] >> (j % 8) & 1) << 2;
+            }
+            sum[j / 16] += T[l] * y[ib].qs[j];
         }
         sumf += GGML_CPU_FP16_TO_FP32(y[ib].d) *
-                (qaq_ue5m3_to_fp32(x[ib].d[0])*(float) sum[0] + qaq_ue5m3_to_fp32(x[ib].d[1])*(float) sum[1]);
+                (qaq_ue5m3_to_fp32(x[0])*(float) sum[0] + qaq_ue5m3_to_fp32(x[1])*(float) sum[1]);
     }
-    *s = sumf;
+    return sumf;
 #endif
+}
+
+void ggml_vec_dot_qaq3_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                            const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    *s = qaq_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq3), true, (const block_q8_0 *) vy);
 }
 
 void ggml_vec_dot_qaq2_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
-    assert(n % QK_QAQ == 0);
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-
-    const block_qaq2 * GGML_RESTRICT x = (const block_qaq2 *) vx;
-    const block_q8_0 * GGML_RESTRICT y = (const block_q8_0 *) vy;
-    const int nb = n / QK_QAQ;
-
-#if defined(__AVX2__)
-    const __m256i table = _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < nb; ++ib) {
-        acc = qaq_block_acc(acc, _mm256_shuffle_epi8(table, qaq_low2(x[ib].qs)), &y[ib],
-                            qaq_ue5m3_to_fp32(x[ib].d[0]), qaq_ue5m3_to_fp32(x[ib].d[1]));
-    }
-    *s = qaq_hsum(acc);
-#else
-    float sumf = 0.0f;
-    for (int ib = 0; ib < nb; ++ib) {
-        int sum[2] = { 0, 0 };
-        for (int j = 0; j < QK_QAQ; ++j) {
-            sum[j / 16] += kvalues_qaq2_cpu[x[ib].qs[j % 8] >> 2*(j / 8) & 3] * y[ib].qs[j];
-        }
-        sumf += GGML_CPU_FP16_TO_FP32(y[ib].d) *
-                (qaq_ue5m3_to_fp32(x[ib].d[0])*(float) sum[0] + qaq_ue5m3_to_fp32(x[ib].d[1])*(float) sum[1]);
-    }
-    *s = sumf;
-#endif
+    *s = qaq_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq2), false, (const block_q8_0 *) vy);
 }

@@ -7,6 +7,7 @@
 
 #include <assert.h>
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 static const int8_t kvalues_qaq3[8] = { QAQ3_KVALUES };
@@ -47,6 +48,24 @@ static uint8_t qaq_ue5m3_floor(float v) {
     return (uint8_t) lo;
 }
 
+// Least-squares scale for the indices nearest to x/d (id = 1/d): sets *ds and *err = sum x^2 - ds*sum x*T, and
+// returns false when the fit is degenerate. Sums run in index order (the numpy port and CUDA follow it).
+static bool qaq_fit(const float * x, float sumx2, float id, const int8_t * T, const float * mid, int nmid,
+                    float * ds, float * err) {
+    float sumqx = 0.0f, sumq2 = 0.0f;
+    for (int j = 0; j < QAQ_HALF; ++j) {
+        const float t = (float) T[qaq_nearest(x[j]*id, mid, nmid)];
+        sumqx += x[j]*t;
+        sumq2 += t*t;
+    }
+    if (!(sumqx > 0.0f && sumq2 > 0.0f)) {
+        return false;
+    }
+    *ds  = sumqx/sumq2;
+    *err = sumx2 - *ds*sumqx;
+    return true;
+}
+
 // Quantize QAQ_HALF values: scale search (as iq4_nl's, unweighted), one refit, then the better of the two
 // neighbouring ue5m3 scales. Writes the indices to L, returns the scale byte.
 static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L) {
@@ -67,40 +86,18 @@ static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float 
 
     float best_err = INFINITY;
     float best_d   = amax / 127.0f;
+    float ds, err;
     for (int i = 0; i < QAQ_NTRY; ++i) {
-        const float g  = 0.45f + 0.07f*(float) i;
-        const float d  = amax*g/127.0f;
-        const float id = 1.0f/d;
-        float sumqx = 0.0f, sumq2 = 0.0f;
-        for (int j = 0; j < QAQ_HALF; ++j) {
-            const float t = (float) T[qaq_nearest(x[j]*id, mid, nmid)];
-            sumqx += x[j]*t;
-            sumq2 += t*t;
-        }
-        if (sumqx > 0.0f && sumq2 > 0.0f) {
-            const float ds  = sumqx/sumq2;
-            const float err = sumx2 - ds*sumqx;
-            if (err < best_err) {
-                best_err = err;
-                best_d   = ds;
-            }
+        const float g = 0.45f + 0.07f*(float) i;
+        const float d = amax*g/127.0f;
+        if (qaq_fit(x, sumx2, 1.0f/d, T, mid, nmid, &ds, &err) && err < best_err) {
+            best_err = err;
+            best_d   = ds;
         }
     }
-    {   // one refit with the best scale's assignment
-        const float id = 1.0f/best_d;
-        float sumqx = 0.0f, sumq2 = 0.0f;
-        for (int j = 0; j < QAQ_HALF; ++j) {
-            const float t = (float) T[qaq_nearest(x[j]*id, mid, nmid)];
-            sumqx += x[j]*t;
-            sumq2 += t*t;
-        }
-        if (sumqx > 0.0f && sumq2 > 0.0f) {
-            const float ds  = sumqx/sumq2;
-            const float err = sumx2 - ds*sumqx;
-            if (err < best_err) {
-                best_d = ds;
-            }
-        }
+    // one refit with the best scale's assignment
+    if (qaq_fit(x, sumx2, 1.0f/best_d, T, mid, nmid, &ds, &err) && err < best_err) {
+        best_d = ds;
     }
 
     // store: the ue5m3 neighbour (below or above) with the lower squared error
@@ -142,89 +139,77 @@ static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float 
     return best_b;
 }
 
+// One block: both halves, then the 2 low index bits into qs and, for qaq3 (qh != NULL), the high bit into qh.
+static void qaq_quantize_block(const float * x, const int8_t * T, const float * mid, int nmid,
+                               uint8_t d[2], uint8_t qs[QK_QAQ/4], uint8_t * qh) {
+    uint8_t L[QK_QAQ];
+    d[0] = qaq_quantize_half(x,            T, mid, nmid, L);
+    d[1] = qaq_quantize_half(x + QAQ_HALF, T, mid, nmid, L + QAQ_HALF);
+    for (int b = 0; b < QK_QAQ/4; ++b) {
+        qs[b] = (uint8_t) ((L[b] & 3) | (L[b + 8] & 3) << 2 | (L[b + 16] & 3) << 4 | (L[b + 24] & 3) << 6);
+    }
+    for (int b = 0; qh && b < QK_QAQ/8; ++b) {
+        uint8_t h = 0;
+        for (int j = 0; j < 8; ++j) {
+            h |= (uint8_t) ((L[8*b + j] >> 2) << j);
+        }
+        qh[b] = h;
+    }
+}
+
 void quantize_row_qaq3_ref(const float * x, block_qaq3 * y, int64_t k) {
     assert(k % QK_QAQ == 0);
-    const int64_t nb = k / QK_QAQ;
-    for (int64_t i = 0; i < nb; ++i, x += QK_QAQ) {
-        uint8_t L[QK_QAQ];
-        y[i].d[0] = qaq_quantize_half(x,            kvalues_qaq3, kmid_qaq3, 7, L);
-        y[i].d[1] = qaq_quantize_half(x + QAQ_HALF, kvalues_qaq3, kmid_qaq3, 7, L + QAQ_HALF);
-        for (int b = 0; b < QK_QAQ/4; ++b) {
-            y[i].qs[b] = (uint8_t) ((L[b] & 3) | (L[b + 8] & 3) << 2 | (L[b + 16] & 3) << 4 | (L[b + 24] & 3) << 6);
-        }
-        for (int b = 0; b < QK_QAQ/8; ++b) {
-            uint8_t h = 0;
-            for (int j = 0; j < 8; ++j) {
-                h |= (uint8_t) ((L[8*b + j] >> 2) << j);
-            }
-            y[i].qh[b] = h;
-        }
+    for (int64_t i = 0; i < k / QK_QAQ; ++i) {
+        qaq_quantize_block(x + i*QK_QAQ, kvalues_qaq3, kmid_qaq3, 7, y[i].d, y[i].qs, y[i].qh);
     }
 }
 
 void quantize_row_qaq2_ref(const float * x, block_qaq2 * y, int64_t k) {
     assert(k % QK_QAQ == 0);
-    const int64_t nb = k / QK_QAQ;
-    for (int64_t i = 0; i < nb; ++i, x += QK_QAQ) {
-        uint8_t L[QK_QAQ];
-        y[i].d[0] = qaq_quantize_half(x,            kvalues_qaq2, kmid_qaq2, 3, L);
-        y[i].d[1] = qaq_quantize_half(x + QAQ_HALF, kvalues_qaq2, kmid_qaq2, 3, L + QAQ_HALF);
-        for (int b = 0; b < QK_QAQ/4; ++b) {
-            y[i].qs[b] = (uint8_t) (L[b] | L[b + 8] << 2 | L[b + 16] << 4 | L[b + 24] << 6);
-        }
+    for (int64_t i = 0; i < k / QK_QAQ; ++i) {
+        qaq_quantize_block(x + i*QK_QAQ, kvalues_qaq2, kmid_qaq2, 3, y[i].d, y[i].qs, NULL);
     }
 }
 
 // Dequantizers run once per cached V row per query in CPU flash attention, so they are written for speed: the
 // 8 (4) possible values of each half-block are tabulated first (d * level: one rounding, as d * T[l] would be),
 // then every value is one table load. Value j = 8*g + b sits in qs[b] at bits 2g and in qh[g] at bit b.
+static inline void qaq_dequantize_block(const uint8_t d[2], const uint8_t qs[QK_QAQ/4], const uint8_t * qh,
+                                        const int8_t * T, int nlev, float * y) {
+    float tab[2][8];
+    for (int h = 0; h < 2; ++h) {
+        const float dh = qaq_ue5m3_to_fp32(d[h]);
+        for (int l = 0; l < nlev; ++l) {
+            tab[h][l] = dh*(float) T[l];
+        }
+    }
+    // 8 indices at a time in a 64-bit word (byte b = value 8g + b; ggml targets are little-endian)
+    uint64_t q64;
+    memcpy(&q64, qs, sizeof(q64));
+    for (int g = 0; g < 4; ++g) {
+        uint64_t id = (q64 >> 2*g) & 0x0303030303030303ULL;
+        if (qh) {
+            uint64_t hi = ((uint64_t) qh[g] * 0x0101010101010101ULL) & 0x8040201008040201ULL;  // bit b in byte b
+            id |= ((hi + 0x7F7F7F7F7F7F7F7FULL) & 0x8080808080808080ULL) >> 5;                // -> 4 or 0
+        }
+        const float * t = tab[g >> 1];
+        for (int b = 0; b < 8; ++b) {
+            y[8*g + b] = t[(id >> 8*b) & 0xFF];
+        }
+    }
+}
+
 void dequantize_row_qaq3(const block_qaq3 * x, float * y, int64_t k) {
     assert(k % QK_QAQ == 0);
-    const int64_t nb = k / QK_QAQ;
-    for (int64_t i = 0; i < nb; ++i, y += QK_QAQ) {
-        float tab[2][8];
-        for (int h = 0; h < 2; ++h) {
-            const float d = qaq_ue5m3_to_fp32(x[i].d[h]);
-            for (int l = 0; l < 8; ++l) {
-                tab[h][l] = d*(float) kvalues_qaq3[l];
-            }
-        }
-        // 8 indices at a time in a 64-bit word (byte b = value 8g + b; ggml targets are little-endian)
-        uint64_t q64;
-        memcpy(&q64, x[i].qs, sizeof(q64));
-        for (int g = 0; g < 4; ++g) {
-            const uint64_t lo = (q64 >> 2*g) & 0x0303030303030303ULL;
-            uint64_t hi = ((uint64_t) x[i].qh[g] * 0x0101010101010101ULL) & 0x8040201008040201ULL;  // bit b in byte b
-            hi = ((hi + 0x7F7F7F7F7F7F7F7FULL) & 0x8080808080808080ULL) >> 5;                     // -> 4 or 0
-            const uint64_t id = lo | hi;
-            const float * t = tab[g >> 1];
-            for (int b = 0; b < 8; ++b) {
-                y[8*g + b] = t[(id >> 8*b) & 0xFF];
-            }
-        }
+    for (int64_t i = 0; i < k / QK_QAQ; ++i) {
+        qaq_dequantize_block(x[i].d, x[i].qs, x[i].qh, kvalues_qaq3, 8, y + i*QK_QAQ);
     }
 }
 
 void dequantize_row_qaq2(const block_qaq2 * x, float * y, int64_t k) {
     assert(k % QK_QAQ == 0);
-    const int64_t nb = k / QK_QAQ;
-    for (int64_t i = 0; i < nb; ++i, y += QK_QAQ) {
-        float tab[2][4];
-        for (int h = 0; h < 2; ++h) {
-            const float d = qaq_ue5m3_to_fp32(x[i].d[h]);
-            for (int l = 0; l < 4; ++l) {
-                tab[h][l] = d*(float) kvalues_qaq2[l];
-            }
-        }
-        uint64_t q64;
-        memcpy(&q64, x[i].qs, sizeof(q64));
-        for (int g = 0; g < 4; ++g) {
-            const uint64_t id = (q64 >> 2*g) & 0x0303030303030303ULL;
-            const float * t = tab[g >> 1];
-            for (int b = 0; b < 8; ++b) {
-                y[8*g + b] = t[(id >> 8*b) & 0xFF];
-            }
-        }
+    for (int64_t i = 0; i < k / QK_QAQ; ++i) {
+        qaq_dequantize_block(x[i].d, x[i].qs, NULL, kvalues_qaq2, 4, y + i*QK_QAQ);
     }
 }
 

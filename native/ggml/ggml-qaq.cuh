@@ -202,6 +202,28 @@ static __device__ __forceinline__ uint8_t qaq_ue5m3_floor_dev(const float v) {
     return (uint8_t) lo;
 }
 
+// Least-squares scale for the levels nearest to x/d (id = 1/d), as qaq_fit in ggml-qaq.c: sets ds and
+// err = sum x^2 - ds*sum x*T; false when degenerate
+template <int nlev>
+static __device__ __forceinline__ bool qaq_fit_dev(const float * __restrict__ x, const float sumx2, const float id,
+                                                   float & ds, float & err) {
+    typedef qaq_quant_traits<nlev> tr;
+    float sumqx = 0.0f;
+    float sumq2 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < QK_QAQ/2; ++j) {
+        const float t = tr::level(qaq_nearest<nlev>(qaq_fmul(x[j], id)));
+        sumqx = qaq_fadd(sumqx, qaq_fmul(x[j], t));
+        sumq2 = qaq_fadd(sumq2, qaq_fmul(t, t));
+    }
+    if (!(qaq_fgt(sumqx, 0.0f) && qaq_fgt(sumq2, 0.0f))) {
+        return false;
+    }
+    ds  = qaq_fdiv(sumqx, sumq2);
+    err = qaq_fsub(sumx2, qaq_fmul(ds, sumqx));
+    return true;
+}
+
 // QK_QAQ/2 values: returns the scale byte, writes the level indices to L
 template <int nlev>
 static __device__ __forceinline__ uint8_t qaq_quantize_half_dev(const float * __restrict__ x, uint8_t * __restrict__ L) {
@@ -227,45 +249,19 @@ static __device__ __forceinline__ uint8_t qaq_quantize_half_dev(const float * __
 
     float best_err = INFINITY;
     float best_d   = qaq_fdiv(amax, 127.0f);
+    float ds, err;
 #pragma unroll 1
     for (int i = 0; i < 11; ++i) {
-        const float g  = qaq_fadd(0.45f, qaq_fmul(0.07f, (float) i));
-        const float d  = qaq_fdiv(qaq_fmul(amax, g), 127.0f);
-        const float id = qaq_fdiv(1.0f, d);
-        float sumqx = 0.0f;
-        float sumq2 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < nh; ++j) {
-            const float t = tr::level(qaq_nearest<nlev>(qaq_fmul(x[j], id)));
-            sumqx = qaq_fadd(sumqx, qaq_fmul(x[j], t));
-            sumq2 = qaq_fadd(sumq2, qaq_fmul(t, t));
-        }
-        if (qaq_fgt(sumqx, 0.0f) && qaq_fgt(sumq2, 0.0f)) {
-            const float ds  = qaq_fdiv(sumqx, sumq2);
-            const float err = qaq_fsub(sumx2, qaq_fmul(ds, sumqx));
-            if (qaq_fgt(best_err, err)) {
-                best_err = err;
-                best_d   = ds;
-            }
+        const float g = qaq_fadd(0.45f, qaq_fmul(0.07f, (float) i));
+        const float d = qaq_fdiv(qaq_fmul(amax, g), 127.0f);
+        if (qaq_fit_dev<nlev>(x, sumx2, qaq_fdiv(1.0f, d), ds, err) && qaq_fgt(best_err, err)) {
+            best_err = err;
+            best_d   = ds;
         }
     }
-    {   // one refit with the best scale's assignment
-        const float id = qaq_fdiv(1.0f, best_d);
-        float sumqx = 0.0f;
-        float sumq2 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < nh; ++j) {
-            const float t = tr::level(qaq_nearest<nlev>(qaq_fmul(x[j], id)));
-            sumqx = qaq_fadd(sumqx, qaq_fmul(x[j], t));
-            sumq2 = qaq_fadd(sumq2, qaq_fmul(t, t));
-        }
-        if (qaq_fgt(sumqx, 0.0f) && qaq_fgt(sumq2, 0.0f)) {
-            const float ds  = qaq_fdiv(sumqx, sumq2);
-            const float err = qaq_fsub(sumx2, qaq_fmul(ds, sumqx));
-            if (qaq_fgt(best_err, err)) {
-                best_d = ds;
-            }
-        }
+    // one refit with the best scale's assignment
+    if (qaq_fit_dev<nlev>(x, sumx2, qaq_fdiv(1.0f, best_d), ds, err) && qaq_fgt(best_err, err)) {
+        best_d = ds;
     }
 
     // store: the ue5m3 neighbour (below or above) with the lower squared error
@@ -311,7 +307,10 @@ static __device__ __forceinline__ uint8_t qaq_quantize_half_dev(const float * __
     return best_b;
 }
 
-static __device__ void quantize_f32_qaq3_block(const float * __restrict__ x, block_qaq3 * __restrict__ y) {
+// One block: both halves, then the 2 low index bits into qs and, for qaq3 (qh != nullptr), the high bit into qh.
+template <int nlev>
+static __device__ __forceinline__ void qaq_quantize_block_dev(const float * __restrict__ x, uint8_t * d, uint8_t * qs,
+                                                              uint8_t * qh) {
     float   xh[QK_QAQ/2];
     uint8_t L[QK_QAQ];
 #pragma unroll
@@ -320,49 +319,42 @@ static __device__ void quantize_f32_qaq3_block(const float * __restrict__ x, blo
         for (int j = 0; j < QK_QAQ/2; ++j) {
             xh[j] = x[h*(QK_QAQ/2) + j];
         }
-        y->d[h] = qaq_quantize_half_dev<8>(xh, L + h*(QK_QAQ/2));
+        d[h] = qaq_quantize_half_dev<nlev>(xh, L + h*(QK_QAQ/2));
     }
 #pragma unroll
     for (int b = 0; b < QK_QAQ/4; ++b) {
-        y->qs[b] = (uint8_t) ((L[b] & 3) | (L[b + 8] & 3) << 2 | (L[b + 16] & 3) << 4 | (L[b + 24] & 3) << 6);
+        qs[b] = (uint8_t) ((L[b] & 3) | (L[b + 8] & 3) << 2 | (L[b + 16] & 3) << 4 | (L[b + 24] & 3) << 6);
     }
+    if (qh) {
 #pragma unroll
-    for (int b = 0; b < QK_QAQ/8; ++b) {
-        uint8_t h = 0;
+        for (int b = 0; b < QK_QAQ/8; ++b) {
+            uint8_t h = 0;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            h |= (uint8_t) ((L[8*b + j] >> 2) << j);
+            for (int j = 0; j < 8; ++j) {
+                h |= (uint8_t) ((L[8*b + j] >> 2) << j);
+            }
+            qh[b] = h;
         }
-        y->qh[b] = h;
     }
 }
 
+static __device__ void quantize_f32_qaq3_block(const float * __restrict__ x, block_qaq3 * __restrict__ y) {
+    qaq_quantize_block_dev<8>(x, y->d, y->qs, y->qh);
+}
+
 static __device__ void quantize_f32_qaq2_block(const float * __restrict__ x, block_qaq2 * __restrict__ y) {
-    float   xh[QK_QAQ/2];
-    uint8_t L[QK_QAQ];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int j = 0; j < QK_QAQ/2; ++j) {
-            xh[j] = x[h*(QK_QAQ/2) + j];
-        }
-        y->d[h] = qaq_quantize_half_dev<4>(xh, L + h*(QK_QAQ/2));
-    }
-#pragma unroll
-    for (int b = 0; b < QK_QAQ/4; ++b) {
-        y->qs[b] = (uint8_t) (L[b] | L[b + 8] << 2 | L[b + 16] << 4 | L[b + 24] << 6);
-    }
+    qaq_quantize_block_dev<4>(x, y->d, y->qs, nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Flash attention, vector kernel (fattn-vec.cuh): K.Q against Q as q8_1 (one int of 4 values per k_KQ, QI8_1 ints per
 // block; a block of qaq is one block of q8_1, and each int lies inside one half, i.e. one scale), and V rows.
 
-template <int D, int nthreads>
-static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq3(
+template <int D, int nthreads, typename block_t, int (*get_int)(const block_t *, int)>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
 
-    const block_qaq3 * K_qaq3 = (const block_qaq3 *) K_c;
+    const block_t * K = (const block_t *) K_c;
     GGML_UNUSED(Q_v);
 
     float sum = 0.0f;
@@ -374,40 +366,26 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq3(
         const int ib  = k_KQ / QI8_1;
         const int iqs = k_KQ % QI8_1;
 
-        const int v    = qaq3_get_int(K_qaq3 + ib, iqs);
+        const int v    = get_int(K + ib, iqs);
         const int sumi = ggml_cuda_dp4a(v, Q_q8[k_KQ_0/nthreads], 0);
 
         const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
-        sum += qaq_ue5m3_to_f32(K_qaq3[ib].d[iqs / (QI8_1/2)]) * Q_ds.x * sumi;
+        sum += qaq_ue5m3_to_f32(K[ib].d[iqs / (QI8_1/2)]) * Q_ds.x * sumi;
     }
 
     return sum;
 }
 
 template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq3(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    return vec_dot_fattn_vec_KQ_qaq<D, nthreads, block_qaq3, qaq3_get_int>(K_c, Q_v, Q_q8, Q_ds_v);
+}
+
+template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq2(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-
-    const block_qaq2 * K_qaq2 = (const block_qaq2 *) K_c;
-    GGML_UNUSED(Q_v);
-
-    float sum = 0.0f;
-
-#pragma unroll
-    for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
-        const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
-
-        const int ib  = k_KQ / QI8_1;
-        const int iqs = k_KQ % QI8_1;
-
-        const int v    = qaq2_get_int(K_qaq2 + ib, iqs);
-        const int sumi = ggml_cuda_dp4a(v, Q_q8[k_KQ_0/nthreads], 0);
-
-        const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
-        sum += qaq_ue5m3_to_f32(K_qaq2[ib].d[iqs / (QI8_1/2)]) * Q_ds.x * sumi;
-    }
-
-    return sum;
+    return vec_dot_fattn_vec_KQ_qaq<D, nthreads, block_qaq2, qaq2_get_int>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 // ne (2 or 4) consecutive values of a V row from element i0 (a multiple of ne), as half or float
