@@ -90,6 +90,26 @@ int ggml_backend_dev_type(void * device);
 size_t ggml_backend_reg_count(void);
 void * ggml_backend_reg_get(size_t index);
 const char * ggml_backend_reg_name(void * reg);
+struct gguf_init_params { bool no_alloc; void ** ctx; };
+void * gguf_init_from_file(const char * fname, struct gguf_init_params params);
+void gguf_free(void * ctx);
+int64_t gguf_get_n_kv(const void * ctx);
+const char * gguf_get_key(const void * ctx, int64_t key_id);
+int gguf_get_kv_type(const void * ctx, int64_t key_id);
+uint8_t gguf_get_val_u8(const void * ctx, int64_t key_id);
+int8_t gguf_get_val_i8(const void * ctx, int64_t key_id);
+uint16_t gguf_get_val_u16(const void * ctx, int64_t key_id);
+int16_t gguf_get_val_i16(const void * ctx, int64_t key_id);
+uint32_t gguf_get_val_u32(const void * ctx, int64_t key_id);
+int32_t gguf_get_val_i32(const void * ctx, int64_t key_id);
+float gguf_get_val_f32(const void * ctx, int64_t key_id);
+uint64_t gguf_get_val_u64(const void * ctx, int64_t key_id);
+int64_t gguf_get_val_i64(const void * ctx, int64_t key_id);
+double gguf_get_val_f64(const void * ctx, int64_t key_id);
+bool gguf_get_val_bool(const void * ctx, int64_t key_id);
+const char * gguf_get_val_str(const void * ctx, int64_t key_id);
+int64_t gguf_get_n_tensors(const void * ctx);
+const char * gguf_get_tensor_name(const void * ctx, int64_t tensor_id);
 """
 
 
@@ -124,3 +144,30 @@ def version() -> str:
     """qaq_version() from the loaded native library."""
     _, lib = ffi_lib()
     return c_str(lib.qaq_version())
+
+
+_GGUF_SCALARS = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32", 7: "bool", 8: "str", 10: "u64",
+                 11: "i64", 12: "f64"}
+
+
+def gguf_header(path) -> tuple[dict, list[str]]:
+    """A GGUF file's metadata ({key: value}, arrays as None: present, not read) and tensor names, read by ggml's C parser
+    (gguf-py needs seconds for a large vocabulary). Raises ValueError for a file ggml cannot read."""
+    ffi, lib = ffi_lib()
+    params = ffi.new("struct gguf_init_params *", {"no_alloc": True, "ctx": ffi.NULL})
+    ctx = lib.gguf_init_from_file(str(path).encode(), params[0])
+    if ctx == ffi.NULL:
+        raise ValueError(f"cannot read {path}: not a GGUF file, truncated, or unreadable")
+    try:
+        meta = {}
+        for i in range(lib.gguf_get_n_kv(ctx)):
+            kind = _GGUF_SCALARS.get(lib.gguf_get_kv_type(ctx, i))
+            if kind is None:
+                meta[c_str(lib.gguf_get_key(ctx, i))] = None
+                continue
+            v = getattr(lib, f"gguf_get_val_{kind}")(ctx, i)
+            meta[c_str(lib.gguf_get_key(ctx, i))] = c_str(v) if kind == "str" else v
+        names = [c_str(lib.gguf_get_tensor_name(ctx, i)) for i in range(lib.gguf_get_n_tensors(ctx))]
+    finally:
+        lib.gguf_free(ctx)
+    return meta, names

@@ -31,6 +31,8 @@ examples:
                                                   quality vs bits: uniform pairs and calibrated profiles (PNG)
   qaq-gguf ablate MODEL --scores qaq.gguf --text test.txt
                                                   does the error model rank layers right?
+  qaq-gguf lab MODEL --calib-text calib.txt --text test.txt --methods kivi,qjl,cq,native:q4_0/q4_0 -o lab/
+                                                  published KV-cache methods on your model, one harness
   qaq-gguf server -m MODEL --kv-profile qaq.gguf  the bundled llama-server (any llama-server arguments)
   qaq-gguf perplexity -m MODEL --kv-profile qaq.gguf -f text.txt
 """
@@ -255,6 +257,23 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    _native()
+    from . import evaluate, lab, models
+
+    model = args.model or str(models.gemma3_270m())
+    specs = [x for x in args.methods.split(",") if x.strip()]
+    frontier = [float(b) for b in args.frontier.split(",")] if args.frontier else []
+    res = lab.run(model, _read_text(args.calib_text), evaluate.read_text_file(args.text), specs, n_ctx=args.ctx,
+                  n_chunks=args.chunks, calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks, frontier=frontier,
+                  work_dir=args.output_dir, n_threads=args.threads, text_name=Path(args.text).name,
+                  calib_name=Path(args.calib_text).name)
+    files = lab.save(res, args.output_dir)
+    print(lab.table(res))
+    print(f"\nlab run took {res['lab']['seconds']:.0f} s; wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def parse_size(s: str) -> int:
     """'2GiB', '512MiB', '1.5G', '300M', '123456' -> bytes (K/M/G/T are powers of 1024, as llama.cpp prints)."""
     import re
@@ -405,6 +424,39 @@ examples:
             p.add_argument("--chunks", type=int, default=4)
             p.add_argument("-o", "--output-dir", default="qaq-ablate")
             p.set_defaults(func=cmd_ablate)
+
+    from .methods import help_lines
+
+    p = sub.add_parser("lab", help="published KV-cache methods (QAQ, AQUA-KV, QJL, CQ, KIVI, KVQuant, TurboQuant) on "
+                                   "your model, through llama.cpp, beside native caches",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Fit each method on calibration text, then run it end to end through llama.cpp: in its own context over an f16
+cache, the method's reconstruction of every layer's keys and values (and queries, where it transforms them)
+replaces the real ones as the graph computes them, so attention sees exactly what the method would store. All
+methods, native caches and calibrated profiles are scored in one run against the f16 cache on the same tokens
+(KL-divergence, PPL, top-1), each with its true bits per value (scales, norms, codebooks, outliers and windows
+included). Writes lab.json, lab.md and lab.png (KLD against bits).
+
+methods (a bare name runs its default settings, name:setting one setting):
+""" + "\n".join("  " + line for line in help_lines()) + """
+  native:TK/TV  native:FILE.gguf   a real llama.cpp cache: a uniform pair or a profile
+
+examples:
+  qaq-gguf lab --calib-text wiki.valid.txt --text wiki.test.raw --methods kivi,qjl:3,native:q4_0/q4_0
+  qaq-gguf lab model.gguf --calib-text valid.txt --text test.txt --methods all --frontier 4.5,3.5 -o lab/""")
+    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("--calib-text", required=True, help="text the methods are fitted on (never the evaluation text)")
+    p.add_argument("--text", required=True, help="held-out evaluation text")
+    p.add_argument("--methods", required=True, help="comma-separated method specs (see above), or 'all'")
+    p.add_argument("--frontier", help="also calibrate qaq-gguf profiles at these budgets (bits, comma-separated) "
+                                      "and draw them as a line")
+    p.add_argument("--ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
+    p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
+    p.add_argument("--calib-ctx", type=int, default=512, help="calibration chunk length (default 512)")
+    p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks (default 8)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("-o", "--output-dir", default="qaq-lab", help="where lab.json/md/png go")
+    p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser(
         "calibrate", help="measure per-layer K/V sensitivity on text and solve the per-layer types for a budget",

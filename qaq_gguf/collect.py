@@ -16,7 +16,6 @@ and drops them before the next: memory is bounded by one chunk whatever the text
 """
 from __future__ import annotations
 
-import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,43 +23,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import _native, runtime
+from . import runtime, tensors
 
 WANTED = ("Qcur", "Kcur", "Vcur", "kq_soft_max")
 _NAME = re.compile(r"^(Qcur|Kcur|Vcur|kq_soft_max)-(\d+)$")
-
-GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
-
-
-class _Tensor(ctypes.Structure):
-    """The leading fields of ggml's ``struct ggml_tensor`` (only read through a pointer)."""
-
-    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
-                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
-
-
-def _ggml():
-    lib = ctypes.CDLL(str(_native.lib_dir() / "libggml-base.so"))
-    lib.ggml_get_name.restype = ctypes.c_char_p
-    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_tensor_get.restype = None
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    return lib
-
-
-def read_tensor(lib, ptr: int) -> np.ndarray:
-    """A ggml tensor's data as a numpy array in ggml's axis order reversed (ne3, ne2, ne1, ne0), float32."""
-    t = _Tensor.from_address(ptr)
-    if t.type not in (GGML_TYPE_F32, GGML_TYPE_F16):
-        raise ValueError(f"tensor {lib.ggml_get_name(ptr).decode()} has ggml type {t.type}, expected f32 or f16")
-    dtype = np.float32 if t.type == GGML_TYPE_F32 else np.float16
-    ne = [int(x) for x in t.ne]
-    nb = [int(x) for x in t.nb]
-    span = sum((n - 1) * b for n, b in zip(ne, nb)) + np.dtype(dtype).itemsize
-    raw = np.empty(span, dtype=np.uint8)
-    lib.ggml_backend_tensor_get(ptr, raw.ctypes.data, 0, span)
-    arr = np.lib.stride_tricks.as_strided(raw.view(dtype), shape=ne[::-1], strides=nb[::-1])
-    return np.array(arr, dtype=np.float32)
 
 
 @dataclass
@@ -107,7 +73,7 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
         n = n_avail if n_chunks is None else min(n_chunks, n_avail)
         want_layers = set(layers) if layers is not None else None
         got: dict[tuple[str, int], np.ndarray] = {}
-        ggml = _ggml()
+        ggml = tensors.ggml_lib()
 
         def on_tensor(t, ask, user):
             name = ggml.ggml_get_name(t).decode(errors="replace")
@@ -116,7 +82,7 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
                 return not ask  # ask: not interested; data: keep going
             if ask:
                 return True
-            got[(m.group(1), int(m.group(2)))] = read_tensor(ggml, t)  # the last Qcur/Kcur is the post-RoPE one
+            got[(m.group(1), int(m.group(2)))] = tensors.read(ggml, t)  # the last Qcur/Kcur is the post-RoPE one
             return True
 
         cb = lc.ggml_backend_sched_eval_callback(on_tensor)
@@ -126,7 +92,7 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
         cp.n_ubatch = n_ctx
         cp.n_seq_max = 1
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cp.type_k = cp.type_v = GGML_TYPE_F16
+        cp.type_k = cp.type_v = tensors.GGML_TYPE_F16
         cp.swa_full = True
         threads = n_threads or max(1, os.cpu_count() or 1)
         cp.n_threads = cp.n_threads_batch = threads

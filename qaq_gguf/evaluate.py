@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _native, cachetypes, runtime
+from . import _native, cachetypes, rewrite, runtime
 
 REFERENCE_TYPE = "f16"
 _ROW_BLOCK = 32  # rows of n_vocab processed at once when comparing log-probabilities (bounds temporaries)
@@ -41,6 +41,7 @@ class CacheConfig:
     profile: str | None = None  # path of a qaq profile .gguf; when set, type_k/type_v are not used
     type_k: str = "f16"         # llama.cpp cache type names: f16, q8_0, q4_0, ... (qaq_gguf.cachetypes)
     type_v: str = "f16"
+    method: object | None = None  # a fitted qaq_gguf.methods method: rewrites Q/K/V over an f16 cache (the lab)
 
 
 # --- text ------------------------------------------------------------------------------------------------------
@@ -95,9 +96,11 @@ def _cache_type(cfg: CacheConfig, name: str) -> int:
         raise ValueError(f"config {cfg.label!r}: {e}") from None
 
 
-def _new_context(model, cfg: CacheConfig, n_ctx: int, n_batch: int, n_threads: int, errors: list[str]):
+def _new_context(model, cfg: CacheConfig, n_ctx: int, n_batch: int, n_threads: int, errors: list[str],
+                 swa_full: bool = False, rewriter=None):
     """A context with flash attention on, n_ubatch = n_batch, a window-sized cache for sliding-window layers
-    (swa_full off, as llama-perplexity runs), and cfg's uniform types (a profile's are set on the model)."""
+    unless swa_full (off by default, as llama-perplexity runs), and cfg's uniform types (a profile's are set on the
+    model); with a rewriter (qaq_gguf.rewrite) as its eval callback."""
     lc = runtime.llama_cpp_module()
     p = lc.llama_context_default_params()
     p.n_ctx = n_ctx
@@ -107,8 +110,11 @@ def _new_context(model, cfg: CacheConfig, n_ctx: int, n_batch: int, n_threads: i
     p.n_threads = n_threads
     p.n_threads_batch = n_threads
     p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    p.swa_full = False
+    p.swa_full = swa_full
     p.no_perf = True
+    if rewriter is not None:
+        p.cb_eval = rewriter.callback
+        p.cb_eval_user_data = None
     if cfg.profile is None:
         p.type_k = _cache_type(cfg, cfg.type_k)
         p.type_v = _cache_type(cfg, cfg.type_v)
@@ -165,11 +171,16 @@ def _fill_batch(batch, tokens: Sequence[int], pos0: int, first: int, last: int) 
     return n_out
 
 
-def _decode(ctx, batch, n_out: int, n_vocab: int, label: str, errors: list[str]) -> np.ndarray | None:
+def _decode(ctx, batch, n_out: int, n_vocab: int, label: str, errors: list[str], rewriter=None,
+            pos: np.ndarray | None = None) -> np.ndarray | None:
     """Decode the batch; the logits of its n_out outputs (a view into llama.cpp's buffer, valid until the next
-    decode in this context), or None when it has none."""
+    decode in this context), or None when it has none. A rewriter learns the batch's positions first."""
     lc = runtime.llama_cpp_module()
+    if rewriter is not None:
+        rewriter.before_decode(pos)
     rc = lc.llama_decode(ctx, batch)
+    if rewriter is not None:
+        rewriter.raise_error()
     if rc != 0:
         raise RuntimeError(f"config {label!r}: llama_decode failed with {rc}" + _tail(errors))
     if n_out == 0:
@@ -276,12 +287,15 @@ def _config_stats(nll: np.ndarray, ref_nll: np.ndarray, kld: np.ndarray, top1: n
 
 def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], *, n_ctx: int = 1024,
              n_batch: int = 256, n_chunks: int | None = None, n_threads: int | None = None, progress: bool = True,
-             verbose: bool = False, text_name: str | None = None) -> dict:
+             verbose: bool = False, text_name: str | None = None, swa_full: bool = False) -> dict:
     """Perplexity, KL-divergence and top-1 agreement of each KV cache config against the f16/f16 cache.
 
     n_chunk = min(n_chunks, n_tokens // n_ctx) chunks of n_ctx tokens are scored (all when n_chunks is None);
     n_batch (at most n_ctx) is both the logical and the physical batch. n_threads defaults to the CPU count.
-    verbose keeps llama.cpp's log; text_name only labels the table. Returns a JSON-serialisable dict:
+    verbose keeps llama.cpp's log; text_name only labels the table. A config with a ``method`` runs over an f16
+    cache whose Q/K/V the method rewrites (qaq_gguf.rewrite); such a run keeps every layer's full context in every
+    context, the reference included (swa_full: the same attention, more memory), as it does with swa_full=True.
+    Returns a JSON-serialisable dict:
     {"settings": {...}, "reference": {...}, "results": [{label, type_k, type_v, profile, ppl, ppl_err, dppl_pct,
     dppl_pct_err, kld, kld_err, kld_p99, kld_max, top1, kv_bytes, avg_bits, ...}, ...]} (kld in nats, top1 and
     dppl_pct in percent, kv_bytes as llama.cpp allocated them for this n_ctx).
@@ -302,10 +316,13 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     if len(set(labels)) != len(labels):
         raise ValueError(f"config labels must be distinct: {labels}")
     for c in configs:  # every type name is checked before anything is loaded
+        if c.method is not None and (c.profile is not None or (c.type_k, c.type_v) != ("f16", "f16")):
+            raise ValueError(f"config {c.label!r}: a method rewrites over an f16 cache; give no profile or types")
         if c.profile is None:
             _cache_type(c, c.type_k)
             _cache_type(c, c.type_v)
     n_threads = n_threads or os.cpu_count() or 1
+    swa_full = swa_full or any(c.method is not None for c in configs)
     ref_cfg = CacheConfig("reference (f16)", None, REFERENCE_TYPE, REFERENCE_TYPE)
 
     models: list = []
@@ -327,18 +344,23 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
                                  f"at least {n_ctx} tokens")
             n_chunk = n_chunk_max if n_chunks is None else min(n_chunks, n_chunk_max)
 
-            ref_ctx = _new_context(base, ref_cfg, n_ctx, n_batch, n_threads, errors)
+            ref_ctx = _new_context(base, ref_cfg, n_ctx, n_batch, n_threads, errors, swa_full)
             contexts.append(ref_ctx)
             cfg_ctx = []
+            rewriters = []
             for c in configs:
                 model = base
                 if c.profile is not None:
                     model = _load_model(model_path, errors=errors)  # per-layer types live on the model
                     models.append(model)
                     runtime.apply_profile(model, model_path, c.profile)
-                ctx = _new_context(model, c, n_ctx, n_batch, n_threads, errors)
+                rw = rewrite.Rewriter(c.method) if c.method is not None else None
+                ctx = _new_context(model, c, n_ctx, n_batch, n_threads, errors, swa_full, rw)
                 contexts.append(ctx)
                 cfg_ctx.append((ctx, model))
+                rewriters.append(rw)
+                if rw is not None:
+                    rw.probe(ctx, bos if add_bos else int(tokens[0]))
 
             first = n_ctx // 2
             last = n_ctx - 2  # the last position has no next token in the chunk
@@ -361,20 +383,24 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
                     chunk[0] = bos
                 for ctx in contexts:
                     lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+                for rw in rewriters:
+                    if rw is not None:
+                        rw.begin(n_ctx)
                 for pos0 in range(0, n_ctx, n_batch):
                     part = chunk[pos0:pos0 + n_batch]
                     n_out = _fill_batch(batch, part.tolist(), pos0, first, last)
+                    pos = np.arange(pos0, pos0 + len(part))
                     logits = _decode(ref_ctx, batch, n_out, n_vocab, ref_cfg.label, errors)
                     if logits is None:
-                        for c, (ctx, _) in zip(configs, cfg_ctx):
-                            _decode(ctx, batch, 0, n_vocab, c.label, errors)
+                        for c, (ctx, _), rw in zip(configs, cfg_ctx, rewriters):
+                            _decode(ctx, batch, 0, n_vocab, c.label, errors, rw, pos)
                         continue
                     p_first = max(first, pos0)
                     targets = tokens[start + p_first + 1:start + p_first + 1 + n_out]
                     ref = _reference_rows(logits, targets)
                     ref_nll[row:row + n_out] = ref["nll"]
-                    for k, (c, (ctx, _)) in enumerate(zip(configs, cfg_ctx)):
-                        logits = _decode(ctx, batch, n_out, n_vocab, c.label, errors)
+                    for k, (c, (ctx, _), rw) in enumerate(zip(configs, cfg_ctx, rewriters)):
+                        logits = _decode(ctx, batch, n_out, n_vocab, c.label, errors, rw, pos)
                         a, b, t = _compare(ref, logits, targets)
                         nll[k, row:row + n_out], kld[k, row:row + n_out], top1[k, row:row + n_out] = a, b, t
                     row += n_out
@@ -402,6 +428,7 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
         "n_tokens": int(len(tokens)), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_batch, "n_chunks": n_chunk,
         "first": first, "n_tokens_scored": int(len(ref_nll)), "add_bos": add_bos, "n_vocab": n_vocab,
         "flash_attn": True, "reference": f"{REFERENCE_TYPE}/{REFERENCE_TYPE}", "n_threads": n_threads,
+        "swa_full": swa_full,
         "seconds": round(time.time() - t0, 2),
     }
     return {"settings": settings, "reference": reference, "results": results}

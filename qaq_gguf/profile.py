@@ -86,24 +86,34 @@ def fingerprint_text(model_path: str | Path) -> str:
 
 
 def fingerprint(model_path: str | Path) -> str:
-    """sha256 of the model's architecture, name and tensor layout (names, types, shapes; other metadata left out)."""
-    return hashlib.sha256(fingerprint_text(model_path).encode()).hexdigest()
+    """sha256 of the model's architecture, name and tensor layout (names, types, shapes; other metadata left out),
+    computed by the native library (``qaq_model_fingerprint``; :func:`fingerprint_text` is the same text in
+    Python)."""
+    from . import _native
+
+    ffi, lib = _native.ffi_lib()
+    out = ffi.new(f"char[{65}]")
+    err = ffi.new("char[512]")
+    if lib.qaq_model_fingerprint(str(model_path).encode(), out, err, len(err)) != 0:
+        raise ProfileError(ffi.string(err).decode(errors="replace"))
+    return ffi.string(out).decode()
 
 
 def centring_blocked(model_path: str | Path) -> str | None:
     """Why this model's keys cannot be stored centred (its attention is not invariant to a constant logit shift),
     or None. Mirrors llama_model_set_kv_layer_k_mean's check, from the GGUF metadata alone."""
+    from . import _native
+
     try:
-        r = GGUFReader(str(model_path))
-    except Exception as e:  # gguf-py raises several types for bad files
-        raise ProfileError(f"cannot read {model_path}: not a GGUF file, truncated, or unreadable ({e})") from e
-    arch = r.fields["general.architecture"].contents()
-    f = r.fields.get(f"{arch}.attn_logit_softcapping")
-    if f is not None and float(f.contents() or 0) != 0:
+        meta, tensors = _native.gguf_header(model_path)
+    except ValueError as e:
+        raise ProfileError(str(e)) from e
+    arch = meta.get("general.architecture", "")
+    if float(meta.get(f"{arch}.attn_logit_softcapping", 0) or 0) != 0:
         return "the model soft-caps attention logits"
-    if r.fields.get(f"{arch}.attention.kv_lora_rank") is not None:
+    if f"{arch}.attention.kv_lora_rank" in meta:
         return "the model uses MLA"
-    if any(".attn_sinks" in t.name for t in r.tensors):
+    if any(".attn_sinks" in t for t in tensors):
         return "the model has attention sinks"
     return None
 

@@ -161,3 +161,41 @@ def has_cuda() -> bool:
 
     llama_cpp.llama_backend_init()
     return "CUDA" in _native.backend_names() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+
+
+def synthetic_calibration(n_layer: int = 3, n_tok: int = 512, n_ctx: int = 256, n_head: int = 4, n_head_kv: int = 2,
+                          head_dim: int = 64, seed: int = 0, fingerprint: str = "synthetic-fingerprint"):
+    """A Calibration (qaq_gguf.methods) of random activations shaped like a small model's: keys with a few
+    high-energy channels and a large first (BOS) token, RoPE applied at the chunk positions, positive
+    sensitivity weights. For fast method tests that need no model run."""
+    from qaq_gguf import rope as rope_mod
+    from qaq_gguf.methods import CalibLayer, Calibration
+
+    rng = np.random.default_rng(seed)
+    ident = profile.ModelIdentity("synthetic", n_layer, [n_head_kv] * n_layer, [head_dim] * n_layer,
+                                  [head_dim] * n_layer, [False] * n_layer, 0, fingerprint, "synthetic")
+    rp = rope_mod.RopeParams(n_rot=head_dim, neox=True, freq_base=10000.0, freq_scale=1.0)
+    pos = np.arange(n_tok) % n_ctx
+    layers = {}
+    for il in range(n_layer):
+        scale = np.ones(head_dim, np.float32)
+        scale[rng.choice(head_dim, 4, replace=False)] = 6.0  # outlier channels
+        k_pre = (rng.standard_normal((n_tok, n_head_kv, head_dim)) * scale + 0.5).astype(np.float32)
+        k_pre[pos == 0] *= 4.0  # a sink-like first token
+        k = rope_mod.rope(k_pre, pos, rp)
+        v = rng.standard_normal((n_tok, n_head_kv, head_dim)).astype(np.float32)
+        layers[il] = CalibLayer(
+            k=k, v=v, pos=pos.astype(np.int64), q_sq=np.abs(rng.standard_normal((n_head_kv, head_dim))).astype(
+                np.float32), q_norm2=np.abs(rng.standard_normal((n_tok, n_head))).astype(np.float32) * head_dim,
+            k_weight=np.abs(rng.standard_normal(k.shape)).astype(np.float32),
+            v_weight=np.abs(rng.standard_normal((n_tok, n_head_kv))).astype(np.float32),
+            attn_recv=np.where(pos == 0, 0.5, 1.0 / np.maximum(pos, 1))[:, None].repeat(n_head_kv, 1).astype(
+                np.float32),
+            kq_scale=1.0 / np.sqrt(head_dim), n_head=n_head, rope=rp)
+    return Calibration(ident, layers, n_ctx, n_tok // n_ctx)
+
+
+@pytest.fixture
+def synth_calib():
+    """synthetic_calibration() with its defaults; call synthetic_calibration(...) for other shapes."""
+    return synthetic_calibration()

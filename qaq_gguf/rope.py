@@ -1,0 +1,97 @@
+"""RoPE as llama.cpp applies it, in numpy: for methods that quantize keys before RoPE (KVQuant, AQUA-KV, CQ).
+
+The cache holds keys after RoPE; such a method un-rotates them with the token positions (:func:`unrope`),
+quantizes, and rotates the reconstruction back (:func:`rope`). The parameters come from the model's GGUF
+metadata (:func:`rope_params`) the way llama.cpp's loader reads them: ``{arch}.rope.freq_base`` (default 10000),
+linear scaling ``{arch}.rope.scaling.factor``, and for sliding-window layers the architecture's own SWA base.
+Only plain and NeoX RoPE with linear scaling are ported; YaRN, LongRoPE and multi-section RoPE are refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# architectures whose sliding-window layers use {arch}.rope.freq_base_swa, default 10000 (llama-hparams.h), with
+# freq_scale 1; elsewhere SWA layers share the global base
+_SWA_BASE_ARCHS = ("gemma3", "gemma3n")
+# llama.cpp's LLAMA_ROPE_TYPE_NEOX architectures among those the lab is used with (llama_model_rope_type)
+_NEOX_ARCHS = ("gemma", "gemma2", "gemma3", "gemma3n", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "phi2", "phi3",
+               "stablelm", "gptneox", "falcon", "olmo2", "starcoder2", "exaone", "exaone4", "smollm3")
+
+
+class RopeError(ValueError):
+    """The model's RoPE is not one this port reproduces."""
+
+
+@dataclass(frozen=True)
+class RopeParams:
+    n_rot: int          # rotated dimensions (the first n_rot of each head)
+    neox: bool          # pairs (i, i + n_rot/2) instead of (2i, 2i + 1)
+    freq_base: float
+    freq_scale: float   # 1 / linear scaling factor
+
+    def pairs(self, head_dim: int) -> np.ndarray:
+        """(n_pairs, 2) dimension indices rotated together; dimensions >= n_rot are not rotated."""
+        half = self.n_rot // 2
+        i = np.arange(half)
+        return np.stack([i, i + half], axis=1) if self.neox else np.stack([2 * i, 2 * i + 1], axis=1)
+
+    def theta(self, pos: np.ndarray) -> np.ndarray:
+        """(len(pos), n_rot/2) rotation angles, computed as ggml does (float32 powers of the base)."""
+        half = self.n_rot // 2
+        inv = np.power(np.float32(self.freq_base), -2.0 * np.arange(half, dtype=np.float32) / self.n_rot,
+                       dtype=np.float32)
+        return (np.asarray(pos, np.float32)[:, None] * np.float32(self.freq_scale)) * inv[None, :]
+
+
+def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]]) -> dict[int, RopeParams]:
+    """RoPE of each layer in ``layers`` ({il: (is_swa, head_dim)}), read once from the model's GGUF metadata."""
+    from ._native import gguf_header
+
+    meta, _ = gguf_header(model_path)
+    arch = meta.get("general.architecture", "")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    scaling = get("rope.scaling.type", "linear") or "linear"
+    if scaling not in ("linear", "none"):
+        raise RopeError(f"{arch}: rope scaling {scaling!r} is not ported (linear only)")
+    if f"{arch}.rope.dimension_sections" in meta:
+        raise RopeError(f"{arch}: multi-section RoPE is not ported")
+    factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 0.0)
+    base = float(get("rope.freq_base", 10000.0))
+    scale = 1.0 if factor == 0 else 1.0 / factor
+    base_swa = float(get("rope.freq_base_swa", 10000.0))
+    out = {}
+    for il, (is_swa, head_dim) in layers.items():
+        swa = is_swa and arch in _SWA_BASE_ARCHS
+        out[il] = RopeParams(n_rot=int(get("rope.dimension_count", head_dim)), neox=arch in _NEOX_ARCHS,
+                             freq_base=base_swa if swa else base, freq_scale=1.0 if swa else scale)
+    return out
+
+
+def _rotate(x: np.ndarray, pos: np.ndarray, p: RopeParams, sign: float) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    out = x.copy()
+    th = p.theta(pos)  # (n, half)
+    c, s = np.cos(th), np.sin(th) * np.float32(sign)
+    idx = p.pairs(x.shape[-1])
+    a, b = x[..., idx[:, 0]], x[..., idx[:, 1]]
+    shape = (len(pos),) + (1,) * (x.ndim - 2) + (idx.shape[0],)
+    c, s = c.reshape(shape), s.reshape(shape)
+    out[..., idx[:, 0]] = a * c - b * s
+    out[..., idx[:, 1]] = a * s + b * c
+    return out
+
+
+def rope(x: np.ndarray, pos: np.ndarray, p: RopeParams) -> np.ndarray:
+    """x (tokens, heads, head_dim) rotated to positions pos."""
+    return _rotate(x, pos, p, 1.0)
+
+
+def unrope(x: np.ndarray, pos: np.ndarray, p: RopeParams) -> np.ndarray:
+    """The inverse of :func:`rope`: keys as they were before RoPE."""
+    return _rotate(x, pos, p, -1.0)
