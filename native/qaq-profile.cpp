@@ -113,7 +113,7 @@ struct gguf_file {
             throw profile_error(strfmt("%s: key %s must be an array of float32", path.c_str(), key));
         }
         if (gguf_get_arr_n(ctx, id) != n) {
-            throw profile_error(strfmt("%s: key %s has %zu values, expected %zu (n_head_kv * head_dim_k summed over "
+            throw profile_error(strfmt("%s: key %s has %zu values, expected %zu (n_head_kv * head_dim summed over "
                 "layers)", path.c_str(), key, gguf_get_arr_n(ctx, id), n));
         }
         const float * data = (const float *) gguf_get_arr_data(ctx, id);
@@ -185,9 +185,9 @@ void apply(llama_model * model, const char * model_path, const char * profile_pa
             : prof.path + " is a GGUF file but not a qaq KV profile (no qaq.schema_version key)");
     }
     const uint32_t schema = prof.u32("qaq.schema_version");
-    if (schema != QAQ_PROFILE_SCHEMA_VERSION) {
-        throw profile_error(strfmt("%s: profile schema version %u, this build reads version %d; upgrade qaq-gguf or "
-            "recalibrate", prof.path.c_str(), schema, QAQ_PROFILE_SCHEMA_VERSION));
+    if (schema < 1 || schema > QAQ_PROFILE_SCHEMA_VERSION) {
+        throw profile_error(strfmt("%s: profile schema version %u, this build reads versions 1 to %d; upgrade qaq-gguf "
+            "or recalibrate", prof.path.c_str(), schema, QAQ_PROFILE_SCHEMA_VERSION));
     }
 
     char arch[128] = {0};
@@ -262,32 +262,61 @@ void apply(llama_model * model, const char * model_path, const char * profile_pa
         types_v[il] = tv;
     }
 
-    // optional per-layer key means (keys stored centred): n_head_kv * head_dim_k values per layer, layer after layer
-    size_t n_mean = 0;
+    // optional per-layer K/V transforms (docs/profile-format.md): key means, key scales (schema 2), value means
+    // (schema 2); each a float32 array of the layer's n_head_kv * head_dim values, layer after layer
+    size_t n_k = 0, n_v = 0;
     for (int32_t il = 0; il < n_layer; ++il) {
-        n_mean += (size_t) (n_head_kv[il] * head_k[il]);
+        n_k += (size_t) (n_head_kv[il] * head_k[il]);
+        n_v += (size_t) (n_head_kv[il] * head_v[il]);
     }
-    const std::vector<float> k_mean = prof.floats("qaq.kv.k_mean", n_mean);
-    for (const float x : k_mean) {
-        if (!std::isfinite(x)) {
-            throw profile_error(prof.path + ": qaq.kv.k_mean holds a non-finite value (a corrupt profile?)");
+    const std::vector<float> k_mean  = prof.floats("qaq.kv.k_mean", n_k);
+    const std::vector<float> k_scale = schema >= 2 ? prof.floats("qaq.kv.k_scale", n_k) : std::vector<float>();
+    const std::vector<float> v_mean  = schema >= 2 ? prof.floats("qaq.kv.v_mean", n_v) : std::vector<float>();
+    if (schema < 2 && (prof.find("qaq.kv.k_scale", false) >= 0 || prof.find("qaq.kv.v_mean", false) >= 0)) {
+        throw profile_error(prof.path + ": qaq.kv.k_scale / qaq.kv.v_mean need schema version 2, the profile says 1 "
+            "(a hand-edited profile?)");
+    }
+    for (const auto & [vec, key] : { std::pair(&k_mean, "qaq.kv.k_mean"), std::pair(&k_scale, "qaq.kv.k_scale"),
+                                     std::pair(&v_mean, "qaq.kv.v_mean") }) {
+        for (const float x : *vec) {
+            if (!std::isfinite(x)) {
+                throw profile_error(prof.path + ": " + key + " holds a non-finite value (a corrupt profile?)");
+            }
         }
     }
 
-    llama_model_set_kv_layer_k_mean(model, -1, nullptr, 0);
-    for (int32_t il = 0, off = 0; il < n_layer && !k_mean.empty(); ++il) {
-        const int32_t n = (int32_t) (n_head_kv[il] * head_k[il]);
-        if (n > 0 && llama_model_set_kv_layer_k_mean(model, il, k_mean.data() + off, n) != 0) {
-            llama_model_set_kv_layer_k_mean(model, -1, nullptr, 0);
+    const auto clear = [&]() {
+        llama_model_set_kv_layer_k_mean (model, -1, nullptr, 0);
+        llama_model_set_kv_layer_k_scale(model, -1, nullptr, 0);
+        llama_model_set_kv_layer_v_mean (model, -1, nullptr, 0);
+    };
+    clear();
+    for (int32_t il = 0, off_k = 0, off_v = 0; il < n_layer; ++il) {
+        const int32_t nk = (int32_t) (n_head_kv[il] * head_k[il]);
+        const int32_t nv = (int32_t) (n_head_kv[il] * head_v[il]);
+        if (nk > 0 && !k_mean.empty() && llama_model_set_kv_layer_k_mean(model, il, k_mean.data() + off_k, nk) != 0) {
+            clear();
             throw profile_error(prof.path + ": the profile stores keys centred (qaq.kv.k_mean), which this model's "
                 "attention does not allow (logit soft-capping, attention sinks or MLA): recalibrate with "
                 "`qaq-gguf calibrate --no-center-keys`");
         }
-        off += n;
+        if (nk > 0 && !k_scale.empty() && llama_model_set_kv_layer_k_scale(model, il, k_scale.data() + off_k, nk) != 0) {
+            clear();
+            throw profile_error(strfmt("%s: qaq.kv.k_scale of layer %d is refused (each scale must lie in [1/256, 256] "
+                "and the two dimensions RoPE rotates together must share one; MLA models take none): recalibrate",
+                prof.path.c_str(), il));
+        }
+        if (nv > 0 && !v_mean.empty() && llama_model_set_kv_layer_v_mean(model, il, v_mean.data() + off_v, nv) != 0) {
+            clear();
+            throw profile_error(prof.path + ": the profile stores values centred (qaq.kv.v_mean), which this model's "
+                "attention does not allow (attention sinks or MLA): recalibrate with `qaq-gguf calibrate --no-center-values`");
+        }
+        off_k += nk;
+        off_v += nv;
     }
 
     if (llama_model_set_kv_layer_types(model, types_k.data(), types_v.data(), n_layer) != 0) {
-        llama_model_set_kv_layer_k_mean(model, -1, nullptr, 0);
+        clear();
         throw profile_error("llama_model_set_kv_layer_types rejected the profile");
     }
 }

@@ -19,20 +19,24 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _native, cachetypes, collect, profile, scoring, solver
+from . import _native, cachetypes, collect, profile, scoring, solver, transforms
 
 
 @dataclass
 class Scores:
-    """Per-layer scores of one model: ``k[l, c]`` / ``v[l, c]`` for candidate ``candidates[c]``."""
+    """Per-layer scores of one model: ``k[l, c]`` / ``v[l, c]`` for candidate ``candidates[c]``, and the
+    statistics the profile's K/V transforms are made from (transforms.py), flat, layer after layer."""
 
     ident: profile.ModelIdentity
     candidates: list[str]
     k: np.ndarray
     v: np.ndarray
     settings: dict = field(default_factory=dict)
-    # per-layer mean keys (flat, n_head_kv * head_dim_k per layer) when the cache stores keys centred
-    k_mean: np.ndarray | None = None
+    k_mean: np.ndarray | None = None   # mean key (first token left out) when keys are stored centred
+    k_scale: np.ndarray | None = None  # rebalancing scales when keys are rebalanced
+    v_mean: np.ndarray | None = None   # mean value (first token left out) when values are stored centred
+    k_first: np.ndarray | None = None  # the first token's key and value (position 0, BOS) when it is kept exact
+    v_first: np.ndarray | None = None
 
     def layers(self) -> list[int]:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
@@ -52,47 +56,100 @@ def default_candidates() -> list[str]:
     return cands
 
 
+@dataclass
+class _Moments:
+    """Running sums of one layer over the chunks seen (first token left out of the K/V statistics)."""
+
+    n: int = 0
+    k_sum: np.ndarray | None = None
+    k_sq: np.ndarray | None = None
+    v_sum: np.ndarray | None = None
+    q_sq: np.ndarray | None = None
+    n_q: int = 0
+    k_first: np.ndarray | None = None
+    v_first: np.ndarray | None = None
+    first_varies: bool = False
+
+    def add(self, act: collect.LayerActivations, skip_first: bool) -> None:
+        k, v, q = (a.astype(np.float64) for a in (act.k, act.v, act.q))
+        if skip_first:
+            if self.k_first is None:
+                self.k_first, self.v_first = act.k[0].copy(), act.v[0].copy()
+            elif not (np.allclose(act.k[0], self.k_first, rtol=1e-3, atol=1e-4)
+                      and np.allclose(act.v[0], self.v_first, rtol=1e-3, atol=1e-4)):
+                self.first_varies = True
+            k, v = k[1:], v[1:]
+        acc = lambda a, b: b if a is None else a + b  # noqa: E731
+        self.k_sum, self.k_sq, self.v_sum = acc(self.k_sum, k.sum(0)), acc(self.k_sq, (k * k).sum(0)), \
+            acc(self.v_sum, v.sum(0))
+        n_head, hkv = q.shape[1], k.shape[1]
+        q2 = (q * q).sum(0).reshape(hkv, n_head // hkv, -1).sum(1)  # summed over each KV head's query heads
+        self.q_sq = acc(self.q_sq, q2)
+        self.n += k.shape[0]
+        self.n_q += q.shape[0] * (n_head // hkv)
+
+    def k_mean(self) -> np.ndarray:
+        return (self.k_sum / self.n).astype(np.float32)
+
+    def k_var(self) -> np.ndarray:
+        return np.maximum(self.k_sq / self.n - (self.k_sum / self.n) ** 2, 0.0)
+
+    def v_mean(self) -> np.ndarray:
+        return (self.v_sum / self.n).astype(np.float32)
+
+    def scales(self, partner: np.ndarray) -> np.ndarray:
+        return transforms.rebalance_scales(self.q_sq / self.n_q, self.k_var(), partner)
+
+
 def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = 8,
               candidates: Sequence[str] | None = None, method: str = "measured", max_queries: int | None = 128,
               window: int = 5, n_threads: int | None = None, progress: bool = True, seed: int = 0,
-              center_keys: bool = True) -> Scores:
+              center_keys: bool = True, rebalance_keys: bool = True, center_values: bool = True,
+              exact_first: bool = True) -> Scores:
     """Score every layer's K and V under every candidate type on ``text`` (see the module docstring).
 
     ``method``: ``"measured"`` pushes the real quantization error of each type through the layer's real
     attention (first order in the key error); ``"qaq"`` uses QAQ's closed-form bounds (query-norm percentile for
     keys, attention with the persistence window for values). ``max_queries`` samples query rows per chunk.
 
-    ``center_keys``: the profile stores each layer's mean key and the cache keeps keys centred (``k - mean``,
-    exact for attention, llama_model_set_kv_layer_k_mean). The mean is the running mean of the chunks seen so far
-    (the first chunk's own mean for chunk 0), so every chunk is scored with a mean it did not fully determine;
-    the final mean over all chunks is what the profile stores."""
+    The profile's K/V transforms (transforms.py, each exact for attention): ``center_keys`` stores keys minus
+    each layer's mean key, ``rebalance_keys`` scales each RoPE pair of the keys against the queries,
+    ``center_values`` stores values minus their mean, ``exact_first`` puts the first token's (BOS's) K and V on
+    the cache types' grids so that it is stored exactly. Statistics are running sums over the chunks seen so far
+    (the first chunk's own for chunk 0), so every chunk is scored with transforms it did not fully determine; the
+    final statistics are what the profile stores. The first token is left out of them."""
     cands = list(candidates) if candidates else default_candidates()
     for c in cands:
         cachetypes.get(c)  # unknown names fail here, before the model runs
-    if center_keys and (why := profile.centring_blocked(model_path)):
-        print(f"qaq-gguf: keys stored as they are: {why}", file=sys.stderr)
-        center_keys = False
+    if (center_keys or center_values) and (why := profile.centring_blocked(model_path)):
+        print(f"qaq-gguf: keys and values stored as they are: {why}", file=sys.stderr)
+        center_keys = center_values = False
     ident = profile.model_identity(model_path)
     layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
+    partner = {il: transforms.pair_partner(ident.head_dim_k[il], min(ident.n_rot, ident.head_dim_k[il]),
+                                           bool(ident.rope_neox)) if ident.rope_neox is not None
+               else np.arange(ident.head_dim_k[il]) for il in layers}
     sk = np.zeros((ident.n_layer, len(cands)))
     sv = np.zeros((ident.n_layer, len(cands)))
-    k_sum: dict[int, np.ndarray] = {}
-    n_tok = 0
+    mom = {il: _Moments() for il in layers}
     n_done = 0
     bar = progress_bar(progress, n_chunks, "calibrating")
     try:
         for c, chunk in enumerate(collect.iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks,
                                                       layers=layers, n_threads=n_threads)):
             for il, act in chunk.items():
-                k_sum[il] = k_sum.get(il, 0.0) + act.k.astype(np.float64).sum(axis=0)
-                mean = (k_sum[il] / (n_tok + act.k.shape[0])).astype(np.float32) if center_keys else None
-                res = scoring.score_layer(act.q, act.k, act.v, act.attn, cands, method=method,
-                                          kq_scale=collect.estimate_kq_scale(act),
-                                          window=window, max_queries=max_queries, seed=seed + c, k_mean=mean)
+                m = mom[il]
+                m.add(act, skip_first=exact_first or center_keys or rebalance_keys or center_values)
+                res = scoring.score_layer(
+                    act.q, act.k, act.v, act.attn, cands, method=method, kq_scale=collect.estimate_kq_scale(act),
+                    window=window, max_queries=max_queries, seed=seed + c,
+                    k_mean=m.k_mean() if center_keys else None,
+                    k_scale=m.scales(partner[il]) if rebalance_keys else None,
+                    v_mean=m.v_mean() if center_values else None,
+                    exact_rows=np.array([0]) if exact_first else None)
                 for j, name in enumerate(cands):
                     sk[il, j] += res[name][0]
                     sv[il, j] += res[name][1]
-            n_tok += next(iter(chunk.values())).k.shape[0] if chunk else 0
             n_done += 1
             if bar is not None:
                 bar.update(1)
@@ -101,15 +158,27 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
             bar.close()
     sk /= n_done  # layers without a cache were never scored: they stay 0, no choice to make
     sv /= n_done
+    if exact_first and any(mom[il].first_varies for il in layers):
+        print("qaq-gguf: the first token's K/V differ between chunks (no BOS?): it is not kept exact",
+              file=sys.stderr)
+        exact_first = False
     settings = {"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx, "n_chunks": n_done,
                 "n_tokens": n_done * n_ctx, "method": method, "max_queries": max_queries or 0,
-                "window": window, "candidates": cands, "center_keys": center_keys}
-    k_mean = None
-    if center_keys and n_tok:
-        k_mean = np.concatenate([(k_sum[il] / n_tok).astype(np.float32).ravel() if il in k_sum
-                                 else np.zeros(ident.n_embd_k(il), np.float32)
-                                 for il in range(ident.n_layer)])
-    return Scores(ident, cands, sk, sv, settings, k_mean)
+                "window": window, "candidates": cands, "center_keys": center_keys, "rebalance_keys": rebalance_keys,
+                "center_values": center_values, "exact_first": exact_first}
+
+    def flat(get, size) -> np.ndarray:
+        return np.concatenate([np.asarray(get(il, mom[il]), np.float32).ravel() if il in mom
+                               else np.zeros(size(il), np.float32) for il in range(ident.n_layer)])
+
+    nk, nv = ident.n_embd_k, ident.n_embd_v
+    on = n_done > 0
+    return Scores(ident, cands, sk, sv, settings,
+                  k_mean=flat(lambda il, m: m.k_mean(), nk) if center_keys and on else None,
+                  k_scale=flat(lambda il, m: m.scales(partner[il]), nk) if rebalance_keys and on else None,
+                  v_mean=flat(lambda il, m: m.v_mean(), nv) if center_values and on else None,
+                  k_first=flat(lambda il, m: m.k_first, nk) if exact_first and on else None,
+                  v_first=flat(lambda il, m: m.v_first, nv) if exact_first and on else None)
 
 
 def progress_bar(progress: bool, total: int | None, desc: str, unit: str = "chunk"):
@@ -199,8 +268,36 @@ def _profile_from(scores: Scores, cands: list[str], sol: solver.Allocation, *, a
     p.candidates = list(scores.candidates)
     p.score_k = scores.k
     p.score_v = scores.v
-    p.k_mean = scores.k_mean
+    p.k_mean, p.k_scale, p.v_mean = centring_for(scores, tk, tv)
+    p.stats = {k: getattr(scores, k) for k in ("k_mean", "v_mean", "k_first", "v_first")
+               if getattr(scores, k) is not None}
     return p
+
+
+def centring_for(scores: Scores, type_k: Sequence[str], type_v: Sequence[str]):
+    """(k_mean, k_scale, v_mean) a profile with these per-layer types stores: the calibrated means, moved where the
+    first token is kept exact so that its stored K and V rows are grid points of each layer's types
+    (transforms.exact_centre). A value mean exists only with the first token kept exact or values centred."""
+    ident = scores.ident
+    k_mean = None if scores.k_mean is None else scores.k_mean.copy()
+    v_mean = None if scores.v_mean is None else scores.v_mean.copy()
+    if scores.k_first is not None:
+        k_mean = np.zeros(ident.n_key_mean(), np.float32) if k_mean is None else k_mean
+        v_mean = np.zeros(ident.n_value_mean(), np.float32) if v_mean is None else v_mean
+        ok, ov = 0, 0
+        for il in range(ident.n_layer):
+            nk, nv = ident.n_embd_k(il), ident.n_embd_v(il)
+            if nk:
+                shape_k = (ident.n_head_kv[il], ident.head_dim_k[il])
+                shape_v = (ident.n_head_kv[il], ident.head_dim_v[il])
+                scale = scores.k_scale[ok:ok + nk].reshape(shape_k) if scores.k_scale is not None else None
+                ck, _ = transforms.exact_centre(scores.k_first[ok:ok + nk].reshape(shape_k),
+                                                k_mean[ok:ok + nk].reshape(shape_k), type_k[il], scale=scale)
+                cv, _ = transforms.exact_centre(scores.v_first[ov:ov + nv].reshape(shape_v),
+                                                v_mean[ov:ov + nv].reshape(shape_v), type_v[il], is_v=True)
+                k_mean[ok:ok + nk], v_mean[ov:ov + nv] = ck.ravel(), cv.ravel()
+            ok, ov = ok + nk, ov + nv
+    return k_mean, scores.k_scale, v_mean
 
 
 def frontier(scores: Scores, avg_bits: Sequence[float] | None = None, *, candidates: Sequence[str] | None = None,
@@ -226,5 +323,9 @@ def scores_from_profile(p: profile.Profile) -> Scores:
         raise profile.ProfileError("this profile carries no calibration scores (it was not made by calibrate)")
     n, c = p.model.n_layer, len(p.candidates)
     settings = {k[len("calib_"):]: v for k, v in p.provenance.items() if k.startswith("calib_")}
+    st = p.stats
+    # schema-1 profiles stored the plain mean as qaq.kv.k_mean and no statistics
     return Scores(p.model, list(p.candidates), np.asarray(p.score_k, float).reshape(n, c),
-                  np.asarray(p.score_v, float).reshape(n, c), settings, p.k_mean)
+                  np.asarray(p.score_v, float).reshape(n, c), settings,
+                  k_mean=st.get("k_mean", p.k_mean), k_scale=p.k_scale, v_mean=st.get("v_mean"),
+                  k_first=st.get("k_first"), v_first=st.get("v_first"))

@@ -231,7 +231,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     res = frontier.run(model, scores, evaluate.read_text_file(args.text),
                        budgets=[float(b) for b in args.budgets.split(",")], pairs=frontier.pairs_from_arg(args.pairs),
                        work_dir=out, n_ctx=args.ctx, n_chunks=args.chunks, n_threads=args.threads,
-                       text_name=Path(args.text).name)
+                       text_name=Path(args.text).name, compare=args.compare or [])
     frontier.save(res, out / "frontier.json")
     png = frontier.plot(res, out / "frontier.png")
     print(evaluate.format_table(res))
@@ -265,7 +265,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     specs = [x for x in args.methods.split(",") if x.strip()]
     frontier = [float(b) for b in args.frontier.split(",")] if args.frontier else []
     res = lab.run(model, _read_text(args.calib_text), evaluate.read_text_file(args.text), specs, n_ctx=args.ctx,
-                  n_chunks=args.chunks, calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks, frontier=frontier,
+                  n_chunks=args.chunks, n_batch=args.batch, calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks,
+                  frontier=frontier,
                   work_dir=args.output_dir, n_threads=args.threads, text_name=Path(args.text).name,
                   calib_name=Path(args.calib_text).name)
     files = lab.save(res, args.output_dir)
@@ -310,7 +311,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         scores = calibrate.calibrate(model, _read_text(args.text), n_ctx=args.ctx, n_chunks=args.chunks,
                                      candidates=cands, method=args.method, max_queries=args.max_queries,
-                                     n_threads=args.threads, center_keys=not args.no_center_keys)
+                                     n_threads=args.threads, center_keys=not args.no_center_keys,
+                                     rebalance_keys=not args.no_rebalance_keys,
+                                     center_values=not args.no_center_values, exact_first=not args.no_exact_first)
     prov = {"tool_version": _version(), "calib_text": Path(args.text).name if args.text else ""}
     if args.frontier:
         out_dir = Path(args.frontier)
@@ -414,6 +417,9 @@ examples:
             p.add_argument("--pairs", default="q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q5_1/q5_1,q5_0/q5_0,q5_0/q4_0,"
                                               "q4_1/q4_1,q4_0/q4_0,iq4_nl/iq4_nl,q4_0/qaq3,qaq3/qaq3,q4_0/qaq2,"
                                               "qaq3/qaq2")
+            p.add_argument("--compare", action="append", metavar="PROFILE",
+                           help="also evaluate this profile (e.g. an earlier calibration) in the same run, as the "
+                                "series 'compared' (repeatable)")
             p.add_argument("--ctx", type=int, default=1024)
             p.add_argument("--chunks", type=int, default=8)
             p.add_argument("-o", "--output-dir", default="qaq-frontier")
@@ -452,6 +458,9 @@ examples:
                                       "and draw them as a line")
     p.add_argument("--ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
     p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
+    p.add_argument("-b", "--batch", type=int, default=64,
+                   help="evaluation batch (default 64): a method's full-precision window of recent tokens is "
+                        "simulated at batch granularity, so smaller batches are more faithful (and slower)")
     p.add_argument("--calib-ctx", type=int, default=512, help="calibration chunk length (default 512)")
     p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks (default 8)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
@@ -503,6 +512,16 @@ Never calibrate on the text you evaluate on.""")
                    help="store keys as they are; by default the profile holds each layer's mean key and the cache "
                         "stores k - mean (exact for attention, 2-5x less key error on Gemma 3); models whose "
                         "attention is not shift-invariant (soft-capping, sinks, MLA) are never centred")
+    p.add_argument("--no-rebalance-keys", action="store_true",
+                   help="no key scales; by default each RoPE pair of the keys is scaled by sqrt(query rms / key "
+                        "rms) and the queries by its inverse (exact for attention; 2-3x less key error on Gemma 3)")
+    p.add_argument("--no-center-values", action="store_true",
+                   help="store values as they are; by default the cache stores v - mean and attention adds the "
+                        "mean back (exact: attention weights sum to one)")
+    p.add_argument("--no-exact-first", action="store_true",
+                   help="let the first token (BOS) be quantized like the others; by default the centring vectors "
+                        "put its K and V on each layer type's grid, so the cache holds them exactly (it receives up "
+                        "to half of the attention in some layers)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile")
     p.set_defaults(func=cmd_calibrate)

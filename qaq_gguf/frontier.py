@@ -30,8 +30,9 @@ def uniform_bits(tk: str, tv: str, ident: profile.ModelIdentity) -> float:
 def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets: Sequence[float] = DEFAULT_BUDGETS,
         pairs: Sequence[tuple[str, str]] = UNIFORM_PAIRS, work_dir: str | Path = "qaq-frontier", n_ctx: int = 1024,
         n_batch: int = 256, n_chunks: int | None = 8, n_threads: int | None = None, progress: bool = True,
-        text_name: str | None = None) -> dict:
-    """Evaluate ``pairs`` and one calibrated profile per budget (written to ``work_dir``) in one run."""
+        text_name: str | None = None, compare: Sequence[str | Path] = ()) -> dict:
+    """Evaluate ``pairs`` and one calibrated profile per budget (written to ``work_dir``) in one run; ``compare``:
+    other profiles (an earlier calibration, say) evaluated in the same run as the series "compared"."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     configs, meta = [], []
@@ -44,6 +45,11 @@ def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets:
         configs.append(evaluate.CacheConfig(f"qaq@{b:g}", profile=str(f)))
         meta.append({"series": "calibrated", "bits": profile.average_bits(p), "budget": b,
                      "layer_type_k": p.type_k, "layer_type_v": p.type_v})
+    for f in compare:
+        p = profile.read_profile(f)
+        configs.append(evaluate.CacheConfig(f"compared:{Path(f).stem}", profile=str(f)))
+        meta.append({"series": "compared", "bits": profile.average_bits(p), "budget": p.provenance.get(
+            "budget_avg_bits"), "layer_type_k": p.type_k, "layer_type_v": p.type_v})
     res = evaluate.evaluate(model_path, text, configs, n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks,
                             n_threads=n_threads, progress=progress, text_name=text_name)
     for r, m in zip(res["results"], meta):
@@ -64,6 +70,7 @@ def plot(res: dict, path: str | Path, *, title: str | None = None) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "dppl_pct", "PPL vs f16 cache (%)"), (axes[1], "kld", "KL-divergence vs f16")):
         for series, style in (("uniform", dict(marker="o", ls="none", color="tab:gray")),
+                              ("compared", dict(marker="^", ls="--", color="tab:blue")),
                               ("calibrated", dict(marker="s", ls="-", color="tab:red"))):
             rows = sorted((r for r in res["results"] if r.get("series") == series), key=lambda r: r["bits"])
             if not rows:
@@ -91,12 +98,14 @@ def summary(res: dict) -> str:
     """For each calibrated profile: the best uniform pair at no more bits, and whether the profile beats it."""
     uni = [r for r in res["results"] if r.get("series") == "uniform"]
     lines = [f"{'profile':<10} {'bits':>6} {'ΔPPL %':>8} {'KLD':>9}   best uniform at ≤ bits"]
-    for r in (r for r in res["results"] if r.get("series") == "calibrated"):
+    width = max([10] + [len(r["label"]) for r in res["results"] if r.get("series") in ("calibrated", "compared")])
+    lines[0] = f"{'profile':<{width}}" + lines[0][10:]
+    for r in (r for r in res["results"] if r.get("series") in ("calibrated", "compared")):
         ok = [u for u in uni if u["bits"] <= r["bits"] + 1e-9]
         best = min(ok, key=lambda u: u["kld"]) if ok else None
         cmp = (f"{best['label']:<14} {best['bits']:>5.2f} {best['dppl_pct']:+8.3f} {best['kld']:9.5f}  "
                f"{'beats it' if r['kld'] < best['kld'] else 'does NOT beat it'} (KLD)") if best else "none"
-        lines.append(f"{r['label']:<10} {r['bits']:>6.3f} {r['dppl_pct']:+8.3f} {r['kld']:9.5f}   {cmp}")
+        lines.append(f"{r['label']:<{width}} {r['bits']:>6.3f} {r['dppl_pct']:+8.3f} {r['kld']:9.5f}   {cmp}")
     return "\n".join(lines)
 
 

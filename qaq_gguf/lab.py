@@ -37,6 +37,7 @@ def _layer_stats(act: collect.LayerActivations, s: float) -> dict[str, np.ndarra
     k_w = np.zeros((n, hkv, d), np.float64)
     v_w = np.zeros((n, hkv), np.float64)
     recv = np.zeros((n, hkv), np.float64)
+    last = np.zeros((n, hkv), np.float32)
     seen = np.maximum((attn > 0).sum(axis=1), 1)  # (n_head, n_kv): queries that see each token
     vn = np.sum(v.astype(np.float64) ** 2, axis=-1)  # (n_kv, hkv)
     for h in range(n_head):
@@ -51,9 +52,10 @@ def _layer_stats(act: collect.LayerActivations, s: float) -> dict[str, np.ndarra
         k_w[:, g, :] += a.T @ (qs ** 2)
         v_w[:, g] += np.sum(sh ** 2, axis=0)       # d X_i / d v_t = S_it
         recv[:, g] += sh.sum(axis=0) / seen[h] / group
+        last[:, g] = np.maximum(last[:, g], attn[h][-methods.ATTN_LAST:].max(axis=0))
     qn = np.sum((s * q.astype(np.float64)) ** 2, axis=-1)  # (n, n_head)
     return {"q_sq": q_sq, "k_weight": k_w.astype(np.float32), "v_weight": v_w.astype(np.float32),
-            "attn_recv": recv.astype(np.float32), "q_norm2": qn.astype(np.float32)}
+            "attn_recv": recv.astype(np.float32), "attn_last": last, "q_norm2": qn.astype(np.float32)}
 
 
 def collect_calibration(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int = 8,
@@ -84,7 +86,8 @@ def collect_calibration(model_path: str | Path, text: str, *, n_ctx: int = 512, 
         if bar is not None:
             bar.close()
     try:
-        ropes = rope.rope_params(model_path, {il: (ident.is_swa[il], ident.head_dim_k[il]) for il in layers})
+        ropes = rope.rope_params(model_path, {il: (ident.is_swa[il], ident.head_dim_k[il]) for il in layers},
+                                 ident.rope_neox)
     except rope.RopeError:
         ropes = {}  # methods that quantize before RoPE refuse this model
     out = {}
@@ -95,7 +98,8 @@ def collect_calibration(model_path: str | Path, text: str, *, n_ctx: int = 512, 
             k=np.concatenate(p["k"]), v=np.concatenate(p["v"]), pos=np.concatenate(p["pos"]),
             q_sq=(np.mean(p["q_sq"], axis=0)).astype(np.float32), q_norm2=np.concatenate(p["q_norm2"]),
             k_weight=np.concatenate(p["k_weight"]), v_weight=np.concatenate(p["v_weight"]),
-            attn_recv=np.concatenate(p["attn_recv"]), kq_scale=float(np.mean(scales[il])),
+            attn_recv=np.concatenate(p["attn_recv"]), attn_last=np.concatenate(p["attn_last"]),
+            kq_scale=float(np.mean(scales[il])),
             n_head=int(p["q_norm2"][0].shape[1]), rope=rp)
     return Calibration(ident, out, n_ctx, done, hashlib.sha256(text.encode()).hexdigest(),
                        {"n_ctx": n_ctx, "n_chunks": done})
@@ -144,7 +148,7 @@ def _values_per_token(ident: profile.ModelIdentity) -> tuple[int, int]:
 
 
 def run(model_path: str | Path, calib_text: str, text: str, specs: Sequence[str], *, n_ctx: int = 1024,
-        n_chunks: int | None = 4, n_batch: int = 256, calib_ctx: int = 512, calib_chunks: int = 8,
+        n_chunks: int | None = 4, n_batch: int = 64, calib_ctx: int = 512, calib_chunks: int = 8,
         frontier: Sequence[float] = (), work_dir: str | Path | None = None, n_threads: int | None = None,
         progress: bool = True, text_name: str | None = None, calib_name: str | None = None) -> dict:
     """Fit every method of ``specs`` on ``calib_text``, then evaluate them, the native configs and (with
@@ -192,6 +196,9 @@ def run(model_path: str | Path, calib_text: str, text: str, specs: Sequence[str]
         b = m.bits(n_ctx)
         r.update(family=m.name, paper=m.paper, bits_k=b.k, bits_v=b.v, avg_bits=b.average(nk, nv),
                  bits_detail=b.detail, fit_seconds=fit_seconds.get(m.label), headline=getattr(m, "headline", ""))
+        report = getattr(m, "fit_report", None)  # a method's own fit diagnostics, where it keeps any
+        if report:
+            r["fit_report"] = report
         for key in ("type_k", "type_v", "kv_bytes", "n_cells"):
             r.pop(key, None)  # the f16 cache the rewrite runs over, not the method's storage
     res["lab"] = {"calib_text": calib_name, "calib_ctx": calib_ctx, "calib_chunks": calib.n_chunks if calib else 0,
@@ -212,6 +219,10 @@ def table(res: dict) -> str:
     for r in sorted(res["results"], key=lambda r: (-r["avg_bits"], r["label"])):
         lines.append(f"| {r['label']} | {r.get('family', '')} | {r['avg_bits']:.3f} | {r['kld']:.5f} ± "
                      f"{r['kld_err']:.5f} | {r['dppl_pct']:+.2f} | {r['top1']:.2f} | {r.get('bits_detail', '')} |")
+    papers = {r["family"]: (r["paper"], r.get("headline", "")) for r in res["results"] if r.get("headline")}
+    if papers:
+        lines += ["", "| method | paper | the paper's own headline (its models, its protocol) |", "| --- | --- | --- |"]
+        lines += [f"| {f} | {p} | {h} |" for f, (p, h) in sorted(papers.items())]
     return "\n".join(lines)
 
 

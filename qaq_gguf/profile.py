@@ -18,7 +18,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from . import cachetypes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version written and read; a profile is written with the oldest that holds it
 PROFILE_TYPE = "qaq-profile"
 NO_KV = "none"  # type name of a layer that has no KV cache of its own
 
@@ -39,6 +39,10 @@ class ModelIdentity:
     n_swa: int
     fingerprint: str
     name: str = ""
+    # RoPE layout (what pairs of dimensions rotate together), read from the model, not stored in profiles:
+    # rope_neox pairs (i, i + n_rot/2), else (2i, 2i + 1); None: no RoPE / unknown (a profile's identity)
+    rope_neox: bool | None = field(default=None, compare=False)
+    n_rot: int = field(default=0, compare=False)
 
     def has_kv(self, il: int) -> bool:
         return self.head_dim_k[il] > 0
@@ -47,9 +51,17 @@ class ModelIdentity:
         """Values of one cell of layer il's K cache (n_head_kv * head_dim_k; 0 without a cache)."""
         return self.n_head_kv[il] * self.head_dim_k[il]
 
+    def n_embd_v(self, il: int) -> int:
+        """Values of one cell of layer il's V cache (n_head_kv * head_dim_v; 0 without a cache)."""
+        return self.n_head_kv[il] * self.head_dim_v[il]
+
     def n_key_mean(self) -> int:
-        """Length of a profile's k_mean: every layer's n_embd_k, layer after layer."""
+        """Length of a profile's k_mean and k_scale: every layer's n_embd_k, layer after layer."""
         return sum(self.n_embd_k(il) for il in range(self.n_layer))
+
+    def n_value_mean(self) -> int:
+        """Length of a profile's v_mean: every layer's n_embd_v, layer after layer."""
+        return sum(self.n_embd_v(il) for il in range(self.n_layer))
 
 
 @dataclass
@@ -62,8 +74,19 @@ class Profile:
     candidates: list[str] = field(default_factory=list)
     score_k: np.ndarray | None = None
     score_v: np.ndarray | None = None
-    # keys stored centred: every layer's mean key, flat (n_head_kv * head_dim_k values per layer, in layer order)
+    # K/V transforms (transforms.py), flat, layer after layer (n_head_kv * head_dim values per layer): keys stored
+    # centred (k_mean), rebalanced keys (k_scale: K stored times it, Q read divided by it), centred values (v_mean)
     k_mean: np.ndarray | None = None
+    k_scale: np.ndarray | None = None
+    v_mean: np.ndarray | None = None
+
+    # calibration statistics the transforms are made from (qaq.stats.<name>, flat like k_mean): k_mean, v_mean (plain
+    # means), k_first, v_first (the first token's K and V); a re-solve for other types recomputes the transforms
+    stats: dict = field(default_factory=dict)
+
+    def schema_version(self) -> int:
+        """The oldest schema that holds this profile: 2 when it has key scales or value means, else 1."""
+        return 2 if self.k_scale is not None or self.v_mean is not None else 1
 
 
 # --- model identity -------------------------------------------------------------------------------------------
@@ -134,8 +157,13 @@ def model_identity(model_path: str | Path) -> ModelIdentity:
                 heads.append(0); hk.append(0); hv.append(0); swa.append(False)
         arch = runtime.model_meta(model, "general.architecture")
         name = runtime.model_meta(model, "general.name")
-        n_swa = runtime.llama_cpp_module().llama_model_n_swa(runtime.as_ctypes_model(model))
-    return ModelIdentity(arch, n, heads, hk, hv, swa, int(n_swa), fingerprint(model_path), name)
+        lc = runtime.llama_cpp_module()
+        n_swa = lc.llama_model_n_swa(runtime.as_ctypes_model(model))
+        rope_type = lc.llama_model_rope_type(runtime.as_ctypes_model(model))
+        n_rot = runtime.model_meta(model, f"{arch}.rope.dimension_count")
+    neox = None if rope_type == lc.LLAMA_ROPE_TYPE_NONE else rope_type != lc.LLAMA_ROPE_TYPE_NORM
+    return ModelIdentity(arch, n, heads, hk, hv, swa, int(n_swa), fingerprint(model_path), name, neox,
+                         int(n_rot) if n_rot else max(hk, default=0))
 
 
 # --- sizes ---------------------------------------------------------------------------------------------------
@@ -224,7 +252,7 @@ def needs_flash_attn(profile: Profile) -> bool:
 
 def _add_keys(w: GGUFWriter, p: Profile) -> None:
     m = p.model
-    w.add_uint32("qaq.schema_version", SCHEMA_VERSION)
+    w.add_uint32("qaq.schema_version", p.schema_version())
     w.add_string("qaq.model.architecture", m.architecture)
     w.add_string("qaq.model.name", m.name)
     w.add_uint32("qaq.model.n_layer", m.n_layer)
@@ -236,11 +264,13 @@ def _add_keys(w: GGUFWriter, p: Profile) -> None:
     w.add_string("qaq.model.fingerprint", m.fingerprint)
     w.add_array("qaq.kv.type_k", list(p.type_k))
     w.add_array("qaq.kv.type_v", list(p.type_v))
-    if p.k_mean is not None:
-        n = m.n_key_mean()
-        if len(p.k_mean) != n:
-            raise ProfileError(f"k_mean has {len(p.k_mean)} values, the model's keys {n}")
-        w.add_array("qaq.kv.k_mean", [float(x) for x in np.asarray(p.k_mean, np.float32)])
+    for key, arr, n in (("k_mean", p.k_mean, m.n_key_mean()), ("k_scale", p.k_scale, m.n_key_mean()),
+                        ("v_mean", p.v_mean, m.n_value_mean())):
+        if arr is None:
+            continue
+        if len(arr) != n:
+            raise ProfileError(f"{key} has {len(arr)} values, the model's {'values' if key == 'v_mean' else 'keys'} {n}")
+        w.add_array(f"qaq.kv.{key}", [float(x) for x in np.asarray(arr, np.float32)])
     for k, v in p.provenance.items():
         key = f"qaq.provenance.{k}"
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
@@ -251,6 +281,11 @@ def _add_keys(w: GGUFWriter, p: Profile) -> None:
             w.add_float64(key, v)
         else:
             w.add_string(key, v)
+    for key, arr in p.stats.items():
+        n = m.n_value_mean() if key.startswith("v_") else m.n_key_mean()
+        if len(arr) != n:
+            raise ProfileError(f"stats {key} has {len(arr)} values, expected {n}")
+        w.add_array(f"qaq.stats.{key}", [float(x) for x in np.asarray(arr, np.float32)])
     if p.candidates and p.score_k is not None and p.score_v is not None:
         w.add_array("qaq.stats.candidates", list(p.candidates))
         w.add_array("qaq.stats.score_k", [float(x) for x in np.asarray(p.score_k, np.float32).ravel()])
@@ -291,8 +326,9 @@ def read_profile(path: str | Path) -> Profile:
     if "qaq.schema_version" not in r.fields:
         raise ProfileError(f"{path} is a GGUF file but holds no qaq KV profile (no qaq.schema_version key)")
     schema = _field(r, "qaq.schema_version", path)
-    if schema != SCHEMA_VERSION:
-        raise ProfileError(f"{path}: profile schema version {schema}, this qaq-gguf reads version {SCHEMA_VERSION}")
+    if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
+        raise ProfileError(f"{path}: profile schema version {schema}, this qaq-gguf reads versions 1 to "
+                           f"{SCHEMA_VERSION}: upgrade qaq-gguf or recalibrate")
     n = int(_field(r, "qaq.model.n_layer", path))
     ident = ModelIdentity(
         architecture=_field(r, "qaq.model.architecture", path),
@@ -322,12 +358,25 @@ def read_profile(path: str | Path) -> Profile:
                     pass
             prov[key[len("qaq.provenance."):]] = v
     p = Profile(ident, tk, tv, prov)
-    k_mean = _field(r, "qaq.kv.k_mean", path, required=False)
-    if k_mean is not None:
-        p.k_mean = np.asarray(k_mean, np.float32)
-        n_mean = ident.n_key_mean()
-        if len(p.k_mean) != n_mean:
-            raise ProfileError(f"{path}: qaq.kv.k_mean has {len(p.k_mean)} values, expected {n_mean}")
+    for key, n_want, min_schema in (("k_mean", ident.n_key_mean(), 1), ("k_scale", ident.n_key_mean(), 2),
+                                    ("v_mean", ident.n_value_mean(), 2)):
+        arr = _field(r, f"qaq.kv.{key}", path, required=False)
+        if arr is None:
+            continue
+        if schema < min_schema:
+            raise ProfileError(f"{path}: qaq.kv.{key} needs schema version {min_schema}, the profile says {schema}")
+        arr = np.asarray(arr, np.float32)
+        if len(arr) != n_want:
+            raise ProfileError(f"{path}: qaq.kv.{key} has {len(arr)} values, expected {n_want}")
+        setattr(p, key, arr)
+    for key, n_want in (("k_mean", ident.n_key_mean()), ("v_mean", ident.n_value_mean()),
+                        ("k_first", ident.n_key_mean()), ("v_first", ident.n_value_mean())):
+        arr = _field(r, f"qaq.stats.{key}", path, required=False)
+        if arr is not None:
+            arr = np.asarray(arr, np.float32)
+            if len(arr) != n_want:
+                raise ProfileError(f"{path}: qaq.stats.{key} has {len(arr)} values, expected {n_want}")
+            p.stats[key] = arr
     cands = _field(r, "qaq.stats.candidates", path, required=False)
     if cands:
         p.candidates = list(cands)
@@ -400,8 +449,9 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
     lines.append(f"average bits per value: {average_bits(p):.3f} (per layer), "
                  f"{average_bits(p, n_ctx, **kw):.3f} (weighted by cells at n_ctx={n_ctx})")
     lines.append(f"KV cache at n_ctx={n_ctx}: {total / 2**20:.2f} MiB")
-    lines.append("keys stored centred (per-layer key means in qaq.kv.k_mean)" if p.k_mean is not None
-                 else "keys stored as they are (no key means)")
+    done = [what for what, arr in (("keys centred", p.k_mean), ("keys rebalanced", p.k_scale),
+                                   ("values centred", p.v_mean)) if arr is not None]
+    lines.append("K/V transforms: " + (", ".join(done) if done else "none (keys and values stored as they are)"))
     return "\n".join(lines)
 
 

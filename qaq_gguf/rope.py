@@ -16,9 +16,6 @@ import numpy as np
 # architectures whose sliding-window layers use {arch}.rope.freq_base_swa, default 10000 (llama-hparams.h), with
 # freq_scale 1; elsewhere SWA layers share the global base
 _SWA_BASE_ARCHS = ("gemma3", "gemma3n")
-# llama.cpp's LLAMA_ROPE_TYPE_NEOX architectures among those the lab is used with (llama_model_rope_type)
-_NEOX_ARCHS = ("gemma", "gemma2", "gemma3", "gemma3n", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "phi2", "phi3",
-               "stablelm", "gptneox", "falcon", "olmo2", "starcoder2", "exaone", "exaone4", "smollm3")
 
 
 class RopeError(ValueError):
@@ -46,8 +43,9 @@ class RopeParams:
         return (np.asarray(pos, np.float32)[:, None] * np.float32(self.freq_scale)) * inv[None, :]
 
 
-def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]]) -> dict[int, RopeParams]:
-    """RoPE of each layer in ``layers`` ({il: (is_swa, head_dim)}), read once from the model's GGUF metadata."""
+def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]], neox: bool | None) -> dict[int, RopeParams]:
+    """RoPE of each layer in ``layers`` ({il: (is_swa, head_dim)}), read once from the model's GGUF metadata;
+    ``neox``: llama.cpp's rope type for the model (profile.ModelIdentity.rope_neox; None: the model has no RoPE)."""
     from ._native import gguf_header
 
     meta, _ = gguf_header(model_path)
@@ -56,6 +54,8 @@ def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]]) -> 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    if neox is None:
+        raise RopeError(f"{arch}: the model has no RoPE (or one llama.cpp does not report)")
     scaling = get("rope.scaling.type", "linear") or "linear"
     if scaling not in ("linear", "none"):
         raise RopeError(f"{arch}: rope scaling {scaling!r} is not ported (linear only)")
@@ -68,7 +68,7 @@ def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]]) -> 
     out = {}
     for il, (is_swa, head_dim) in layers.items():
         swa = is_swa and arch in _SWA_BASE_ARCHS
-        out[il] = RopeParams(n_rot=int(get("rope.dimension_count", head_dim)), neox=arch in _NEOX_ARCHS,
+        out[il] = RopeParams(n_rot=int(get("rope.dimension_count", head_dim)), neox=neox,
                              freq_base=base_swa if swa else base, freq_scale=1.0 if swa else scale)
     return out
 

@@ -420,27 +420,46 @@ def score_layer(
     n_swa: int | None = None,
     round_q: bool = True,
     k_mean: np.ndarray | None = None,
+    k_scale: np.ndarray | None = None,
+    v_mean: np.ndarray | None = None,
+    exact_rows: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """``{type: (key_score, value_score)}`` for every candidate cache type of one layer.
 
     Same arguments as :func:`key_score` / :func:`value_score`; the attention output and
     the query sample are computed once and shared by all candidates. ``round_q`` (measured
     method) includes the kernel's rounding of Q to K's dot-product type
-    (:func:`query_dot_type`): it is why 8-bit keys cost more than 8-bit values. ``k_mean``
-    (``(n_head_kv, head_dim)``): the cache stores keys centred, ``k - k_mean`` — attention is the same (each
-    query's logits move by one constant), only the quantization error changes.
+    (:func:`query_dot_type`): it is why 8-bit keys cost more than 8-bit values.
+
+    The profile's K/V transforms (transforms.py), each exact for attention, change only what the cache has to
+    represent: ``k_mean`` (``(n_head_kv, head_dim)``) keys stored centred, ``k - k_mean``; ``k_scale`` keys stored
+    as ``k_scale * (k - k_mean)`` and queries read as ``q / k_scale``; ``v_mean`` values stored as ``v - v_mean``;
+    ``exact_rows`` (cache rows, e.g. ``[0]`` for BOS) stored exactly (the centring vectors put them on the grid).
     """
     _check_method(method)
-    layer = _prepare(q, k, v, attn, kq_scale=kq_scale, max_queries=max_queries, seed=seed, n_swa=n_swa)
+    q = np.asarray(q, dtype=np.float32)
     k = np.asarray(k, dtype=np.float32)
     v = np.asarray(v, dtype=np.float32)
     if k_mean is not None:
         k = k - np.asarray(k_mean, dtype=np.float32)  # what the cache stores; the logit error is the same
+    if k_scale is not None:
+        d = np.asarray(k_scale, dtype=np.float32)
+        k = k * d
+        q = q / np.repeat(d, q.shape[1] // d.shape[0], axis=0)  # query head h reads KV head h // group
+    if v_mean is not None:
+        v_stored = v - np.asarray(v_mean, dtype=np.float32)
+    else:
+        v_stored = v
+    layer = _prepare(q, k, v, attn, kq_scale=kq_scale, max_queries=max_queries, seed=seed, n_swa=n_swa)
     scores: dict[str, tuple[float, float]] = {}
     for name in candidates:
         k_hat = quant_roundtrip(k, name, rotate=rotate)
         dk = k_hat - k
-        dv = quant_roundtrip(v, name, is_v=True, rotate=rotate) - v
+        dv = quant_roundtrip(v_stored, name, is_v=True, rotate=rotate) - v_stored
+        if exact_rows is not None and len(exact_rows):
+            k_hat[exact_rows] = k[exact_rows]
+            dk[exact_rows] = 0.0
+            dv[exact_rows] = 0.0
         if method == "measured":
             dq = query_roundtrip(layer.q, name, rotate=rotate) - layer.q if round_q else None
             scores[name] = (_key_measured(layer, dk, dq, k_hat), _value_measured(layer, dv))

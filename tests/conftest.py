@@ -191,6 +191,8 @@ def synthetic_calibration(n_layer: int = 3, n_tok: int = 512, n_ctx: int = 256, 
             v_weight=np.abs(rng.standard_normal((n_tok, n_head_kv))).astype(np.float32),
             attn_recv=np.where(pos == 0, 0.5, 1.0 / np.maximum(pos, 1))[:, None].repeat(n_head_kv, 1).astype(
                 np.float32),
+            attn_last=np.where(pos == 0, 0.5, 1.0 / np.maximum(n_ctx - pos, 1))[:, None].repeat(n_head_kv, 1).astype(
+                np.float32),
             kq_scale=1.0 / np.sqrt(head_dim), n_head=n_head, rope=rp)
     return Calibration(ident, layers, n_ctx, n_tok // n_ctx)
 

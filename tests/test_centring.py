@@ -32,7 +32,7 @@ def test_key_means_round_trip_through_the_profile(gemma_ident, key_means, tmp_pa
     f = _profile(gemma_ident, "q4_0", "q4_0", key_means, tmp_path / "c.gguf")
     p = profile.read_profile(f)
     np.testing.assert_array_equal(p.k_mean, key_means)
-    assert "keys stored centred" in profile.describe(p)
+    assert "keys centred" in profile.describe(p)
     assert profile.read_profile(_profile(gemma_ident, "q4_0", "q4_0", None, tmp_path / "u.gguf")).k_mean is None
     with pytest.raises(ProfileError, match="k_mean has"):
         _profile(gemma_ident, "q4_0", "q4_0", key_means[:-1], tmp_path / "bad.gguf")

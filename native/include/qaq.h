@@ -14,7 +14,7 @@ extern "C" {
 
 struct llama_model;
 
-#define QAQ_PROFILE_SCHEMA_VERSION 1
+#define QAQ_PROFILE_SCHEMA_VERSION 2  // the newest version read (1 and 2 are)
 #define QAQ_FINGERPRINT_HEX_LEN    64
 
 // The qaq-gguf version this library was built from ("0.1.0"); also proves libllama is the qaq-gguf build.

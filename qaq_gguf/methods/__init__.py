@@ -52,6 +52,9 @@ REGISTRY: dict[str, str] = {
 PUBLISHED: tuple[str, ...] = ("qaq", "aquakv", "qjl", "cq", "kivi", "kvquant", "turboquant")
 
 
+ATTN_LAST = 5  # queries CalibLayer.attn_last looks at (QAQ's attention window)
+
+
 class MethodError(ValueError):
     """A method spec that cannot be made, or a fitted method used where it does not belong."""
 
@@ -81,6 +84,7 @@ class CalibLayer:
     k_weight: np.ndarray   # (N, n_head_kv, head_dim_k) first-order sensitivity of the output to each key element
     v_weight: np.ndarray   # (N, n_head_kv) ... to each value (the same for every channel of a token)
     attn_recv: np.ndarray  # (N, n_head_kv) attention each token receives, averaged over later queries and heads
+    attn_last: np.ndarray  # (N, n_head_kv) max attention each token gets from its chunk's last ATTN_LAST queries
     kq_scale: float        # s: logits are s * q.k
     n_head: int
     rope: RopeParams | None = None
