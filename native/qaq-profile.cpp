@@ -247,7 +247,7 @@ void apply(llama_model * model, const char * model_path, const char * profile_pa
         for (const auto & [t, name, head, what] : { std::tuple(tk, names_k[il], head_k[il], "K"), std::tuple(tv, names_v[il], head_v[il], "V") }) {
             if (t == GGML_TYPE_COUNT) {
                 throw profile_error(strfmt("%s: layer %d: unknown %s cache type '%s' (known to this build: f32, f16, "
-                    "bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, qaq3, qaq2)", prof.path.c_str(), il, what, name.c_str()));
+                    "bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, qaq4l, qaq3, qaq3l, qaq2, qaq2l)", prof.path.c_str(), il, what, name.c_str()));
             }
             if (head % ggml_blck_size(t) != 0) {
                 throw profile_error(strfmt("%s: layer %d: %s cache type %s has blocks of %lld values, which do not "

@@ -54,11 +54,16 @@ _TYPES: tuple[CacheType, ...] = (
     # qaq-gguf's own types (patches/0004; gguf-py does not know them): qaq_gguf/quants.py, docs/cache-types.md
     CacheType("qaq3", 43, 32, 14, True),
     CacheType("qaq2", 44, 32, 10, True),
+    # the lean qaq types: one fp16 scale per 128 values (head sizes that are multiples of 128)
+    CacheType("qaq4l", 45, 128, 66, True),
+    CacheType("qaq3l", 46, 128, 50, True),
+    CacheType("qaq2l", 47, 128, 34, True),
 )
 
 TYPES: dict[str, CacheType] = {t.name: t for t in _TYPES}
 
-DEFAULT_CANDIDATES: tuple[str, ...] = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "qaq3", "qaq2")
+DEFAULT_CANDIDATES: tuple[str, ...] = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "qaq4l", "qaq3",
+                                       "qaq3l", "qaq2", "qaq2l")
 
 
 def names() -> list[str]:

@@ -44,7 +44,7 @@ class Scores:
 
 # cache types without a CUDA flash-attention kernel (ggml-cuda fattn: f16, q4_0, q4_1, q5_0, q5_1, q8_0, bf16,
 # and qaq-gguf's qaq3/qaq2)
-NO_CUDA_FA = ("iq4_nl",)
+NO_CUDA_FA = ("iq4_nl", "qaq4l", "qaq3l", "qaq2l")
 
 
 def default_candidates() -> list[str]:

@@ -15,9 +15,9 @@ examples:
   qaq-gguf info                                   versions, library, backends and devices
   qaq-gguf demo                                   the main job on the bundled Gemma 3 270M: calibrate,
                                                   evaluate against uniform -ctk/-ctv pairs, generate
-  qaq-gguf profile make MODEL -k q8_0 -v q4_0 -o qaq.gguf
+  qaq-gguf profile make MODEL -ctk q8_0 -ctv q4_0 -o qaq.gguf
                                                   a hand-made profile: every layer K q8_0, V q4_0
-  qaq-gguf profile make MODEL -k q8_0,q4_0,... -v q4_0 -o qaq.gguf
+  qaq-gguf profile make MODEL -ctk q8_0,q4_0,... -ctv q4_0 -o qaq.gguf
                                                   one type per layer (comma-separated, one entry per layer)
   qaq-gguf profile inspect qaq.gguf --n-ctx 32768 per-layer table, average bits, bytes at a context length
   qaq-gguf profile embed MODEL qaq.gguf -o model-qaq.gguf
@@ -184,7 +184,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _configs(args: argparse.Namespace) -> list:
     from . import evaluate, frontier
 
-    cfgs = [evaluate.CacheConfig(Path(p).stem, profile=p) for p in args.profile or []]
+    profiles = [Path(p) for p in args.profile or []]
+    stems = [p.stem for p in profiles]
+    cfgs = [evaluate.CacheConfig(p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}/{p.stem}", profile=str(p))
+            for p in profiles]
     if args.type_k or args.type_v:
         tk, tv = args.type_k or "f16", args.type_v or "f16"
         cfgs.append(evaluate.CacheConfig(f"{tk}/{tv}", type_k=tk, type_v=tv))
@@ -391,8 +394,8 @@ examples:
     p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
     p.add_argument("--text", required=True, help="held-out text (never the calibration text)")
     p.add_argument("--profile", action="append", help="a profile to evaluate (repeatable)")
-    p.add_argument("-ctk", "--type-k", help="uniform K cache type")
-    p.add_argument("-ctv", "--type-v", help="uniform V cache type")
+    p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPE", help="uniform K cache type (as llama.cpp)")
+    p.add_argument("-ctv", "--cache-type-v", dest="type_v", metavar="TYPE", help="uniform V cache type (as llama.cpp)")
     p.add_argument("--pairs", help="uniform pairs, e.g. q8_0/q4_0,q4_0/q4_0")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default 1024)")
     p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
@@ -534,8 +537,10 @@ Never calibrate on the text you evaluate on.""")
                                     "every layer; a comma-separated list gives one type per layer. Types: f16, "
                                     "bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, qaq3, qaq2.")
     p.add_argument("model", help="the GGUF model the profile is for (it is bound to this file's tensor layout)")
-    p.add_argument("-k", "--type-k", required=True, help="K cache type(s)")
-    p.add_argument("-v", "--type-v", required=True, help="V cache type(s)")
+    p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPES", required=True,
+                   help="K cache type, or one per layer, comma-separated (spelled as llama.cpp's -ctk)")
+    p.add_argument("-ctv", "--cache-type-v", dest="type_v", metavar="TYPES", required=True,
+                   help="V cache type, or one per layer, comma-separated (spelled as llama.cpp's -ctv)")
     p.add_argument("-o", "--output", required=True, help="profile file to write (e.g. qaq.gguf)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context length for the size column")
     p.set_defaults(func=cmd_profile_make)

@@ -72,15 +72,15 @@ def plot(res: dict, path: str | Path, *, title: str | None = None) -> Path:
         for series, style in (("uniform", dict(marker="o", ls="none", color="tab:gray")),
                               ("compared", dict(marker="^", ls="--", color="tab:blue")),
                               ("calibrated", dict(marker="s", ls="-", color="tab:red"))):
-            rows = sorted((r for r in res["results"] if r.get("series") == series), key=lambda r: r["bits"])
+            rows = sorted((r for r in res["results"] if r.get("series") == series), key=lambda r: r["avg_bits"])
             if not rows:
                 continue
-            ax.plot([r["bits"] for r in rows], [r[key] for r in rows], label=f"{series}", **style)
+            ax.plot([r["avg_bits"] for r in rows], [r[key] for r in rows], label=f"{series}", **style)
             if series == "uniform":
                 for r in rows:
-                    ax.annotate(r["label"], (r["bits"], r[key]), fontsize=7, xytext=(3, 3),
+                    ax.annotate(r["label"], (r["avg_bits"], r[key]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
-        ax.set_xlabel("average bits per cached value (K and V, scales included)")
+        ax.set_xlabel("average bits per cached value at this n_ctx (K and V, scales included)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -101,11 +101,12 @@ def summary(res: dict) -> str:
     width = max([10] + [len(r["label"]) for r in res["results"] if r.get("series") in ("calibrated", "compared")])
     lines[0] = f"{'profile':<{width}}" + lines[0][10:]
     for r in (r for r in res["results"] if r.get("series") in ("calibrated", "compared")):
-        ok = [u for u in uni if u["bits"] <= r["bits"] + 1e-9]
+        # bits as the table prints them: what the cache holds at this n_ctx ("bits": the solver's per-layer figure)
+        ok = [u for u in uni if u["avg_bits"] <= r["avg_bits"] + 1e-9]
         best = min(ok, key=lambda u: u["kld"]) if ok else None
-        cmp = (f"{best['label']:<14} {best['bits']:>5.2f} {best['dppl_pct']:+8.3f} {best['kld']:9.5f}  "
+        cmp = (f"{best['label']:<14} {best['avg_bits']:>5.2f} {best['dppl_pct']:+8.3f} {best['kld']:9.5f}  "
                f"{'beats it' if r['kld'] < best['kld'] else 'does NOT beat it'} (KLD)") if best else "none"
-        lines.append(f"{r['label']:<{width}} {r['bits']:>6.3f} {r['dppl_pct']:+8.3f} {r['kld']:9.5f}   {cmp}")
+        lines.append(f"{r['label']:<{width}} {r['avg_bits']:>6.3f} {r['dppl_pct']:+8.3f} {r['kld']:9.5f}   {cmp}")
     return "\n".join(lines)
 
 

@@ -1,10 +1,11 @@
-"""numpy reference of qaq-gguf's own cache types, ``qaq3`` and ``qaq2`` (byte for byte what ggml writes).
+"""numpy reference of qaq-gguf's own cache types, byte for byte what ggml writes.
 
-Both types store 32 values per block: two ue5m3 scales (the top byte of an fp16 without its sign, one per 16
-values) and an index per value into a fixed symmetric int8 codebook. ``qaq3`` has 8 levels in 14 bytes (3.5
-bits per value), ``qaq2`` 4 levels in 10 bytes (2.5 bits). The C layout and the quantizer this module ports,
-operation for operation, are ``native/ggml/ggml-qaq.h`` and ``ggml-qaq.c``; the design study behind them is
-``docs/cache-types.md``.
+``qaq3`` and ``qaq2`` store 32 values per block: two ue5m3 scales (the top byte of an fp16 without its sign, one
+per 16 values) and an index per value into a fixed symmetric int8 codebook: 8 levels in 14 bytes (3.5 bits per
+value), 4 levels in 10 bytes (2.5 bits). The lean types ``qaq4l``, ``qaq3l`` and ``qaq2l`` store 128 values per
+block with one fp16 scale and 16, 8 or 4 levels: 66, 50 and 34 bytes (4.125, 3.125, 2.125 bits). The C layouts
+and the quantizer this module ports, operation for operation, are ``native/ggml/ggml-qaq.h`` and ``ggml-qaq.c``;
+the design study behind them is ``docs/cache-types.md``.
 
 Use :func:`quantize` / :func:`dequantize` for raw blocks and :func:`roundtrip` for the values the cache holds.
 """
@@ -18,11 +19,13 @@ HALF = 16        # values per scale
 NTRY = 11        # scale candidates amax * (0.45 + 0.07 i) / 127
 UE5M3_MAX = 0xF7  # largest scale byte with a finite value (61440)
 
-KVALUES = {
-    "qaq3": np.array([-127, -79, -45, -14, 14, 45, 79, 127], dtype=np.float32),
-    "qaq2": np.array([-127, -38, 38, 127], dtype=np.float32),
-}
-BLOCK_BYTES = {"qaq3": 14, "qaq2": 10}
+_T4 = np.array([-127, -96, -75, -58, -44, -31, -18, -6, 6, 18, 31, 44, 58, 75, 96, 127], dtype=np.float32)
+_T3 = np.array([-127, -79, -45, -14, 14, 45, 79, 127], dtype=np.float32)
+_T2 = np.array([-127, -38, 38, 127], dtype=np.float32)
+KVALUES = {"qaq3": _T3, "qaq2": _T2, "qaq4l": _T4, "qaq3l": _T3, "qaq2l": _T2}
+BLOCK_BYTES = {"qaq3": 14, "qaq2": 10, "qaq4l": 66, "qaq3l": 50, "qaq2l": 34}
+BLOCK_VALUES = {"qaq3": 32, "qaq2": 32, "qaq4l": 128, "qaq3l": 128, "qaq2l": 128}
+QKL = 128        # values per lean block
 
 
 def _midpoints(t: np.ndarray) -> np.ndarray:
@@ -52,24 +55,29 @@ def _nearest(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
     return (v[..., None] > mids).sum(axis=-1)
 
 
-def _quantize_halves(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Port of ``qaq_quantize_half`` for many 16-value halves at once: x (n, 16) float32 ->
-    (scale bytes (n,), indices (n, 16))."""
-    T, mids = KVALUES[name], MIDS[name]
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """amax, sequential float32 sum of squares and liveness of rows of x (n, m), as qaq_stats."""
     f32 = np.float32
     n = x.shape[0]
     amax = np.abs(x).max(axis=1) if n else np.zeros(0, f32)
     sumx2 = np.zeros(n, f32)
-    for j in range(HALF):  # sequential float32 sums, as the C loop
+    for j in range(x.shape[1]):  # sequential float32 sums, as the C loop
         sumx2 = sumx2 + x[:, j] * x[:, j]
-    izero = int(_nearest(np.zeros(1, f32), mids)[0])
-    live = (amax > 0) & np.isfinite(amax)
+    return amax, sumx2, (amax > 0) & np.isfinite(amax)
+
+
+def _best_scale(x: np.ndarray, name: str, amax: np.ndarray, sumx2: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """Port of ``qaq_best_scale`` for rows of x (n, m): the least-squares scale after the candidate search and one
+    refit (rows that are not live get garbage, masked by the caller)."""
+    T, mids = KVALUES[name], MIDS[name]
+    f32 = np.float32
+    n = x.shape[0]
     a = np.where(live, amax, f32(1)).astype(f32)
 
     def fit(inv_d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sqx = np.zeros(n, f32)
         sq2 = np.zeros(n, f32)
-        for j in range(HALF):
+        for j in range(x.shape[1]):
             t = T[_nearest(x[:, j] * inv_d, mids)]
             sqx = sqx + x[:, j] * t
             sq2 = sq2 + t * t
@@ -90,7 +98,19 @@ def _quantize_halves(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
             best_d = np.where(upd, ds, best_d)
         ok, ds, err = fit((f32(1) / best_d).astype(f32))
         best_d = np.where(ok & (err < best_err), ds, best_d).astype(f32)
+    return best_d
 
+
+def _quantize_halves(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Port of ``qaq_quantize_half`` for many 16-value halves at once: x (n, 16) float32 ->
+    (scale bytes (n,), indices (n, 16))."""
+    T, mids = KVALUES[name], MIDS[name]
+    f32 = np.float32
+    n = x.shape[0]
+    amax, sumx2, live = _stats(x)
+    izero = int(_nearest(np.zeros(1, f32), mids)[0])
+    best_d = _best_scale(x, name, amax, sumx2, live)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         b0 = ue5m3_floor(best_d)
         best_b = b0.copy()
         best_e = np.full(n, np.inf, f32)
@@ -115,25 +135,64 @@ def _quantize_halves(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     return best_b.astype(np.uint8), idx.astype(np.uint8)
 
 
+def _pack_low2(idx: np.ndarray) -> np.ndarray:
+    """qs bytes of (n, 32) indices: value j's low 2 bits at bits 2*(j/8) of byte j%8."""
+    lo = idx & 3
+    return (lo[:, 0:8] | lo[:, 8:16] << 2 | lo[:, 16:24] << 4 | lo[:, 24:32] << 6).astype(np.uint8)
+
+
+def _pack_high1(idx: np.ndarray) -> np.ndarray:
+    """qh bytes of (n, 32) 3-bit indices: value j's high bit at bit j%8 of byte j/8."""
+    hi = (idx >> 2).reshape(idx.shape[0], 4, 8)
+    return (hi << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
+
+
+def _quantize_lean(blocks: np.ndarray, name: str) -> np.ndarray:
+    """Port of ``quantize_row_qaq{4,3,2}l_ref``: (nb, 128) float32 -> (nb, block bytes) uint8."""
+    f32 = np.float32
+    mids = MIDS[name]
+    nb = blocks.shape[0]
+    amax, sumx2, live = _stats(blocks)
+    best_d = _best_scale(blocks, name, amax, sumx2, live)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        h = np.where(live, np.minimum(best_d, f32(65504)), f32(0)).astype(np.float16)  # saturate, as C
+        d = h.astype(f32)
+        ok = (d > 0) & np.isfinite(d)
+        h = np.where(ok, h, np.float16(0))
+        inv = np.where(ok, f32(1) / np.where(ok, d, f32(1)), f32(0)).astype(f32)
+        idx = _nearest(blocks * inv[:, None], mids)
+    izero = int(_nearest(np.zeros(1, f32), mids)[0])
+    idx = np.where(ok[:, None], idx, izero).astype(np.uint8)
+    sub = idx.reshape(nb * 4, 32)
+    if name == "qaq4l":
+        codes = (sub[:, :16] | sub[:, 16:] << 4).astype(np.uint8).reshape(nb, 64)
+        parts = [codes]
+    else:
+        parts = [_pack_low2(sub).reshape(nb, 32)]
+        if name == "qaq3l":
+            parts.append(_pack_high1(sub).reshape(nb, 16))
+    return np.concatenate([h.reshape(nb, 1).view(np.uint8)] + parts, axis=1)
+
+
 def quantize(x: np.ndarray, name: str) -> np.ndarray:
-    """Quantize rows (last axis a multiple of 32) to raw ``name`` blocks: uint8 (..., n/32 * block bytes)."""
+    """Quantize rows (last axis a multiple of the block size) to raw ``name`` blocks: uint8 (..., blocks * bytes)."""
     if name not in KVALUES:
         raise ValueError(f"unknown qaq type {name!r}; known: {', '.join(KVALUES)}")
     x = np.asarray(x, np.float32)
-    if x.shape[-1] % QK:
-        raise ValueError(f"{name}: last dimension {x.shape[-1]} is not a multiple of {QK}")
+    qk = BLOCK_VALUES[name]
+    if x.shape[-1] % qk:
+        raise ValueError(f"{name}: last dimension {x.shape[-1]} is not a multiple of {qk}")
+    if qk == QKL:
+        out = _quantize_lean(x.reshape(-1, QKL), name)
+        return out.reshape(*x.shape[:-1], x.shape[-1] // QKL * BLOCK_BYTES[name])
     blocks = x.reshape(-1, QK)
     nb = blocks.shape[0]
     d, idx = _quantize_halves(blocks.reshape(-1, HALF), name)
     d = d.reshape(nb, 2)
     idx = idx.reshape(nb, QK).astype(np.uint8)
-    lo = idx & 3
-    qs = lo[:, 0:8] | lo[:, 8:16] << 2 | lo[:, 16:24] << 4 | lo[:, 24:32] << 6
-    parts = [d, qs]
+    parts = [d, _pack_low2(idx)]
     if name == "qaq3":
-        hi = (idx >> 2).reshape(nb, 4, 8)
-        qh = (hi << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
-        parts.append(qh)
+        parts.append(_pack_high1(idx))
     out = np.concatenate(parts, axis=1).astype(np.uint8)
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK * BLOCK_BYTES[name])
 
@@ -145,6 +204,21 @@ def dequantize(data: np.ndarray, name: str) -> np.ndarray:
     if data.shape[-1] % bb:
         raise ValueError(f"{name}: {data.shape[-1]} bytes is not a whole number of {bb}-byte blocks")
     blk = data.reshape(-1, bb)
+    if BLOCK_VALUES[name] == QKL:
+        d = np.ascontiguousarray(blk[:, 0:2]).view(np.float16).astype(np.float32)  # (nb, 1)
+        nb = blk.shape[0]
+        j = np.arange(32)
+        if name == "qaq4l":
+            qs = blk[:, 2:66].reshape(nb, 4, 16)
+            idx = np.where(j < 16, qs[:, :, j % 16] & 0xF, qs[:, :, j % 16] >> 4)
+        else:
+            qs = blk[:, 2:34].reshape(nb, 4, 8)
+            idx = (qs[:, :, j % 8] >> (2 * (j // 8))) & 3
+            if name == "qaq3l":
+                qh = blk[:, 34:50].reshape(nb, 4, 4)
+                idx = idx | ((qh[:, :, j // 8] >> (j % 8)) & 1) << 2
+        y = (d[:, :, None] * KVALUES[name][idx]).reshape(nb, QKL)
+        return y.astype(np.float32).reshape(*data.shape[:-1], data.shape[-1] // bb * QKL)
     d = ue5m3_to_float(blk[:, 0:2])
     qs = blk[:, 2:10]
     j = np.arange(QK)

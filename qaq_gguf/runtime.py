@@ -167,8 +167,10 @@ class Llama(llama_cpp_module().Llama):
     def __init__(self, model_path: str, *args, kv_profile: str | Path | None = None, **kwargs):
         self.kv_profile = str(kv_profile) if kv_profile is not None else None
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if a check below raises
+        quiet = quiet_llama_log() if kwargs.get("verbose") is False else contextlib.nullcontext()
         if self.kv_profile is None:
-            super().__init__(model_path, *args, **kwargs)
+            with quiet:  # verbose=False: llama.cpp's warnings too (llama-cpp-python lets some through)
+                super().__init__(model_path, *args, **kwargs)
             return
         for k in ("type_k", "type_v"):
             if kwargs.get(k) is not None:
@@ -206,7 +208,7 @@ class Llama(llama_cpp_module().Llama):
             apply_profile(model.model, model_path, profile_path)
             return make_context(model=model, params=params, verbose=verbose)
 
-        with _hook_lock:
+        with _hook_lock, quiet:
             internals.LlamaContext = context_with_profile
             try:
                 super().__init__(model_path, *args, **kwargs)

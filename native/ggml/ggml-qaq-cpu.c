@@ -1,6 +1,6 @@
-// qaq3 / qaq2 CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, and the dot product with a
-// q8_0 row that flash attention uses for K.q (Q is rounded to q8_0 blocks of 32 once per query row; the
-// measured cost of that rounding below 4 bits is under 1% of the cache's own error, docs/cache-types.md).
+// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, and the dot
+// product with a q8_0 row that flash attention's vector path uses for K.q (Q rounded to q8_0 blocks of 32 once per
+// query row; the tiled path converts K to f32 and keeps Q in f32).
 
 #include "ggml-qaq.h"
 #include "ggml-qaq-cpu.h"
@@ -24,6 +24,18 @@ void quantize_row_qaq3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, in
 
 void quantize_row_qaq2(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
     quantize_row_qaq2_ref(x, (block_qaq2 *) y, k);
+}
+
+void quantize_row_qaq4l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq4l_ref(x, (block_qaq4l *) y, k);
+}
+
+void quantize_row_qaq3l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq3l_ref(x, (block_qaq3l *) y, k);
+}
+
+void quantize_row_qaq2l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq2l_ref(x, (block_qaq2l *) y, k);
 }
 
 #if defined(__AVX2__)
@@ -126,4 +138,96 @@ void ggml_vec_dot_qaq2_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const voi
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
     *s = qaq_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq2), false, (const block_q8_0 *) vy);
+}
+
+// The lean types against a q8_0 row: a block of 128 values (one fp16 scale) is four q8_0 blocks. qaq3l/qaq2l pack each
+// 32 values as one qaq3/qaq2 block's qs (and qh); qaq4l as q4_0's nibbles (value j and j+16 in byte j).
+static inline float qaq_lean_vec_dot_q8_0(int n, const uint8_t * GGML_RESTRICT x, size_t bsize, int bits,
+                                          const block_q8_0 * GGML_RESTRICT y) {
+    assert(n % QK_QAQL == 0);
+    const int nb = n / QK_QAQL;
+    const size_t o_qs = offsetof(block_qaq3l, qs);
+    const size_t o_qh = offsetof(block_qaq3l, qh);
+    _Static_assert(offsetof(block_qaq2l, qs) == offsetof(block_qaq3l, qs), "qaq2l/qaq3l share the d, qs layout");
+    _Static_assert(offsetof(block_qaq4l, qs) == offsetof(block_qaq3l, qs), "qaq4l/qaq3l share the d offset");
+
+#if defined(__AVX2__)
+    const __m256i table = bits == 4
+        ? _mm256_setr_epi8(QAQ4_KVALUES, QAQ4_KVALUES)
+        : bits == 3
+        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
+        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < nb; ++ib, x += bsize) {
+        uint16_t h;
+        memcpy(&h, x, sizeof(h));
+        const float d = GGML_CPU_FP16_TO_FP32(h);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            __m256i idx;
+            if (bits == 4) {
+                const __m128i q = _mm_loadu_si128((const __m128i *) (x + o_qs + 16*g));
+                idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+            } else {
+                idx = qaq_low2(x + o_qs + 8*g);
+                if (bits == 3) {
+                    idx = _mm256_or_si256(idx, qaq_high4(x + o_qh + 4*g));
+                }
+            }
+            acc = qaq_block_acc(acc, _mm256_shuffle_epi8(table, idx), &y[4*ib + g], d, d);
+        }
+    }
+    return qaq_hsum(acc);
+#else
+    static const int8_t kvalues_qaq4[16] = { QAQ4_KVALUES };
+    static const int8_t kvalues_qaq3[8]  = { QAQ3_KVALUES };
+    static const int8_t kvalues_qaq2[4]  = { QAQ2_KVALUES };
+    const int8_t * T = bits == 4 ? kvalues_qaq4 : bits == 3 ? kvalues_qaq3 : kvalues_qaq2;
+    float sumf = 0.0f;
+    for (int ib = 0; ib < nb; ++ib, x += bsize) {
+        uint16_t h;
+        memcpy(&h, x, sizeof(h));
+        const float d = GGML_CPU_FP16_TO_FP32(h);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            const block_q8_0 * yb = &y[4*ib + g];
+            int sum[2] = { 0, 0 };
+            for (int j = 0; j < 32; ++j) {
+                int l;
+                if (bits == 4) {
+                    l = x[o_qs + 16*g + j % 16] >> (j < 16 ? 0 : 4) & 0xF;
+                } else {
+                    l = x[o_qs + 8*g + j % 8] >> 2*(j / 8) & 3;
+                    if (bits == 3) {
+                        l |= (x[o_qh + 4*g + j / 8] >> (j % 8) & 1) << 2;
+                    }
+                }
+                sum[j / 16] += T[l] * yb->qs[j];
+            }
+            sumf += GGML_CPU_FP16_TO_FP32(yb->d) * (d*(float) sum[0] + d*(float) sum[1]);
+        }
+    }
+    return sumf;
+#endif
+}
+
+void ggml_vec_dot_qaq4l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    *s = qaq_lean_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq4l), 4, (const block_q8_0 *) vy);
+}
+
+void ggml_vec_dot_qaq3l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    *s = qaq_lean_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq3l), 3, (const block_q8_0 *) vy);
+}
+
+void ggml_vec_dot_qaq2l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    *s = qaq_lean_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const block_q8_0 *) vy);
 }

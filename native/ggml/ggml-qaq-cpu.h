@@ -1,4 +1,4 @@
-// qaq3 / qaq2 CPU kernels: declarations for ggml-cpu's type_traits_cpu rows.
+// qaq CPU kernels: declarations for ggml-cpu's type_traits_cpu rows.
 #pragma once
 
 #include <stddef.h>
@@ -13,6 +13,14 @@ void quantize_row_qaq2(const float * x, void * y, int64_t k);
 
 void ggml_vec_dot_qaq3_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 void ggml_vec_dot_qaq2_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+
+void quantize_row_qaq4l(const float * x, void * y, int64_t k);
+void quantize_row_qaq3l(const float * x, void * y, int64_t k);
+void quantize_row_qaq2l(const float * x, void * y, int64_t k);
+
+void ggml_vec_dot_qaq4l_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+void ggml_vec_dot_qaq3l_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+void ggml_vec_dot_qaq2l_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 
 #ifdef __cplusplus
 }

@@ -1,21 +1,26 @@
-// qaq3 / qaq2 reference quantizers and dequantizers (compiled into ggml-base; layout in ggml-qaq.h).
+// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l reference quantizers and dequantizers (compiled into ggml-base; layouts in
+// ggml-qaq.h).
 //
 // Built with -ffp-contract=off: the float operations below happen in the order written, so the numpy port
 // (qaq_gguf/quants.py) and the CUDA quantizer produce the same bytes.
 
 #include "ggml-qaq.h"
+#include "ggml-impl.h"  // GGML_FP32_TO_FP16 / GGML_FP16_TO_FP32 (the lean types' fp16 scale)
 
 #include <assert.h>
 #include <math.h>
 #include <stdbool.h>
 #include <string.h>
 
-static const int8_t kvalues_qaq3[8] = { QAQ3_KVALUES };
-static const int8_t kvalues_qaq2[4] = { QAQ2_KVALUES };
+static const int8_t kvalues_qaq4[16] = { QAQ4_KVALUES };
+static const int8_t kvalues_qaq3[8]  = { QAQ3_KVALUES };
+static const int8_t kvalues_qaq2[4]  = { QAQ2_KVALUES };
 
 // decision thresholds between neighbouring levels (midpoints); index = number of thresholds below v
-static const float kmid_qaq3[7] = { -103.0f, -62.0f, -29.5f, 0.0f, 29.5f, 62.0f, 103.0f };
-static const float kmid_qaq2[3] = { -82.5f, 0.0f, 82.5f };
+static const float kmid_qaq4[15] = { -111.5f, -85.5f, -66.5f, -51.0f, -37.5f, -24.5f, -12.0f, 0.0f,
+                                     12.0f, 24.5f, 37.5f, 51.0f, 66.5f, 85.5f, 111.5f };
+static const float kmid_qaq3[7]  = { -103.0f, -62.0f, -29.5f, 0.0f, 29.5f, 62.0f, 103.0f };
+static const float kmid_qaq2[3]  = { -82.5f, 0.0f, 82.5f };
 
 #define QAQ_HALF 16    // values per scale
 #define QAQ_NTRY 11    // scale candidates amax * (0.45 + 0.07 i) / 127, i = 0..10
@@ -50,10 +55,10 @@ static uint8_t qaq_ue5m3_floor(float v) {
 
 // Least-squares scale for the indices nearest to x/d (id = 1/d): sets *ds and *err = sum x^2 - ds*sum x*T, and
 // returns false when the fit is degenerate. Sums run in index order (the numpy port and CUDA follow it).
-static bool qaq_fit(const float * x, float sumx2, float id, const int8_t * T, const float * mid, int nmid,
+static bool qaq_fit(const float * x, int n, float sumx2, float id, const int8_t * T, const float * mid, int nmid,
                     float * ds, float * err) {
     float sumqx = 0.0f, sumq2 = 0.0f;
-    for (int j = 0; j < QAQ_HALF; ++j) {
+    for (int j = 0; j < n; ++j) {
         const float t = (float) T[qaq_nearest(x[j]*id, mid, nmid)];
         sumqx += x[j]*t;
         sumq2 += t*t;
@@ -66,39 +71,54 @@ static bool qaq_fit(const float * x, float sumx2, float id, const int8_t * T, co
     return true;
 }
 
-// Quantize QAQ_HALF values: scale search (as iq4_nl's, unweighted), one refit, then the better of the two
-// neighbouring ue5m3 scales. Writes the indices to L, returns the scale byte.
-static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L) {
-    float amax  = 0.0f;
-    float sumx2 = 0.0f;
-    for (int j = 0; j < QAQ_HALF; ++j) {
+// amax and sum of squares of n values (sequential, the order the ports follow); false when nothing to quantize
+static bool qaq_stats(const float * x, int n, float * amax, float * sumx2) {
+    float a = 0.0f, s2 = 0.0f;
+    for (int j = 0; j < n; ++j) {
         const float ax = fabsf(x[j]);
-        amax   = ax > amax ? ax : amax;
-        sumx2 += x[j]*x[j];
+        a   = ax > a ? ax : a;
+        s2 += x[j]*x[j];
     }
-    const int izero = qaq_nearest(0.0f, mid, nmid);
-    if (!(amax > 0.0f) || !isfinite(amax)) {
-        for (int j = 0; j < QAQ_HALF; ++j) {
-            L[j] = (uint8_t) izero;
-        }
-        return 0;
-    }
+    *amax  = a;
+    *sumx2 = s2;
+    return a > 0.0f && isfinite(a);
+}
 
+// The least-squares scale of n values: scale search over QAQ_NTRY candidates (as iq4_nl's, unweighted), then one
+// refit with the best candidate's assignment.
+static float qaq_best_scale(const float * x, int n, float amax, float sumx2, const int8_t * T, const float * mid,
+                            int nmid) {
     float best_err = INFINITY;
     float best_d   = amax / 127.0f;
     float ds, err;
     for (int i = 0; i < QAQ_NTRY; ++i) {
         const float g = 0.45f + 0.07f*(float) i;
         const float d = amax*g/127.0f;
-        if (qaq_fit(x, sumx2, 1.0f/d, T, mid, nmid, &ds, &err) && err < best_err) {
+        if (qaq_fit(x, n, sumx2, 1.0f/d, T, mid, nmid, &ds, &err) && err < best_err) {
             best_err = err;
             best_d   = ds;
         }
     }
     // one refit with the best scale's assignment
-    if (qaq_fit(x, sumx2, 1.0f/best_d, T, mid, nmid, &ds, &err) && err < best_err) {
+    if (qaq_fit(x, n, sumx2, 1.0f/best_d, T, mid, nmid, &ds, &err) && err < best_err) {
         best_d = ds;
     }
+    return best_d;
+}
+
+// Quantize QAQ_HALF values: the least-squares scale, then the better of the two neighbouring ue5m3 scales.
+// Writes the indices to L, returns the scale byte.
+static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L) {
+    float amax, sumx2;
+    const int izero = qaq_nearest(0.0f, mid, nmid);
+    if (!qaq_stats(x, QAQ_HALF, &amax, &sumx2)) {
+        for (int j = 0; j < QAQ_HALF; ++j) {
+            L[j] = (uint8_t) izero;
+        }
+        return 0;
+    }
+
+    const float best_d = qaq_best_scale(x, QAQ_HALF, amax, sumx2, T, mid, nmid);
 
     // store: the ue5m3 neighbour (below or above) with the lower squared error
     const uint8_t b0 = qaq_ue5m3_floor(best_d);
@@ -139,21 +159,87 @@ static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float 
     return best_b;
 }
 
+// 2 low index bits of 32 values into qs[8], the high bit (3-bit indices, qh != NULL) into qh[4]
+static void qaq_pack32(const uint8_t * L, uint8_t * qs, uint8_t * qh) {
+    for (int b = 0; b < QK_QAQ/4; ++b) {
+        qs[b] = (uint8_t) ((L[b] & 3) | (L[b + 8] & 3) << 2 | (L[b + 16] & 3) << 4 | (L[b + 24] & 3) << 6);
+    }
+    for (int b = 0; qh && b < QK_QAQ/8; ++b) {
+        uint8_t hb = 0;
+        for (int j = 0; j < 8; ++j) {
+            hb |= (uint8_t) ((L[8*b + j] >> 2) << j);
+        }
+        qh[b] = hb;
+    }
+}
+
 // One block: both halves, then the 2 low index bits into qs and, for qaq3 (qh != NULL), the high bit into qh.
 static void qaq_quantize_block(const float * x, const int8_t * T, const float * mid, int nmid,
                                uint8_t d[2], uint8_t qs[QK_QAQ/4], uint8_t * qh) {
     uint8_t L[QK_QAQ];
     d[0] = qaq_quantize_half(x,            T, mid, nmid, L);
     d[1] = qaq_quantize_half(x + QAQ_HALF, T, mid, nmid, L + QAQ_HALF);
-    for (int b = 0; b < QK_QAQ/4; ++b) {
-        qs[b] = (uint8_t) ((L[b] & 3) | (L[b + 8] & 3) << 2 | (L[b + 16] & 3) << 4 | (L[b + 24] & 3) << 6);
+    qaq_pack32(L, qs, qh);
+}
+
+// A lean block (QK_QAQL values): the least-squares scale over all of them, stored as fp16; indices for that scale.
+// Writes the indices to L, returns the fp16 bits.
+static uint16_t qaq_quantize_lean(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L) {
+    float amax, sumx2;
+    const int izero = qaq_nearest(0.0f, mid, nmid);
+    float d = 0.0f;
+    uint16_t h = 0;
+    if (qaq_stats(x, QK_QAQL, &amax, &sumx2)) {
+        const float best_d = qaq_best_scale(x, QK_QAQL, amax, sumx2, T, mid, nmid);
+        h = GGML_FP32_TO_FP16(best_d < 65504.0f ? best_d : 65504.0f);  // saturate at the largest fp16, as qaq3 does
+        d = GGML_FP16_TO_FP32(h);
     }
-    for (int b = 0; qh && b < QK_QAQ/8; ++b) {
-        uint8_t h = 0;
-        for (int j = 0; j < 8; ++j) {
-            h |= (uint8_t) ((L[8*b + j] >> 2) << j);
+    if (d > 0.0f && isfinite(d)) {
+        const float id = 1.0f/d;
+        for (int j = 0; j < QK_QAQL; ++j) {
+            L[j] = (uint8_t) qaq_nearest(x[j]*id, mid, nmid);
         }
-        qh[b] = h;
+    } else {
+        h = 0;
+        for (int j = 0; j < QK_QAQL; ++j) {
+            L[j] = (uint8_t) izero;
+        }
+    }
+    return h;
+}
+
+void quantize_row_qaq4l_ref(const float * x, block_qaq4l * y, int64_t k) {
+    assert(k % QK_QAQL == 0);
+    uint8_t L[QK_QAQL];
+    for (int64_t i = 0; i < k / QK_QAQL; ++i) {
+        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq4, kmid_qaq4, 15, L);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            for (int j = 0; j < 16; ++j) {
+                y[i].qs[16*g + j] = (uint8_t) (L[32*g + j] | L[32*g + j + 16] << 4);
+            }
+        }
+    }
+}
+
+void quantize_row_qaq3l_ref(const float * x, block_qaq3l * y, int64_t k) {
+    assert(k % QK_QAQL == 0);
+    uint8_t L[QK_QAQL];
+    for (int64_t i = 0; i < k / QK_QAQL; ++i) {
+        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq3, kmid_qaq3, 7, L);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            qaq_pack32(L + 32*g, y[i].qs + 8*g, y[i].qh + 4*g);
+        }
+    }
+}
+
+void quantize_row_qaq2l_ref(const float * x, block_qaq2l * y, int64_t k) {
+    assert(k % QK_QAQL == 0);
+    uint8_t L[QK_QAQL];
+    for (int64_t i = 0; i < k / QK_QAQL; ++i) {
+        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq2, kmid_qaq2, 3, L);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            qaq_pack32(L + 32*g, y[i].qs + 8*g, NULL);
+        }
     }
 }
 
@@ -174,11 +260,11 @@ void quantize_row_qaq2_ref(const float * x, block_qaq2 * y, int64_t k) {
 // Dequantizers run once per cached V row per query in CPU flash attention, so they are written for speed: the
 // 8 (4) possible values of each half-block are tabulated first (d * level: one rounding, as d * T[l] would be),
 // then every value is one table load. Value j = 8*g + b sits in qs[b] at bits 2g and in qh[g] at bit b.
-static inline void qaq_dequantize_block(const uint8_t d[2], const uint8_t qs[QK_QAQ/4], const uint8_t * qh,
+static inline void qaq_dequantize_block(float d0, float d1, const uint8_t qs[QK_QAQ/4], const uint8_t * qh,
                                         const int8_t * T, int nlev, float * y) {
     float tab[2][8];
     for (int h = 0; h < 2; ++h) {
-        const float dh = qaq_ue5m3_to_fp32(d[h]);
+        const float dh = h ? d1 : d0;
         for (int l = 0; l < nlev; ++l) {
             tab[h][l] = dh*(float) T[l];
         }
@@ -202,31 +288,68 @@ static inline void qaq_dequantize_block(const uint8_t d[2], const uint8_t qs[QK_
 void dequantize_row_qaq3(const block_qaq3 * x, float * y, int64_t k) {
     assert(k % QK_QAQ == 0);
     for (int64_t i = 0; i < k / QK_QAQ; ++i) {
-        qaq_dequantize_block(x[i].d, x[i].qs, x[i].qh, kvalues_qaq3, 8, y + i*QK_QAQ);
+        qaq_dequantize_block(qaq_ue5m3_to_fp32(x[i].d[0]), qaq_ue5m3_to_fp32(x[i].d[1]), x[i].qs, x[i].qh,
+                             kvalues_qaq3, 8, y + i*QK_QAQ);
     }
 }
 
 void dequantize_row_qaq2(const block_qaq2 * x, float * y, int64_t k) {
     assert(k % QK_QAQ == 0);
     for (int64_t i = 0; i < k / QK_QAQ; ++i) {
-        qaq_dequantize_block(x[i].d, x[i].qs, NULL, kvalues_qaq2, 4, y + i*QK_QAQ);
+        qaq_dequantize_block(qaq_ue5m3_to_fp32(x[i].d[0]), qaq_ue5m3_to_fp32(x[i].d[1]), x[i].qs, NULL,
+                             kvalues_qaq2, 4, y + i*QK_QAQ);
     }
 }
 
-size_t quantize_qaq3(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix) {
-    (void) imatrix;
-    const size_t row_size = (size_t) (n_per_row / QK_QAQ) * sizeof(block_qaq3);
-    for (int64_t r = 0; r < nrows; ++r) {
-        quantize_row_qaq3_ref(src + r*n_per_row, (block_qaq3 *) ((char *) dst + r*row_size), n_per_row);
+void dequantize_row_qaq4l(const block_qaq4l * x, float * y, int64_t k) {
+    assert(k % QK_QAQL == 0);
+    for (int64_t i = 0; i < k / QK_QAQL; ++i) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        float tab[16];
+        for (int l = 0; l < 16; ++l) {
+            tab[l] = d*(float) kvalues_qaq4[l];
+        }
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            for (int j = 0; j < 16; ++j) {
+                y[i*QK_QAQL + 32*g + j]      = tab[x[i].qs[16*g + j] & 0xF];
+                y[i*QK_QAQL + 32*g + j + 16] = tab[x[i].qs[16*g + j] >> 4];
+            }
+        }
     }
-    return nrows * row_size;
 }
 
-size_t quantize_qaq2(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix) {
-    (void) imatrix;
-    const size_t row_size = (size_t) (n_per_row / QK_QAQ) * sizeof(block_qaq2);
-    for (int64_t r = 0; r < nrows; ++r) {
-        quantize_row_qaq2_ref(src + r*n_per_row, (block_qaq2 *) ((char *) dst + r*row_size), n_per_row);
+void dequantize_row_qaq3l(const block_qaq3l * x, float * y, int64_t k) {
+    assert(k % QK_QAQL == 0);
+    for (int64_t i = 0; i < k / QK_QAQL; ++i) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            qaq_dequantize_block(d, d, x[i].qs + 8*g, x[i].qh + 4*g, kvalues_qaq3, 8, y + i*QK_QAQL + 32*g);
+        }
     }
-    return nrows * row_size;
 }
+
+void dequantize_row_qaq2l(const block_qaq2l * x, float * y, int64_t k) {
+    assert(k % QK_QAQL == 0);
+    for (int64_t i = 0; i < k / QK_QAQL; ++i) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            qaq_dequantize_block(d, d, x[i].qs + 8*g, NULL, kvalues_qaq2, 4, y + i*QK_QAQL + 32*g);
+        }
+    }
+}
+
+#define QAQ_QUANTIZE_ROWS(name, block, qk)                                                                          \
+size_t quantize_##name(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix) {  \
+    (void) imatrix;                                                                                                 \
+    const size_t row_size = (size_t) (n_per_row / (qk)) * sizeof(block);                                           \
+    for (int64_t r = 0; r < nrows; ++r) {                                                                           \
+        quantize_row_##name##_ref(src + r*n_per_row, (block *) ((char *) dst + r*row_size), n_per_row);            \
+    }                                                                                                               \
+    return nrows * row_size;                                                                                        \
+}
+
+QAQ_QUANTIZE_ROWS(qaq3,  block_qaq3,  QK_QAQ)
+QAQ_QUANTIZE_ROWS(qaq2,  block_qaq2,  QK_QAQ)
+QAQ_QUANTIZE_ROWS(qaq4l, block_qaq4l, QK_QAQL)
+QAQ_QUANTIZE_ROWS(qaq3l, block_qaq3l, QK_QAQL)
+QAQ_QUANTIZE_ROWS(qaq2l, block_qaq2l, QK_QAQL)

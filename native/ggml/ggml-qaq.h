@@ -1,4 +1,5 @@
-// qaq3 and qaq2: sub-4-bit KV-cache types (docs/cache-types.md has the design study behind every choice).
+// qaq3 and qaq2, and the lean qaq4l, qaq3l and qaq2l: sub-4-bit KV-cache types (docs/cache-types.md has the design
+// study behind every choice).
 //
 // Both store 32 values per block with two 8-bit float scales (one per 16 values) and an index per value into a
 // fixed, symmetric int8 codebook (Lloyd-Max levels for Gaussian data: llama.cpp Hadamard-rotates quantized K/V,
@@ -35,15 +36,50 @@ typedef struct {
     uint8_t qs[QK_QAQ/4];    // 2-bit indices
 } block_qaq2;
 
+// The lean types (qaq4l, qaq3l, qaq2l): 128 values per block and one fp16 scale, the same codebooks (plus a
+// 16-level one) and the same index packing per 32 values as qaq3 / qaq2. After llama.cpp's Hadamard rotation the
+// values of a row have one spread, so a scale per 128 values loses little and frees the bits of the per-16 scales:
+//
+//   qaq4l: 66 bytes / 128 values = 4.125 bits per value (16 levels; value j of sub-block g: nibble j%16 of
+//          qs[16g + j%16], low for j < 16, as q4_0)
+//   qaq3l: 50 bytes / 128 values = 3.125 bits per value (8 levels: qs[8g..8g+7], qh[4g..4g+3] as one qaq3 block)
+//   qaq2l: 34 bytes / 128 values = 2.125 bits per value (4 levels: qs[8g..8g+7] as one qaq2 block)
+//
+//   x[j] = fp16(d) * kvalues[index(j)]
+#define QK_QAQL 128
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_QAQL/2];   // 4-bit indices, 16 bytes per 32 values
+} block_qaq4l;
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_QAQL/4];   // low 2 bits of each 3-bit index, 8 bytes per 32 values
+    uint8_t qh[QK_QAQL/8];   // high bit of each index, 4 bytes per 32 values
+} block_qaq3l;
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_QAQL/4];   // 2-bit indices, 8 bytes per 32 values
+} block_qaq2l;
+
 #ifdef __cplusplus
 static_assert(sizeof(block_qaq3) == 14, "wrong qaq3 block size/padding");
 static_assert(sizeof(block_qaq2) == 10, "wrong qaq2 block size/padding");
+static_assert(sizeof(block_qaq4l) == 66, "wrong qaq4l block size/padding");
+static_assert(sizeof(block_qaq3l) == 50, "wrong qaq3l block size/padding");
+static_assert(sizeof(block_qaq2l) == 34, "wrong qaq2l block size/padding");
 #else
 _Static_assert(sizeof(block_qaq3) == 14, "wrong qaq3 block size/padding");
 _Static_assert(sizeof(block_qaq2) == 10, "wrong qaq2 block size/padding");
+_Static_assert(sizeof(block_qaq4l) == 66, "wrong qaq4l block size/padding");
+_Static_assert(sizeof(block_qaq3l) == 50, "wrong qaq3l block size/padding");
+_Static_assert(sizeof(block_qaq2l) == 34, "wrong qaq2l block size/padding");
 #endif
 
 // Codebooks (int8, symmetric): Lloyd-Max levels of a unit Gaussian scaled to +-127.
+#define QAQ4_KVALUES -127, -96, -75, -58, -44, -31, -18, -6, 6, 18, 31, 44, 58, 75, 96, 127
 #define QAQ3_KVALUES -127, -79, -45, -14, 14, 45, 79, 127
 #define QAQ2_KVALUES -127, -38, 38, 127
 
@@ -77,10 +113,19 @@ void quantize_row_qaq3_ref(const float * x, block_qaq3 * y, int64_t k);
 void quantize_row_qaq2_ref(const float * x, block_qaq2 * y, int64_t k);
 void dequantize_row_qaq3(const block_qaq3 * x, float * y, int64_t k);
 void dequantize_row_qaq2(const block_qaq2 * x, float * y, int64_t k);
+void quantize_row_qaq4l_ref(const float * x, block_qaq4l * y, int64_t k);
+void quantize_row_qaq3l_ref(const float * x, block_qaq3l * y, int64_t k);
+void quantize_row_qaq2l_ref(const float * x, block_qaq2l * y, int64_t k);
+void dequantize_row_qaq4l(const block_qaq4l * x, float * y, int64_t k);
+void dequantize_row_qaq3l(const block_qaq3l * x, float * y, int64_t k);
+void dequantize_row_qaq2l(const block_qaq2l * x, float * y, int64_t k);
 
 // ggml_quantize_chunk entry points (no importance matrix: the cache has none)
 size_t quantize_qaq3(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
 size_t quantize_qaq2(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+size_t quantize_qaq4l(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+size_t quantize_qaq3l(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+size_t quantize_qaq2l(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,120 @@
+"""CPU FLASH_ATTN_EXT for every cache type and K/V pair (patches/0012): the tiled path (prefill, 64 rows or more)
+and the grouped vector path (decode, and the KV-split decode from 256 cells on) against attention in float64 over
+the values the cache holds.
+
+What each path reads: the tiled path converts K and V tiles to f32 and keeps Q in f32; the vector path dots each K
+row in K's own vec_dot type (Q rounded to q8_0 for a quantized K, to f16 for an f16 K) and accumulates V in f32.
+Masks with a sliding window, logit soft-capping, GQA 1-8, head sizes 64/128/256.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import gguf
+
+from qaq_gguf import scoring
+from test_qaq_types import F16, F32, _Graph, _q8_0_roundtrip, _tid, ggml  # noqa: F401
+from test_qaq_types import _cache as _cache_gguf
+
+PAIRS = ["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q5_0/q5_0", "q4_1/q5_1", "iq4_nl/iq4_nl", "qaq3/qaq3", "qaq2/qaq2",
+         "q8_0/qaq3", "qaq3/f16", "f16/q4_0", "qaq2/q8_0", "qaq4l/qaq4l", "qaq3l/qaq2l", "qaq4l/q8_0"]
+
+
+def _cache(x, type_name):
+    """(raw bytes, values the kernel reads) of x in a cache of type_name (iq4_nl: the cache's own quantizer port)."""
+    if type_name == "iq4_nl":
+        raw = scoring._quantize_iq4_nl(x)
+        return raw, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.IQ4_NL).reshape(x.shape)
+    return _cache_gguf(x, type_name)
+
+
+def _q_as_read(q, tk, n_q):
+    if n_q >= 64:  # tiled: Q stays f32
+        return q
+    return q.astype(np.float16).astype(np.float32) if tk == "f16" else _q8_0_roundtrip(q)
+
+
+def _mask(n_q, n_kv, window):
+    """llama.cpp's causal mask for queries at the last n_q positions, optionally with a sliding window."""
+    pos_q = np.arange(n_kv - n_q, n_kv)[:, None]
+    pos_k = np.arange(n_kv)[None, :]
+    ok = pos_k <= pos_q
+    if window:
+        ok &= pos_q - pos_k < window
+    return np.where(ok, 0.0, -np.inf).astype(np.float32)
+
+
+def _run(ggml, tk, tv, d, n_head, n_head_kv, n_q, n_kv, *, window=0, softcap=0.0, masked=True, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n_head, n_q, d)).astype(np.float32)
+    k = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    k_raw, k_val = _cache(k, tk)
+    v_raw, v_val = _cache(v, tv)
+    scale = 1.0 / np.sqrt(d)
+    m = _mask(n_q, n_kv, window) if masked else np.zeros((n_q, n_kv), np.float32)
+    # reference: softmax(softcap * tanh(s / softcap) + mask) v, in float64
+    qe = _q_as_read(q, tk, n_q).astype(np.float64)
+    rep = n_head // n_head_kv
+    kk = np.repeat(k_val, rep, axis=0).astype(np.float64)
+    vv = np.repeat(v_val, rep, axis=0).astype(np.float64)
+    s = np.einsum("hqd,hkd->hqk", qe, kk) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    s = s + m[None]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("hqk,hkd->qhd", p, vv)
+    with _Graph(ggml) as g:
+        tq = g.tensor(F32, (d, n_q, n_head), q)
+        tkk = g.tensor(_tid(tk), (d, n_kv, n_head_kv), k_raw)
+        tvv = g.tensor(_tid(tv), (d, n_kv, n_head_kv), v_raw)
+        tm = None
+        if masked:
+            n_pad = -(-n_q // 64) * 64  # llama.cpp pads the mask rows
+            mm = np.full((n_pad, n_kv), -np.inf, np.float32)
+            mm[:n_q] = m
+            tm = g.tensor(F16, (n_kv, n_pad), mm.astype(np.float16))
+        out = g.base.ggml_flash_attn_ext(g.ctx, tq, tkk, tvv, tm, scale, 0.0, softcap)
+        g.compute(out)
+        got = g.read(out, np.float32, (n_q, n_head, d))
+    return got, ref
+
+
+@pytest.mark.parametrize("kv", PAIRS)
+@pytest.mark.parametrize("n_q,n_kv", [(1, 96), (1, 600), (512, 640)])
+def test_every_pair_both_paths(ggml, kv, n_q, n_kv):
+    tk, tv = kv.split("/")
+    got, ref = _run(ggml, tk, tv, 128, 8, 2, n_q, n_kv, seed=n_q + n_kv)
+    # q4_1/q5_1 keys dot with Q as q8_1 (a block sum beside the scale), which the q8_0 model of Q only approximates
+    tol = 1e-3 if tk in ("q4_1", "q5_1") and n_q < 64 else 2e-4
+    np.testing.assert_allclose(got, ref, atol=tol * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("d,n_head,n_head_kv", [(64, 8, 1), (128, 4, 4), (256, 4, 1), (128, 16, 2), (64, 8, 8)])
+@pytest.mark.parametrize("n_q", [1, 512])
+@pytest.mark.parametrize("kv", ["q4_0/q4_0", "qaq3/qaq2", "f16/f16"])
+def test_head_sizes_and_gqa(ggml, kv, d, n_head, n_head_kv, n_q):
+    tk, tv = kv.split("/")
+    got, ref = _run(ggml, tk, tv, d, n_head, n_head_kv, n_q, 576, seed=d + n_head)
+    np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("n_q", [1, 100, 512])
+@pytest.mark.parametrize("kv", ["q8_0/q4_0", "qaq3/qaq3", "f16/f16"])
+def test_sliding_window_and_softcap(ggml, kv, n_q):
+    tk, tv = kv.split("/")
+    got, ref = _run(ggml, tk, tv, 128, 4, 1, n_q, 700, window=256, seed=3)
+    np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
+    got, ref = _run(ggml, tk, tv, 128, 4, 1, n_q, 700, softcap=30.0, seed=4)
+    np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_no_mask_and_odd_lengths(ggml):
+    for n_q, n_kv in ((65, 97), (130, 70), (1, 257)):
+        got, ref = _run(ggml, "qaq2", "q4_0", 64, 4, 2, n_q, n_kv, masked=False, seed=n_q)
+        np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
+    assert ctypes.sizeof(ctypes.c_float) == 4
