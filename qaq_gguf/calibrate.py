@@ -43,8 +43,8 @@ class Scores:
 
 
 # cache types without a CUDA flash-attention kernel (ggml-cuda fattn: f16, q4_0, q4_1, q5_0, q5_1, q8_0, bf16,
-# and qaq-gguf's qaq3/qaq2)
-NO_CUDA_FA = ("iq4_nl", "qaq4l", "qaq3l", "qaq2l")
+# and qaq-gguf's qaq3/qaq2/qaq4l/qaq3l/qaq2l, patches/0008 and 0014)
+NO_CUDA_FA = ("iq4_nl",)
 
 
 def default_candidates() -> list[str]:
