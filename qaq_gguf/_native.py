@@ -1,7 +1,9 @@
 """Find qaq-gguf's patched llama.cpp build and point llama-cpp-python's bindings at it.
 
-`import qaq_gguf` calls `bind()` before anything imports `llama_cpp`: the bindings read LLAMA_CPP_LIB_PATH when
-they are first imported, so the order matters. The C functions qaq-gguf adds (per-layer KV types, profiles) are
+The bindings read LLAMA_CPP_LIB_PATH when `llama_cpp` is first imported. The wheel installs a startup hook
+(qaq_gguf.pth, qaq_gguf_startup.py in site-packages) that sets it to our library when it is unset, so `import
+llama_cpp` works in any order; `import qaq_gguf` calls `bind()`, which sets it too (a source checkout has no hook)
+and names a stock libllama that was loaded instead. The C functions qaq-gguf adds (per-layer KV types, profiles) are
 called through cffi on the same library file.
 """
 from __future__ import annotations
@@ -56,9 +58,10 @@ def bind() -> Path:
         path = Path(getattr(lib, "_name", "") or "")
         if path.resolve().parent != d:
             raise LibraryError(
-                f"llama_cpp was imported before qaq_gguf and loaded {path or 'another libllama'}, not qaq-gguf's "
-                f"patched build in {d}. Import qaq_gguf first (before llama_cpp), or set LLAMA_CPP_LIB_PATH={d} "
-                "before starting Python.")
+                f"llama_cpp has loaded {path or 'another libllama'}, not qaq-gguf's patched build in {d} "
+                f"(LLAMA_CPP_LIB_PATH={os.environ.get('LLAMA_CPP_LIB_PATH', '(unset)')}; qaq-gguf's startup hook "
+                f"qaq_gguf.pth points it at {d} when it is unset). Unset LLAMA_CPP_LIB_PATH or set it to {d} before "
+                "starting Python, or import qaq_gguf before llama_cpp.")
         return d
     current = os.environ.get("LLAMA_CPP_LIB_PATH")
     if current and Path(current).resolve() != d:
@@ -75,6 +78,9 @@ const char * qaq_llama_commit(void);
 int32_t qaq_model_fingerprint(const char * model_path, char * out_hex, char * err, size_t err_size);
 int32_t qaq_model_apply_kv_profile(void * model, const char * model_path, const char * profile_path,
                                    char * err, size_t err_size);
+int32_t qaq_profile_check(const void * model, const char * model_path, const char * profile_path,
+                          char * err, size_t err_size);
+void qaq_model_clear_kv_profile(void * model);
 int32_t llama_model_n_layer_kv(const void * model);
 bool llama_model_layer_kv_shape(const void * model, int32_t il, int32_t * n_head_kv, int32_t * n_embd_head_k,
                                 int32_t * n_embd_head_v, bool * is_swa);
@@ -108,6 +114,11 @@ int64_t gguf_get_val_i64(const void * ctx, int64_t key_id);
 double gguf_get_val_f64(const void * ctx, int64_t key_id);
 bool gguf_get_val_bool(const void * ctx, int64_t key_id);
 const char * gguf_get_val_str(const void * ctx, int64_t key_id);
+enum gguf_type { GGUF_TYPE_DUMMY = 0 };
+int gguf_get_arr_type(const void * ctx, int64_t key_id);
+size_t gguf_get_arr_n(const void * ctx, int64_t key_id);
+const void * gguf_get_arr_data(const void * ctx, int64_t key_id);
+const char * gguf_get_arr_str(const void * ctx, int64_t key_id, size_t i);
 int64_t gguf_get_n_tensors(const void * ctx);
 const char * gguf_get_tensor_name(const void * ctx, int64_t tensor_id);
 """
@@ -148,11 +159,19 @@ def version() -> str:
 
 _GGUF_SCALARS = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32", 7: "bool", 8: "str", 10: "u64",
                  11: "i64", 12: "f64"}
+_GGUF_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1", 10: "<u8", 11: "<i8",
+                12: "<f8"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
-def gguf_header(path) -> tuple[dict, list[str]]:
-    """A GGUF file's metadata ({key: value}, arrays as None: present, not read) and tensor names, read by ggml's C parser
-    (gguf-py needs seconds for a large vocabulary). Raises ValueError for a file ggml cannot read."""
+def gguf_read(path) -> tuple[dict, list[str]]:
+    """Every key of a GGUF file as {key: (gguf type, element type of an array or None, value)} (arrays as lists of
+    str or numpy arrays), and the tensor names, read by ggml's C parser: it checks every count and length against the
+    file before anything is allocated, so a hostile file costs no more memory than its size (gguf-py's reader would
+    build a 2^32-element array from an 8 kB file), and a large vocabulary takes milliseconds, not seconds. Strings
+    read up to their first NUL, as llama.cpp reads them. Raises ValueError for a file ggml cannot read."""
+    import numpy as np
+
     ffi, lib = ffi_lib()
     params = ffi.new("struct gguf_init_params *", {"no_alloc": True, "ctx": ffi.NULL})
     ctx = lib.gguf_init_from_file(str(path).encode(), params[0])
@@ -161,13 +180,29 @@ def gguf_header(path) -> tuple[dict, list[str]]:
     try:
         meta = {}
         for i in range(lib.gguf_get_n_kv(ctx)):
-            kind = _GGUF_SCALARS.get(lib.gguf_get_kv_type(ctx, i))
-            if kind is None:
-                meta[c_str(lib.gguf_get_key(ctx, i))] = None
-                continue
-            v = getattr(lib, f"gguf_get_val_{kind}")(ctx, i)
-            meta[c_str(lib.gguf_get_key(ctx, i))] = c_str(v) if kind == "str" else v
+            key = c_str(lib.gguf_get_key(ctx, i))
+            t = lib.gguf_get_kv_type(ctx, i)
+            if t == GGUF_ARRAY:
+                sub, n = lib.gguf_get_arr_type(ctx, i), lib.gguf_get_arr_n(ctx, i)
+                if sub == GGUF_STRING:
+                    val = [c_str(lib.gguf_get_arr_str(ctx, i, j)) for j in range(n)]
+                elif sub in _GGUF_DTYPES:
+                    dt = np.dtype(_GGUF_DTYPES[sub])
+                    val = np.frombuffer(ffi.buffer(lib.gguf_get_arr_data(ctx, i), n * dt.itemsize), dt).copy() \
+                        if n else np.zeros(0, dt)
+                else:
+                    val = None  # arrays of arrays: not part of any format qaq-gguf reads
+                meta[key] = (t, sub, val)
+            elif t in _GGUF_SCALARS:
+                v = getattr(lib, f"gguf_get_val_{_GGUF_SCALARS[t]}")(ctx, i)
+                meta[key] = (t, None, c_str(v) if t == GGUF_STRING else v)
         names = [c_str(lib.gguf_get_tensor_name(ctx, i)) for i in range(lib.gguf_get_n_tensors(ctx))]
     finally:
         lib.gguf_free(ctx)
     return meta, names
+
+
+def gguf_header(path) -> tuple[dict, list[str]]:
+    """A GGUF file's metadata as {key: value} (arrays as lists or numpy arrays) and tensor names (gguf_read)."""
+    meta, names = gguf_read(path)
+    return {k: v for k, (_, _, v) in meta.items()}, names

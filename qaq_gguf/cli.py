@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, exe, what in (("server", "llama-server", "the OpenAI-compatible server and web chat"),
                             ("perplexity", "llama-perplexity", "perplexity / KL-divergence"),
-                            ("bench", "llama-bench", "speed benchmark")):
+                            ("bench", "llama-bench", "speed benchmark"),
+                            ("fit-params", "llama-fit-params", "memory estimate / fit with the profile's types")):
         p = sub.add_parser(name, help=f"run the bundled {exe} ({what}); all arguments are passed on",
                            add_help=False)
         p.set_defaults(func=lambda a, exe=exe: _exec_binary(exe, a.rest), rest=[])
@@ -562,9 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = build_parser()
     # pass-through commands: everything after the command name goes to the binary untouched
-    if argv and argv[0] in ("server", "perplexity", "bench"):
-        return _exec_binary({"server": "llama-server", "perplexity": "llama-perplexity",
-                             "bench": "llama-bench"}[argv[0]], argv[1:])
+    passthrough = {"server": "llama-server", "perplexity": "llama-perplexity", "bench": "llama-bench",
+                   "fit-params": "llama-fit-params"}
+    if argv and argv[0] in passthrough:
+        return _exec_binary(passthrough[argv[0]], argv[1:])
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
         ap.print_help()

@@ -62,6 +62,7 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
     model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {model_path}")
+    runtime.clear_profile(model)  # calibration measures the plain f16 cache, whatever profile the file carries
     ctx = None
     try:
         vocab = lc.llama_model_get_vocab(model)

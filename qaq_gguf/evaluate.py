@@ -82,6 +82,8 @@ def _load_model(model_path: str | Path, params=None, errors: list[str] | None = 
     model = lc.llama_model_load_from_file(str(model_path).encode(), params or lc.llama_model_default_params())
     if not model:
         raise RuntimeError(f"llama.cpp could not load {model_path}" + _tail(errors))
+    if params is None or not params.vocab_only:
+        runtime.clear_profile(model)  # each config sets its own cache; the reference is plain f16
     return model
 
 

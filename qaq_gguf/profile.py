@@ -308,80 +308,174 @@ def write_profile(p: Profile, path: str | Path) -> Path:
     return path
 
 
-def _field(reader: GGUFReader, key: str, path, required: bool = True):
-    f = reader.fields.get(key)
-    if f is None:
-        if required:
-            raise ProfileError(f"{path}: missing key {key} (a truncated or hand-edited profile?)")
-        return None
-    return f.contents()
+# the limits native/qaq-profile-check.h documents (the C validator refuses the same)
+MEAN_LIMIT = 65504.0            # |qaq.kv.k_mean|, |qaq.kv.v_mean|: the cache stores x - mean
+SCALE_LIMITS = (1.0 / 256, 256.0)  # qaq.kv.k_scale
+_KNOWN_KEYS = {
+    "qaq.schema_version", "qaq.model.architecture", "qaq.model.name", "qaq.model.n_layer", "qaq.model.n_head_kv",
+    "qaq.model.head_dim_k", "qaq.model.head_dim_v", "qaq.model.is_swa", "qaq.model.n_swa", "qaq.model.fingerprint",
+    "qaq.kv.type_k", "qaq.kv.type_v", "qaq.kv.k_mean", "qaq.kv.k_scale", "qaq.kv.v_mean", "qaq.stats.candidates",
+    "qaq.stats.score_k", "qaq.stats.score_v", "qaq.stats.k_mean", "qaq.stats.v_mean", "qaq.stats.k_first",
+    "qaq.stats.v_first",
+}
+_INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+              GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
+
+
+def _clip(v: str) -> str:
+    """A string read from a profile, for a message: at most 48 characters (as the native validator's clip)."""
+    out = "".join("?" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in v[:48])
+    return f"'{out}...' ({len(v.encode())} bytes)" if len(v) > 48 else f"'{out}'"
+
+
+class _Fields:
+    """Typed access to a profile's keys (as _native.gguf_read returns them): every value is checked for its GGUF
+    type (and arrays for their length) before it is used, and every failure names the file and the key."""
+
+    def __init__(self, meta: dict, path):
+        self.meta, self.path = meta, path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.meta
+
+    def _get(self, key: str, required: bool):
+        f = self.meta.get(key)
+        if f is None and required:
+            raise ProfileError(f"{self.path}: missing key {key} (a truncated or hand-edited profile?)")
+        return f
+
+    def _bad(self, key: str, what: str):
+        return ProfileError(f"{self.path}: key {key} must be {what}")
+
+    def scalar(self, key: str, kind: str, required: bool = True):
+        f = self._get(key, required)
+        if f is None:
+            return None
+        t, _, v = f
+        if kind == "int" and t in _INT_TYPES:
+            if int(v) < 0:
+                raise ProfileError(f"{self.path}: key {key} is negative ({v})")
+            return int(v)
+        if kind == "str" and t == GGUFValueType.STRING:
+            return str(v)
+        raise self._bad(key, {"int": "an unsigned integer", "str": "a string"}[kind])
+
+    def array(self, key: str, kind: str, n: int | None, required: bool = True, what: str = "one per layer"):
+        f = self._get(key, required)
+        if f is None:
+            return None
+        t, sub, v = f
+        ok = {"int": sub in _INT_TYPES or sub == GGUFValueType.BOOL, "str": sub == GGUFValueType.STRING,
+              "f32": sub == GGUFValueType.FLOAT32}[kind]
+        if t != GGUFValueType.ARRAY or not ok or v is None:
+            raise self._bad(key, {"int": "an array of integers", "str": "an array of strings",
+                                  "f32": "an array of float32"}[kind])
+        if n is not None and len(v) != n:
+            raise ProfileError(f"{self.path}: key {key} has {len(v)} entries, expected {n} ({what})")
+        return v
+
+    def floats(self, key: str, n: int, lo: float = -np.inf, hi: float = np.inf, limit: str = "") -> np.ndarray | None:
+        v = self.array(key, "f32", n, required=False, what="n_head_kv * head_dim summed over layers")
+        if v is None:
+            return None
+        arr = np.asarray(v, np.float32)
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if len(bad):
+            raise ProfileError(f"{self.path}: key {key} holds a non-finite value at {bad[0]} (a corrupt profile?)")
+        out = np.flatnonzero((arr < lo) | (arr > hi))
+        if len(out):
+            raise ProfileError(f"{self.path}: key {key} holds {arr[out[0]]:g} at {out[0]}, outside {limit}")
+        return arr
 
 
 def read_profile(path: str | Path) -> Profile:
-    """Read a profile file, or the profile embedded in a model file."""
+    """Read a profile file, or the profile embedded in a model file, with the checks the C validator
+    (native/qaq-profile-check.cpp) makes of the profile itself: it refuses whatever that would (the model-specific
+    checks run when a profile is applied). Unknown qaq.* keys are warned about."""
+    from . import _native
+
     try:
-        r = GGUFReader(str(path))
-    except Exception as e:
-        raise ProfileError(f"cannot read {path}: not a GGUF file, truncated, or unreadable ({e})") from e
-    if "qaq.schema_version" not in r.fields:
+        meta, _ = _native.gguf_read(path)  # ggml's C parser: bounded by the file's size whatever it claims
+    except ValueError as e:
+        raise ProfileError(str(e)) from e
+    if "qaq.schema_version" not in meta:
         raise ProfileError(f"{path} is a GGUF file but holds no qaq KV profile (no qaq.schema_version key)")
-    schema = _field(r, "qaq.schema_version", path)
-    if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
+    fl = _Fields(meta, path)
+    schema = fl.scalar("qaq.schema_version", "int")
+    if not 1 <= schema <= SCHEMA_VERSION:
         raise ProfileError(f"{path}: profile schema version {schema}, this qaq-gguf reads versions 1 to "
                            f"{SCHEMA_VERSION}: upgrade qaq-gguf or recalibrate")
-    n = int(_field(r, "qaq.model.n_layer", path))
+    n = fl.scalar("qaq.model.n_layer", "int")
+    if n > 100000:
+        raise ProfileError(f"{path}: qaq.model.n_layer is {n}: not a real model's layer count")
     ident = ModelIdentity(
-        architecture=_field(r, "qaq.model.architecture", path),
+        architecture=fl.scalar("qaq.model.architecture", "str"),
         n_layer=n,
-        n_head_kv=[int(x) for x in _field(r, "qaq.model.n_head_kv", path)],
-        head_dim_k=[int(x) for x in _field(r, "qaq.model.head_dim_k", path)],
-        head_dim_v=[int(x) for x in _field(r, "qaq.model.head_dim_v", path)],
-        is_swa=[bool(x) for x in _field(r, "qaq.model.is_swa", path)],
-        n_swa=int(_field(r, "qaq.model.n_swa", path)),
-        fingerprint=_field(r, "qaq.model.fingerprint", path),
-        name=_field(r, "qaq.model.name", path, required=False) or "",
+        n_head_kv=[int(x) for x in fl.array("qaq.model.n_head_kv", "int", n)],
+        head_dim_k=[int(x) for x in fl.array("qaq.model.head_dim_k", "int", n)],
+        head_dim_v=[int(x) for x in fl.array("qaq.model.head_dim_v", "int", n)],
+        is_swa=[bool(x) for x in fl.array("qaq.model.is_swa", "int", n)],
+        n_swa=fl.scalar("qaq.model.n_swa", "int"),
+        fingerprint=fl.scalar("qaq.model.fingerprint", "str"),
+        name=fl.scalar("qaq.model.name", "str", required=False) or "",
     )
-    tk = list(_field(r, "qaq.kv.type_k", path))
-    tv = list(_field(r, "qaq.kv.type_v", path))
     for key, arr in (("n_head_kv", ident.n_head_kv), ("head_dim_k", ident.head_dim_k),
-                     ("head_dim_v", ident.head_dim_v), ("is_swa", ident.is_swa), ("type_k", tk), ("type_v", tv)):
-        if len(arr) != n:
-            raise ProfileError(f"{path}: {key} has {len(arr)} entries, expected one per layer ({n})")
+                     ("head_dim_v", ident.head_dim_v)):
+        if any(x < 0 or x > 1 << 20 for x in arr):
+            raise ProfileError(f"{path}: qaq.model.{key} holds an impossible value")
+    tk = [str(x) for x in fl.array("qaq.kv.type_k", "str", n)]
+    tv = [str(x) for x in fl.array("qaq.kv.type_v", "str", n)]
+    for il in range(n):
+        if not ident.has_kv(il):
+            continue
+        for what, name, head in (("K", tk[il], ident.head_dim_k[il]), ("V", tv[il], ident.head_dim_v[il])):
+            ct = cachetypes.TYPES.get(name)
+            if ct is None:
+                raise ProfileError(f"{path}: layer {il}: {_clip(name)} is not a KV cache type ({what} cache; the "
+                                   f"cache types are: {', '.join(cachetypes.names())})")
+            if head % ct.block_size:
+                raise ProfileError(f"{path}: layer {il}: {what} cache type {name} has blocks of {ct.block_size} "
+                                   f"values, which do not divide this layer's head size {head}")
     prov = {}
-    for key, f in r.fields.items():
+    for key, (_, _, v) in meta.items():
         if key.startswith("qaq.provenance."):
-            v = f.contents()
+            v = v.tolist() if isinstance(v, np.ndarray) else v
             if isinstance(v, str) and (v[:1] in ("[", "{") or v in ("true", "false", "null")):
                 try:
                     v = json.loads(v)
                 except ValueError:
                     pass
             prov[key[len("qaq.provenance."):]] = v
+        elif key.startswith("qaq.") and key not in _KNOWN_KEYS:
+            import warnings
+
+            warnings.warn(f"{path}: unknown key {_clip(key)} ignored (made by a newer qaq-gguf?)", stacklevel=2)
     p = Profile(ident, tk, tv, prov)
-    for key, n_want, min_schema in (("k_mean", ident.n_key_mean(), 1), ("k_scale", ident.n_key_mean(), 2),
-                                    ("v_mean", ident.n_value_mean(), 2)):
-        arr = _field(r, f"qaq.kv.{key}", path, required=False)
-        if arr is None:
-            continue
-        if schema < min_schema:
-            raise ProfileError(f"{path}: qaq.kv.{key} needs schema version {min_schema}, the profile says {schema}")
-        arr = np.asarray(arr, np.float32)
-        if len(arr) != n_want:
-            raise ProfileError(f"{path}: qaq.kv.{key} has {len(arr)} values, expected {n_want}")
-        setattr(p, key, arr)
-    for key, n_want in (("k_mean", ident.n_key_mean()), ("v_mean", ident.n_value_mean()),
-                        ("k_first", ident.n_key_mean()), ("v_first", ident.n_value_mean())):
-        arr = _field(r, f"qaq.stats.{key}", path, required=False)
+    nk, nv = ident.n_key_mean(), ident.n_value_mean()
+    if schema < 2 and ("qaq.kv.k_scale" in fl or "qaq.kv.v_mean" in fl):
+        raise ProfileError(f"{path}: qaq.kv.k_scale / qaq.kv.v_mean need schema version 2, the profile says 1 "
+                           "(a hand-edited profile?)")
+    mean_limit = f"[-{MEAN_LIMIT:g}, {MEAN_LIMIT:g}] (the cache stores x - mean)"
+    p.k_mean = fl.floats("qaq.kv.k_mean", nk, -MEAN_LIMIT, MEAN_LIMIT, mean_limit)
+    p.k_scale = fl.floats("qaq.kv.k_scale", nk, *SCALE_LIMITS, "[1/256, 256]")
+    p.v_mean = fl.floats("qaq.kv.v_mean", nv, -MEAN_LIMIT, MEAN_LIMIT, mean_limit)
+    for key, n_want in (("k_mean", nk), ("v_mean", nv), ("k_first", nk), ("v_first", nv)):
+        arr = fl.floats(f"qaq.stats.{key}", n_want)
         if arr is not None:
-            arr = np.asarray(arr, np.float32)
-            if len(arr) != n_want:
-                raise ProfileError(f"{path}: qaq.stats.{key} has {len(arr)} values, expected {n_want}")
             p.stats[key] = arr
-    cands = _field(r, "qaq.stats.candidates", path, required=False)
+    cands = fl.array("qaq.stats.candidates", "str", None, required=False)
     if cands:
-        p.candidates = list(cands)
-        p.score_k = np.asarray(_field(r, "qaq.stats.score_k", path), np.float32).reshape(n, len(cands))
-        p.score_v = np.asarray(_field(r, "qaq.stats.score_v", path), np.float32).reshape(n, len(cands))
+        p.candidates = [str(c) for c in cands]
+        unknown = [c for c in p.candidates if c not in cachetypes.TYPES]
+        if unknown:
+            raise ProfileError(f"{path}: qaq.stats.candidates names unknown cache types: "
+                               f"{', '.join(_clip(c) for c in unknown[:5])}")
+        n_s = n * len(p.candidates)
+        for key in ("score_k", "score_v"):
+            arr = fl.floats(f"qaq.stats.{key}", n_s)
+            if arr is None:
+                raise ProfileError(f"{path}: missing key qaq.stats.{key} (qaq.stats.candidates is present)")
+            setattr(p, key, arr.reshape(n, len(p.candidates)))
     return p
 
 

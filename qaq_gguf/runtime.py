@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import _native, cachetypes
-from .profile import NO_KV, ProfileError, needs_flash_attn, read_profile
+from .profile import NO_KV, ProfileError, read_profile
 
 
 def llama_cpp_module():
@@ -60,7 +60,7 @@ def quiet_llama_log(verbose: bool = False) -> Iterator[list[str]]:
 
     @lc.llama_log_callback
     def keep_errors(level, text, user_data):  # noqa: ARG001 - llama.cpp's callback signature
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
+        if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4)
             errors.append(text.decode("utf-8", errors="replace").rstrip())
 
     old_cb, old_ud = lc.llama_log_callback(), ctypes.c_void_p()
@@ -121,6 +121,14 @@ def apply_profile(model_ptr, model_path: str | Path, profile: str | Path) -> Non
         raise ProfileError(ffi.string(err).decode(errors="replace"))
 
 
+def check_profile(model_ptr, model_path: str | Path, profile: str | Path) -> None:
+    """Every check apply_profile makes (the one native validator), without changing the model; ProfileError."""
+    ffi, lib = _native.ffi_lib()
+    err = ffi.new("char[2048]")
+    if lib.qaq_profile_check(as_cffi(model_ptr), str(model_path).encode(), str(profile).encode(), err, len(err)) != 0:
+        raise ProfileError(ffi.string(err).decode(errors="replace"))
+
+
 def kv_layer_info(llm_or_ctx) -> list[dict]:
     """Per-layer K/V cache type and bytes of a live context (a Llama, or a llama_context pointer)."""
     ffi, lib = _native.ffi_lib()
@@ -155,46 +163,54 @@ def ggml_type_name(t: int) -> str:
 _hook_lock = threading.Lock()
 
 
+AUTO = "auto"  # kv_profile: what the model file carries (llama.cpp applies an embedded profile on load)
+
+
+def clear_profile(model_ptr) -> None:
+    """Remove every per-layer cache type and transform from a loaded model (ctypes pointer): an embedded profile
+    llama.cpp applied on load included. For contexts that must be plain (the f16 reference, calibration)."""
+    _, lib = _native.ffi_lib()
+    lib.qaq_model_clear_kv_profile(as_cffi(model_ptr))
+
+
+def quantized_v_layers(model_ptr) -> list[int]:
+    """Layers whose per-layer V cache type (set by a profile) is quantized: they need flash attention."""
+    _, lib = _native.ffi_lib()
+    m = as_cffi(model_ptr)
+    out = []
+    for il in range(lib.llama_model_n_layer_kv(m)):
+        t = lib.llama_model_kv_layer_type(m, il, True)
+        ct = cachetypes.by_id(t) if t >= 0 else None
+        if ct is not None and ct.is_quantized:
+            out.append(il)
+    return out
+
+
 class Llama(llama_cpp_module().Llama):
     """llama_cpp.Llama with a per-layer KV cache profile.
 
-    kv_profile: path of a qaq profile (.gguf), or "embedded" for the profile stored in the model file. Every other
-    argument keeps its llama-cpp-python meaning; type_k/type_v cannot be combined with a profile. A profile that
-    stores V quantized needs flash attention: it is turned on (and said so) unless flash_attn=False was passed,
-    which is an error.
+    kv_profile: ``"auto"`` (default): what llama.cpp gives the model on load, the profile embedded in the model file
+    if it carries one (or the one QAQ_KV_PROFILE names); a path of a qaq profile (.gguf); ``"embedded"``: the
+    profile stored in the model file, required; ``None``: no profile, not even an embedded one. Every other argument
+    keeps its llama-cpp-python meaning; type_k/type_v cannot be combined with a profile file (an embedded profile
+    yields to them, with a warning). A profile that stores V quantized needs flash attention: it is turned on (and
+    said so) unless flash_attn=False was passed, which is an error.
     """
 
-    def __init__(self, model_path: str, *args, kv_profile: str | Path | None = None, **kwargs):
+    def __init__(self, model_path: str, *args, kv_profile: str | Path | None = AUTO, **kwargs):
         self.kv_profile = str(kv_profile) if kv_profile is not None else None
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if a check below raises
         quiet = quiet_llama_log() if kwargs.get("verbose") is False else contextlib.nullcontext()
-        if self.kv_profile is None:
-            with quiet:  # verbose=False: llama.cpp's warnings too (llama-cpp-python lets some through)
-                super().__init__(model_path, *args, **kwargs)
-            return
-        for k in ("type_k", "type_v"):
-            if kwargs.get(k) is not None:
-                raise ProfileError(f"kv_profile sets every layer's cache type; drop {k}= or the profile")
-        if self.kv_profile != "embedded" and not Path(self.kv_profile).is_file():
-            raise ProfileError(f"profile file not found: {self.kv_profile}")
-        if self.kv_profile == "embedded":
-            try:
-                prof = read_profile(model_path)
-            except ProfileError as e:
-                if "holds no qaq KV profile" not in str(e):
-                    raise
-                raise ProfileError(f"{model_path} has no embedded qaq profile (embed one with "
-                                   "`qaq-gguf profile embed`)") from None
-        else:
-            prof = read_profile(self.kv_profile)
-        if needs_flash_attn(prof):
-            if kwargs.get("flash_attn") is False:
-                raise ProfileError("this profile stores V quantized, which llama.cpp supports only with flash "
-                                   "attention; pass flash_attn=True (or leave it out), or use a profile with f16 V")
-            if not kwargs.get("flash_attn"):
-                kwargs["flash_attn"] = True
-                if kwargs.get("verbose", True):
-                    print("qaq-gguf: flash attention turned on: the profile stores V quantized", file=sys.stderr)
+        explicit = self.kv_profile not in (None, AUTO)
+        if explicit:
+            for k in ("type_k", "type_v"):
+                if kwargs.get(k) is not None:
+                    raise ProfileError(f"kv_profile sets every layer's cache type; drop {k}= or the profile")
+        if explicit and self.kv_profile != "embedded":
+            if not Path(self.kv_profile).is_file():
+                raise ProfileError(f"profile file not found: {self.kv_profile}")
+            read_profile(self.kv_profile)  # the reader's friendlier messages first; the native check follows
+        fa_off = kwargs.get("flash_attn") is False
 
         # llama-cpp-python loads the model and creates the context inside Llama.__init__: the profile goes in
         # between, by wrapping the context constructor for the duration of this call.
@@ -202,16 +218,37 @@ class Llama(llama_cpp_module().Llama):
 
         internals = llama_mod.internals
         make_context = internals.LlamaContext
-        profile_path = self.kv_profile
+        profile = self.kv_profile
+        lc = llama_cpp_module()
 
         def context_with_profile(*, model, params, verbose):
-            apply_profile(model.model, model_path, profile_path)
+            if profile is None:
+                clear_profile(model.model)
+            elif profile != AUTO:
+                if profile == "embedded" and not model_meta(as_cffi(model.model), "qaq.schema_version"):
+                    raise ProfileError(f"{model_path} has no embedded qaq profile (embed one with "
+                                       "`qaq-gguf profile embed`)")
+                apply_profile(model.model, model_path, profile)
+            if quantized_v_layers(model.model) and params.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_DISABLED:
+                if fa_off:
+                    raise ProfileError("this profile stores V quantized, which llama.cpp supports only with flash "
+                                       "attention; pass flash_attn=True (or leave it out), or use a profile with "
+                                       "f16 V")
+                params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if verbose:
+                    print("qaq-gguf: flash attention turned on: the profile stores V quantized", file=sys.stderr)
             return make_context(model=model, params=params, verbose=verbose)
 
-        with _hook_lock, quiet:
+        with _hook_lock, quiet as errors:
             internals.LlamaContext = context_with_profile
             try:
                 super().__init__(model_path, *args, **kwargs)
+            except ValueError as e:
+                # llama.cpp refuses a model whose embedded profile is invalid, and logs why
+                why = [x.split("KV profile refused: ", 1)[1] for x in errors or [] if "KV profile refused: " in x]
+                if why:
+                    raise ProfileError(why[-1]) from e
+                raise
             finally:
                 internals.LlamaContext = make_context
 

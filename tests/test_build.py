@@ -28,6 +28,22 @@ def test_loaded_libllama_is_ours():
     assert hasattr(llama_cpp.llama_cpp._lib, "qaq_model_apply_kv_profile")
 
 
+def test_import_llama_cpp_first_finds_our_library():
+    """What every app on llama-cpp-python does (LangChain, LlamaIndex, python -m llama_cpp.server): import llama_cpp
+    with no qaq_gguf import at all. The wheel's startup hook (qaq_gguf.pth) points the bindings at our library."""
+    code = ("import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.llama_cpp._lib._name).resolve().parent); "
+            "print(hasattr(llama_cpp.llama_cpp._lib, 'qaq_model_apply_kv_profile'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "PYTHONPATH")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert r.returncode == 0, r.stderr
+    lib_dir, has_qaq = r.stdout.split()
+    assert has_qaq == "True" and Path(lib_dir).name == "lib" and Path(lib_dir).parent.name == "qaq_gguf", r.stdout
+    # and llama_cpp then qaq_gguf in one process agree on the library
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp\nimport qaq_gguf\nprint(qaq_gguf.LIB_DIR)"],
+                       capture_output=True, text=True, env=env, cwd="/")
+    assert r.returncode == 0 and Path(r.stdout.strip()) == Path(lib_dir), (r.stdout, r.stderr)
+
+
 def test_llama_cpp_imported_first_with_another_library_is_an_error(tmp_path):
     other = tmp_path / "otherlib"
     shutil.copytree(qaq_gguf.LIB_DIR, other)
@@ -35,8 +51,8 @@ def test_llama_cpp_imported_first_with_another_library_is_an_error(tmp_path):
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(other))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0
-    assert "llama_cpp was imported before qaq_gguf" in r.stderr
-    assert "Import qaq_gguf first" in r.stderr
+    assert "llama_cpp has loaded" in r.stderr and "not qaq-gguf's patched build" in r.stderr, r.stderr
+    assert "import qaq_gguf before llama_cpp" in r.stderr, r.stderr
 
 
 def test_conflicting_lib_path_env_is_an_error(tmp_path):

@@ -175,3 +175,19 @@ def test_rewriter_reports_method_errors(gemma, eval_text):
     with pytest.raises(RewriteError, match="bad: Kcur-0: the method returned shape"):
         evaluate.evaluate(gemma, eval_text, [evaluate.CacheConfig("bad", method=m)], n_ctx=64, n_chunks=1,
                           n_threads=2, progress=False)
+
+
+def test_every_method_runs_end_to_end(gemma, calib_text, eval_text):
+    """Each published method, one setting, through the whole lab (fit on calibration text, rewrite inside
+    llama.cpp, bits accounting): finite KL-divergence, bits within the method's range, one row each."""
+    specs = ["qaq:3", "aquakv:2", "qjl:3", "cq:2", "kivi:2", "kvquant:3", "turboquant:3", "native:q4_0/q4_0"]
+    res = lab.run(gemma, calib_text, eval_text, specs, n_ctx=512, n_chunks=1, n_batch=128, calib_ctx=256,
+                  calib_chunks=2, n_threads=2, progress=False)
+    rows = {r["label"]: r for r in res["results"]}
+    assert len(rows) == len(specs)
+    for label, r in rows.items():
+        assert np.isfinite(r["kld"]) and r["kld"] > 0, (label, r["kld"])
+        assert 1.0 < r["avg_bits"] < 40.0, (label, r["avg_bits"])  # model-constant side information can dominate
+        if r["family"] != "native":
+            assert r["paper"] and r["bits_detail"], label
+    assert set(methods.PUBLISHED) == {r["family"] for r in res["results"] if r["family"] != "native"}

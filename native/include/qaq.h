@@ -35,6 +35,23 @@ int32_t qaq_model_fingerprint(const char * model_path, char * out_hex, char * er
 int32_t qaq_model_apply_kv_profile(struct llama_model * model, const char * model_path, const char * profile_path,
                                    char * err, size_t err_size);
 
+// Remove every per-layer cache type and K/V transform a profile set on the model (contexts created afterwards use
+// their own type_k/type_v).
+void qaq_model_clear_kv_profile(struct llama_model * model);
+
+// The profile a model gets without being asked (llama_model_load_from_file calls this): the one embedded in the model
+// file, if it carries one; or, with the environment variable QAQ_KV_PROFILE set to a profile path, that profile for
+// the model it was made for; none with QAQ_KV_PROFILE=none. A profile applied this way yields to a context's explicit
+// type_k/type_v (with a warning). Returns 0 (applied, or nothing to apply), or -1 with a message in err: an invalid
+// embedded profile is refused, never skipped.
+int32_t qaq_model_apply_default_kv_profile(struct llama_model * model, const char * model_path, char * err,
+                                           size_t err_size);
+
+// Run every check of qaq_model_apply_kv_profile (the profile's keys, types, transforms and limits against the model,
+// and the backends present) without changing the model. Returns 0, or -1 with a message in err.
+int32_t qaq_profile_check(const struct llama_model * model, const char * model_path, const char * profile_path,
+                          char * err, size_t err_size);
+
 #ifdef __cplusplus
 }
 #endif
