@@ -266,7 +266,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     model = args.model or str(models.gemma3_270m())
     specs = [x for x in args.methods.split(",") if x.strip()]
-    frontier = [float(b) for b in args.frontier.split(",")] if args.frontier else []
+    frontier = [b if b.endswith(".gguf") else float(b) for b in args.frontier.split(",")] if args.frontier else []
     res = lab.run(model, _read_text(args.calib_text), evaluate.read_text_file(args.text), specs, n_ctx=args.ctx,
                   n_chunks=args.chunks, n_batch=args.batch, calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks,
                   frontier=frontier,
@@ -459,7 +459,8 @@ examples:
     p.add_argument("--text", required=True, help="held-out evaluation text")
     p.add_argument("--methods", required=True, help="comma-separated method specs (see above), or 'all'")
     p.add_argument("--frontier", help="also calibrate qaq-gguf profiles at these budgets (bits, comma-separated) "
-                                      "and draw them as a line")
+                                      "and draw them as a line; a PROFILE.gguf item is a profile calibrated before "
+                                      "(qaq-gguf calibrate, on other text than --text), drawn on the same line")
     p.add_argument("--ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
     p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
     p.add_argument("-b", "--batch", type=int, default=64,

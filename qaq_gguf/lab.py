@@ -149,10 +149,11 @@ def _values_per_token(ident: profile.ModelIdentity) -> tuple[int, int]:
 
 def run(model_path: str | Path, calib_text: str, text: str, specs: Sequence[str], *, n_ctx: int = 1024,
         n_chunks: int | None = 4, n_batch: int = 64, calib_ctx: int = 512, calib_chunks: int = 8,
-        frontier: Sequence[float] = (), work_dir: str | Path | None = None, n_threads: int | None = None,
+        frontier: Sequence[float | str] = (), work_dir: str | Path | None = None, n_threads: int | None = None,
         progress: bool = True, text_name: str | None = None, calib_name: str | None = None) -> dict:
     """Fit every method of ``specs`` on ``calib_text``, then evaluate them, the native configs and (with
-    ``frontier``) calibrated profiles at those budgets, in one run on ``text``. Returns a JSON-serialisable dict
+    ``frontier``) calibrated profiles at those budgets (or given as profile files, already calibrated on other text),
+    in one run on ``text``. Returns a JSON-serialisable dict
     with evaluate()'s settings and reference, and one row per config (method, setting, paper, bits, KLD, ...)."""
     if hashlib.sha256(calib_text.encode()).digest() == hashlib.sha256(text.encode()).digest():
         raise ValueError("the calibration text is the evaluation text: fit methods on other text")
@@ -172,12 +173,16 @@ def run(model_path: str | Path, calib_text: str, text: str, specs: Sequence[str]
             methods.check_fitted(m, ident)
             fit_seconds[m.label] = round(time.time() - t, 2)
     frontier_rows = []
-    if frontier:
+    budgets = [b for b in frontier if not isinstance(b, str)]
+    for f in (f for f in frontier if isinstance(f, str)):  # profiles calibrated beforehand: checked when loaded
+        natives.append(evaluate.CacheConfig(f"calibrated:{Path(f).stem}", profile=str(f)))
+        frontier_rows.append(natives[-1].label)
+    if budgets:
         work = Path(work_dir or "qaq-lab")
         work.mkdir(parents=True, exist_ok=True)
         scores = calibrate.calibrate(model_path, calib_text, n_ctx=calib_ctx, n_chunks=calib_chunks,
                                      n_threads=n_threads, progress=progress)
-        for b in frontier:
+        for b in budgets:
             p = calibrate.allocate(scores, avg_bits=b)
             f = profile.write_profile(p, work / f"qaq-{b:g}bits.gguf")
             natives.append(evaluate.CacheConfig(f"calibrated@{b:g}", profile=str(f)))

@@ -191,3 +191,15 @@ def test_every_method_runs_end_to_end(gemma, calib_text, eval_text):
         if r["family"] != "native":
             assert r["paper"] and r["bits_detail"], label
     assert set(methods.PUBLISHED) == {r["family"] for r in res["results"] if r["family"] != "native"}
+
+
+def test_frontier_takes_profiles_calibrated_before(gemma, calib_text, eval_text, tmp_path):
+    """--frontier PROFILE.gguf: a profile calibrated beforehand is scored in the same run and drawn as the frontier;
+    no calibration runs (no methods either: nothing is fitted)."""
+    f = profile.write_profile(profile.make_profile(profile.model_identity(gemma), "q8_0", "q4_0"), tmp_path / "p.gguf")
+    res = lab.run(gemma, calib_text, eval_text, ["native:q8_0/q8_0"], frontier=[str(f)], n_ctx=128, n_chunks=1,
+                  n_threads=2, progress=False, work_dir=tmp_path / "work")
+    rows = {r["label"]: r for r in res["results"]}
+    assert rows["calibrated:p"]["family"] == "frontier" and rows["native:q8_0/q8_0"]["family"] == "native"
+    assert rows["calibrated:p"]["kld"] > rows["native:q8_0/q8_0"]["kld"] > 0  # q4_0 values cost more than q8_0
+    assert not (tmp_path / "work").exists() and res["lab"]["calib_chunks"] == 0
