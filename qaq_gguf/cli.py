@@ -367,10 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a GGUF model instead of the bundled one")
     p.add_argument("--calib-text", help="calibration text (default: the packaged WikiText-2 valid sample)")
     p.add_argument("--text", help="held-out evaluation text (default: the packaged WikiText-2 test sample)")
-    p.add_argument("--budgets", default="6.5,5.5,4.5",
-                   help="bits per value of the calibrated profiles (default 6.5,5.5,4.5)")
-    p.add_argument("--pairs", default="q8_0/q4_0,q5_0/q5_0,q4_0/q4_0",
-                   help="uniform K/V pairs to compare with (default q8_0/q4_0,q5_0/q5_0,q4_0/q4_0)")
+    p.add_argument("--budgets", default="5.5,4.5,3.5",
+                   help="bits per value of the calibrated profiles (default 5.5,4.5,3.5)")
+    p.add_argument("--pairs", default="q5_0/q5_0,q4_0/q4_0,qaq3/qaq3",
+                   help="uniform K/V pairs to compare with (default q5_0/q5_0,q4_0/q4_0,qaq3/qaq3)")
     p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks of 512 tokens (default 8)")
     p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
     p.add_argument("--n-ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")

@@ -165,3 +165,14 @@ def test_frontier_and_ablate_commands_write_results(gemma, scores, eval_text, tm
     assert len(res["rows"]) == 2 * 18 and set(res["spearman"]) == {"K", "V", "all"}
     assert all(r["kld"] > 0 for r in res["rows"])
     assert (out / "ablate.png").is_file()
+
+
+def test_demo_runs_the_main_job_end_to_end(gemma, tmp_path, capsys):
+    """The README's first command, scaled down: calibrate on the packaged sample, evaluate beside a uniform pair,
+    generate with the profile."""
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--calib-chunks", "1", "--chunks", "1", "--n-ctx", "256", "--budgets", "4.5",
+                     "--pairs", "q4_0/q4_0", "--max-tokens", "4", "--threads", "2", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "1/3 calibrating" in text and "3/3 generating" in text and "q4_0/q4_0" in text
+    assert (out / "qaq-4.5bits.gguf").exists() and (out / "demo.json").exists()

@@ -7,6 +7,7 @@ token ids) and the hyperparameters of the chosen preset. Tensors are streamed to
 stays at one tensor. The device machine has no network; run this there.
 
   python3 tools/synth_gguf.py --preset llama3-8b -o /tmp/llama3-8b-q4_0.gguf      # 4.3 GiB, ~1 min
+  python3 tools/synth_gguf.py --preset kv-heavy -o /tmp/kv-heavy.gguf               # cache-bound decode, CPU
   python3 tools/synth_gguf.py --preset tiny -o /tmp/tiny.gguf                       # for a smoke test
 
 Quality numbers never come from these models (their output is noise); they only time the cache.
@@ -24,6 +25,10 @@ PRESETS = {
     # Llama-3.1-8B: 32 layers, 8 KV heads of 128 (GQA 4), FFN 14336, vocab 128256
     "llama3-8b": dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256, ctx=131072,
                       rope_base=500000.0),
+    # the cache dominates the bytes a decoded token reads: 8 KV heads of 128 in each of 4 layers (16 KiB of f16 K+V
+    # per token and layer) over ~25 MiB of weights, so decode speed at depth follows the cache type's bytes
+    "kv-heavy": dict(n_layer=4, n_embd=2048, n_head=16, n_head_kv=8, n_ff=2048, n_vocab=1024, ctx=32768,
+                     rope_base=10000.0),
     # a few MiB, same head layout: for checking the benchmark script itself
     "tiny": dict(n_layer=2, n_embd=512, n_head=4, n_head_kv=1, n_ff=1024, n_vocab=1024, ctx=65536,
                  rope_base=10000.0),
