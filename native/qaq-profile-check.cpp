@@ -14,8 +14,6 @@
 
 namespace qaq {
 
-namespace {
-
 std::string strfmt(const char * fmt, ...) {
     char buf[1024];
     va_list ap;
@@ -24,6 +22,8 @@ std::string strfmt(const char * fmt, ...) {
     va_end(ap);
     return buf;
 }
+
+namespace {
 
 // a string read from the profile, for a message: at most 48 characters, control characters replaced
 std::string clip(const std::string & v) {

@@ -45,6 +45,7 @@ struct profile_data {
 // own. GGML_TYPE_COUNT for any other name.
 ggml_type cache_type_from_name(const std::string & name);
 std::string cache_type_names();  // "f32, f16, ..." for messages
+std::string strfmt(const char * fmt, ...);  // printf into a std::string (messages: at most 1023 characters)
 
 // Read the profile at path (a profile file, or a model file carrying one when embedded) and check it against
 // shape; throws profile_error with a message that names the key or the problem.

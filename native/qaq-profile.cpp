@@ -9,7 +9,6 @@
 #include "llama.h"
 #include "llama-impl.h"  // LLAMA_LOG_WARN
 
-#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,15 +20,7 @@
 namespace {
 
 using qaq::profile_error;
-
-std::string strfmt(const char * fmt, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    return buf;
-}
+using qaq::strfmt;
 
 // does every GPU device present run flash attention with this K/V type pair and head size?
 void check_backends(ggml_type tk, ggml_type tv, int64_t head_k, int64_t head_v, int64_t n_head_kv) {

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +9,7 @@ import pytest
 
 import qaq_gguf  # noqa: F401  (binds llama-cpp-python to our library before anything imports llama_cpp)
 from qaq_gguf import _native, models, profile
+from qaq_gguf.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -82,63 +79,6 @@ def write_synthetic_model(path: Path, n_layer=2, n_embd=256, n_head=4, n_head_kv
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_synthetic_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """llama-server on 127.0.0.1, stopped when the test ends."""
-
-    def __init__(self, args: list[str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        exe = _native.bin_dir() / "llama-server"
-        self.proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(self.port), *args],
-                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout=120.0) -> None:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"llama-server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def get(self, path: str):
-        import json
-
-        req = urllib.request.Request(self.url + path, headers={"Accept-Encoding": "gzip"})  # the UI is served gzipped
-        with urllib.request.urlopen(req, timeout=60) as r:
-            body = r.read()
-            return r.status, r.headers.get("Content-Type", ""), body if not path.endswith(("/props", "/health")) \
-                else json.loads(body)
-
-    def post(self, path: str, payload: dict) -> dict:
-        import json
-
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture

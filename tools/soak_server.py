@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -32,75 +29,22 @@ WORDS = ("the cache stores every layer of the model keys and values in its own t
          "less memory while the answers stay the same as with the full precision cache on this machine").split()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, exe: Path, model: Path, args: list[str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                                      *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        self.log = log
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("llama-server did not become ready")
-
-    def post(self, path: str, payload: dict, timeout: float = 300) -> dict:
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def rss_mib(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 def prompt(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
 def run(model: Path, profile: str | None, *, minutes: float, clients: int, parallel: int, n_ctx: int,
         out: Path) -> dict:
-    from qaq_gguf import _native
+    from qaq_gguf.server import Server
 
     out.mkdir(parents=True, exist_ok=True)
-    exe = _native.bin_dir() / "llama-server"
     prof = ["--kv-profile", profile] if profile else []
     slots = out / "slots"
     slots.mkdir(exist_ok=True)
-    main = Server(exe, model, [*prof, "--parallel", str(parallel), "-c", str(n_ctx * parallel), "-cb",
+    main = Server(["-m", str(model), *prof, "--parallel", str(parallel), "-c", str(n_ctx * parallel), "-cb",
                                "--context-shift", "--slot-save-path", str(slots), "-t", "1", "--no-warmup"],
                   out / "server.log")
-    ref = Server(exe, model, [*prof, "--parallel", "1", "-c", "2048", "-t", "1", "--no-warmup"], out / "ref.log")
+    ref = Server(["-m", str(model), *prof, "--parallel", "1", "-c", "2048", "-t", "1", "--no-warmup"], out / "ref.log")
     stats = {"requests": 0, "errors": [], "shifted": 0, "saves": 0, "restores": 0, "greedy_mismatch": 0,
              "greedy_checks": 0}
     lock = threading.Lock()
