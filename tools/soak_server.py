@@ -34,7 +34,7 @@ def prompt(rng: random.Random, n_words: int) -> str:
 
 
 def run(model: Path, profile: str | None, *, minutes: float, clients: int, parallel: int, n_ctx: int,
-        out: Path) -> dict:
+        out: Path, cache_ram: int = 0, threads: int = 1) -> dict:
     from qaq_gguf.server import Server
 
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,8 @@ def run(model: Path, profile: str | None, *, minutes: float, clients: int, paral
     slots = out / "slots"
     slots.mkdir(exist_ok=True)
     main = Server(["-m", str(model), *prof, "--parallel", str(parallel), "-c", str(n_ctx * parallel), "-cb",
-                               "--context-shift", "--slot-save-path", str(slots), "-t", "1", "--no-warmup"],
+                               "--context-shift", "--slot-save-path", str(slots), "-t", str(threads), "--no-warmup",
+                  "--cache-ram", str(cache_ram)],
                   out / "server.log")
     ref = Server(["-m", str(model), *prof, "--parallel", "1", "-c", "2048", "-t", "1", "--no-warmup"], out / "ref.log")
     stats = {"requests": 0, "errors": [], "shifted": 0, "saves": 0, "restores": 0, "greedy_mismatch": 0,
@@ -118,12 +119,13 @@ def run(model: Path, profile: str | None, *, minutes: float, clients: int, paral
         ref.stop()
     warm = [m for s, m in rss if s > 0.2 * 60 * minutes]
     res = {"model": str(model), "profile": profile, "minutes": minutes, "clients": clients, "parallel": parallel,
-           "n_ctx_per_slot": n_ctx, **{k: v for k, v in stats.items() if k != "errors"},
+           "n_ctx_per_slot": n_ctx, "cache_ram_mib": cache_ram, "threads": threads,
+           **{k: v for k, v in stats.items() if k != "errors"},
            "n_errors": len(stats["errors"]), "errors": stats["errors"][:50], "rss_mib": rss,
            "rss_growth_after_warmup_mib": (max(warm) - min(warm)) if warm else 0.0, "greedy_reference": expect}
     (out / "soak.json").write_text(json.dumps(res, indent=1))
-    md = [f"llama-server --parallel {parallel} -cb --context-shift, {clients} clients, {minutes:g} min, profile "
-          f"{profile or '(none)'}", "", "| requests | errors | context shifts | slot save/restore | greedy checks "
+    md = [f"llama-server --parallel {parallel} -cb --context-shift --cache-ram {cache_ram} -t {threads}, {clients} "
+          f"clients, {minutes:g} min, profile {profile or '(none)'}", "", "| requests | errors | context shifts | slot save/restore | greedy checks "
           "(mismatches) | RSS start → end (MiB) | RSS growth after warm-up (MiB) |", "| ---: | ---: | ---: | ---: | ---: | --- | ---: |",
           f"| {res['requests']} | {res['n_errors']} | {res['shifted']} | {res['saves']} | {res['greedy_checks']} "
           f"({res['greedy_mismatch']}) | {rss[0][1]:.0f} → {rss[-1][1]:.0f} | {res['rss_growth_after_warmup_mib']:.1f} |"
@@ -156,6 +158,10 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("-c", "--ctx-size", type=int, default=1024, help="context per slot (default 1024)")
+    ap.add_argument("-cram", "--cache-ram", type=int, default=0,
+                    help="llama-server's prompt cache in MiB (default 0: off). Upstream keeps idle slots' prompts in "
+                         "RAM up to 8192 MiB by default, which grows RSS by design; off, any growth is a leak")
+    ap.add_argument("-t", "--threads", type=int, default=1, help="threads of the loaded server (default 1)")
     ap.add_argument("-o", "--output-dir", type=Path, required=True)
     a = ap.parse_args()
     import qaq_gguf  # noqa: F401
@@ -163,7 +169,7 @@ def main() -> int:
 
     model = Path(a.model) if a.model else models.gemma3_270m()
     res = run(model, a.kv_profile, minutes=a.minutes, clients=a.clients, parallel=a.parallel, n_ctx=a.ctx_size,
-              out=a.output_dir)
+              out=a.output_dir, cache_ram=a.cache_ram, threads=a.threads)
     print((a.output_dir / "soak.md").read_text())
     for e in res["errors"][:10]:
         print("error:", e)
