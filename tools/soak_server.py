@@ -101,18 +101,18 @@ def run(model: Path, profile: str | None, *, minutes: float, clients: int, paral
                     with lock:
                         stats["errors"].append(f"greedy check: {e}")
 
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-        threads.append(threading.Thread(target=greedy_checker, daemon=True))
+        workers = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+        workers.append(threading.Thread(target=greedy_checker, daemon=True))
         t0 = time.time()
-        for t in threads:
+        for t in workers:
             t.start()
-        while any(t.is_alive() for t in threads):
+        while any(t.is_alive() for t in workers):
             rss.append((round(time.time() - t0, 1), main.rss_mib()))
             if main.proc.poll() is not None:
                 stats["errors"].append(f"llama-server exited with {main.proc.returncode}")
                 break
             time.sleep(10 if minutes > 2 else 2)
-        for t in threads:
+        for t in workers:
             t.join(timeout=600)
     finally:
         main.stop()
