@@ -296,17 +296,6 @@ def test_vec_dot_against_q8_0(ggml, name):
             assert abs(s.value - ref) <= 1e-5 * scale + 1e-6, (n, s.value, ref)
 
 
-def _attention_ref(q, k, v, scale):
-    """q (n_head, n_q, d), k (n_head_kv, n_kv, d), v (n_head_kv, n_kv, dv) -> (n_q, n_head, dv), float64."""
-    rep = q.shape[0] // k.shape[0]
-    k = np.repeat(k, rep, axis=0).astype(np.float64)
-    v = np.repeat(v, rep, axis=0).astype(np.float64)
-    s = np.einsum("hqd,hkd->hqk", q.astype(np.float64), k) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("hqk,hkd->qhd", p, v)
-
-
 def _cache(x, type_name):
     """(rows of) x as stored in a cache of type_name: raw bytes for ggml, and the values the kernel reads."""
     if type_name in quants.KVALUES:
@@ -335,25 +324,8 @@ def test_flash_attn_ext(ggml, kv, d, n_head, n_head_kv, n_q):
     rows or more takes the tiled path (K and V tiles converted to f32, Q in f32), a single row the vector path (Q
     rounded to q8_0 for a quantized K, as K's vec_dot reads it); both accumulate in f32 (tests/test_flash_attn_cpu.py
     covers every type and pair)."""
+    from test_flash_attn_cpu import _run  # the one FLASH_ATTN_EXT harness: numpy reference, the op, no mask here
+
     tk, tv = kv.split("/")
-    n_kv = 96
-    rng = np.random.default_rng(d * 131 + n_head * 7 + n_q)
-    q = rng.standard_normal((n_head, n_q, d)).astype(np.float32)
-    k = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
-    v = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
-    k_raw, k_val = _cache(k, tk)
-    v_raw, v_val = _cache(v, tv)
-    scale = 1.0 / np.sqrt(d)
-    if n_q >= 64:
-        q_eff = q
-    else:
-        q_eff = _q8_0_roundtrip(q) if tk != "f16" else q.astype(np.float16).astype(np.float32)
-    ref = _attention_ref(q_eff, k_val, v_val, scale)
-    with _Graph(ggml) as g:
-        tq = g.tensor(F32, (d, n_q, n_head), q)
-        tkk = g.tensor(_tid(tk), (d, n_kv, n_head_kv), k_raw)
-        tvv = g.tensor(_tid(tv), (d, n_kv, n_head_kv), v_raw)
-        out = g.base.ggml_flash_attn_ext(g.ctx, tq, tkk, tvv, None, scale, 0.0, 0.0)
-        g.compute(out)
-        got = g.read(out, np.float32, (n_q, n_head, d))
+    got, ref = _run(ggml, tk, tv, d, n_head, n_head_kv, n_q, 96, masked=False, seed=d * 131 + n_head * 7 + n_q)
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
