@@ -101,7 +101,7 @@ def summary(res: dict) -> str:
     width = max([10] + [len(r["label"]) for r in res["results"] if r.get("series") in ("calibrated", "compared")])
     lines[0] = f"{'profile':<{width}}" + lines[0][10:]
     for r in (r for r in res["results"] if r.get("series") in ("calibrated", "compared")):
-        # bits as the table prints them: what the cache holds at this n_ctx ("bits": the solver's per-layer figure)
+        # bits: the one figure of a profile (profile.average_bits), the same in the table and in "bits"
         ok = [u for u in uni if u["avg_bits"] <= r["avg_bits"] + 1e-9]
         best = min(ok, key=lambda u: u["kld"]) if ok else None
         cmp = (f"{best['label']:<14} {best['avg_bits']:>5.2f} {best['dppl_pct']:+8.3f} {best['kld']:9.5f}  "

@@ -26,6 +26,15 @@ def gemma_ident(gemma):
 
 
 @pytest.fixture(scope="session")
+def gemma_mixed(gemma_ident, tmp_path_factory):
+    """(path, profile): a Gemma profile mixing our types and ggml's, V quantized (flash attention needed)."""
+    n = gemma_ident.n_layer
+    p = profile.make_profile(gemma_ident, ["q8_0" if i % 2 else "qaq4l" for i in range(n)],
+                             ["q4_0" if i % 3 else "qaq3" for i in range(n)], {"method": "test"})
+    return profile.write_profile(p, tmp_path_factory.mktemp("mixed") / "mixed.gguf"), p
+
+
+@pytest.fixture(scope="session")
 def eval_text() -> str:
     """Held-out text: WikiText-2 test when the shared data is beside the checkout, else the packaged sample of it."""
     f = SHARED_DATA / "wikitext-2-raw-test.txt"

@@ -1,6 +1,8 @@
 """Calibration on the real Gemma 3 270M: activation collection through llama.cpp, scores, allocation, the CLI."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -176,3 +178,9 @@ def test_demo_runs_the_main_job_end_to_end(gemma, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "1/3 calibrating" in text and "3/3 generating" in text and "q4_0/q4_0" in text
     assert (out / "qaq-4.5bits.gguf").exists() and (out / "demo.json").exists()
+    # one bits figure per profile: the table's, the summary's and the profile's own agree
+    bits = profile.average_bits(profile.read_profile(out / "qaq-4.5bits.gguf"))
+    res = json.loads((out / "demo.json").read_text())
+    row = next(r for r in res["results"] if r.get("profile"))
+    assert row["avg_bits"] == pytest.approx(bits, abs=1e-9)
+    assert f"{bits:.3f}" in text and f"{bits:.2f} bits per value" in text
