@@ -22,8 +22,31 @@ namespace {
 using qaq::profile_error;
 using qaq::strfmt;
 
+// does every RPC server in use know these cache types? A server built from a ggml without them refuses the first
+// tensor of such a type and drops the connection, which the client treats as a crash: refuse the profile by name
+void check_rpc_servers(ggml_type tk, ggml_type tv) {
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+        if (reg == nullptr || std::strcmp(ggml_backend_reg_name(reg), "RPC") != 0) {
+            continue;
+        }
+        using supports_type_t = bool (*)(const char * endpoint, ggml_type type);
+        auto supports_type = (supports_type_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_supports_type");
+        for (ggml_type t : { tk, tv }) {
+            if (supports_type == nullptr || !supports_type(ggml_backend_dev_description(dev), t)) {
+                throw profile_error(strfmt("the RPC server %s (%s) cannot hold %s cache tensors: it runs a ggml "
+                    "without qaq-gguf's cache types; run the rpc-server qaq-gguf ships there (`qaq-gguf rpc-server`), "
+                    "or use ggml's own types for this profile", ggml_backend_dev_description(dev),
+                    ggml_backend_dev_name(dev), ggml_type_name(t)));
+            }
+        }
+    }
+}
+
 // does every GPU device present run flash attention with this K/V type pair and head size?
 void check_backends(ggml_type tk, ggml_type tv, int64_t head_k, int64_t head_v, int64_t n_head_kv) {
+    check_rpc_servers(tk, tv);
     ggml_init_params params = { /*.mem_size =*/ 8*ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
     ggml_context * ctx = ggml_init(params);
     const int64_t n_kv = 256;

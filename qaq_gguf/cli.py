@@ -27,6 +27,8 @@ examples:
                                                   types for an average of 5.5 bits per cached value
   qaq-gguf eval MODEL --text test.txt --profile qaq.gguf -ctk q8_0 -ctv q4_0
                                                   PPL, KL-divergence, top-1 against the f16 cache
+  qaq-gguf eval MODEL --needle niah --text test.txt --profile qaq.gguf -o needle/
+                                                  needle retrieval at 4k/16k/32k against the f16 cache
   qaq-gguf frontier MODEL --calib-text calib.txt --text test.txt
                                                   quality vs bits: uniform pairs and calibrated profiles (PNG)
   qaq-gguf ablate MODEL --scores qaq.gguf --text test.txt
@@ -34,7 +36,10 @@ examples:
   qaq-gguf lab MODEL --calib-text calib.txt --text test.txt --methods kivi,qjl,cq,native:q4_0/q4_0 -o lab/
                                                   published KV-cache methods on your model, one harness
   qaq-gguf server -m MODEL --kv-profile qaq.gguf  the bundled llama-server (any llama-server arguments)
+  qaq-gguf openai-server --model MODEL --kv_profile qaq.gguf
+                                                  llama-cpp-python's OpenAI server, per-layer types in /v1/models
   qaq-gguf perplexity -m MODEL --kv-profile qaq.gguf -f text.txt
+  qaq-gguf rpc-server -p 50052                    llama.cpp's RPC server with our types (--rpc host:port elsewhere)
 """
 
 
@@ -94,6 +99,14 @@ def _exec_binary(name: str, argv: list[str]) -> int:
     return 0  # not reached
 
 
+def _openai_server(argv: list[str]) -> int:
+    from . import openai_server
+
+    sys.argv = ["qaq-gguf openai-server", *argv]
+    openai_server.main()
+    return 0
+
+
 def _parse_types(s: str, n: int) -> list[str] | str:
     parts = [p.strip() for p in s.split(",")]
     if len(parts) == 1:
@@ -121,14 +134,33 @@ def cmd_profile_inspect(args: argparse.Namespace) -> int:
     from . import profile
 
     p = profile.read_profile(args.profile)
+    by_dev = None
+    if args.rpc or args.n_gpu_layers is not None:
+        _native()
+        from . import _native as native, runtime
+
+        model = args.model or args.profile  # a model with an embedded profile is its own model
+        if not native.gguf_header(model)[1]:  # no tensors: a profile file
+            raise SystemExit("qaq-gguf profile inspect: give --model MODEL for the device split (the profile is "
+                             "a separate file)")
+        if profile.fingerprint(model) != p.model.fingerprint:
+            raise profile.ProfileError(f"{args.profile} was made for another model than {model}")
+        if args.rpc:
+            runtime.add_rpc_servers(args.rpc)
+        devs = runtime.layer_devices(model, 999 if args.n_gpu_layers is None else args.n_gpu_layers)
+        by_dev = profile.kv_bytes_by_device(p, devs, args.n_ctx)
     if args.json:
         kw = {"n_ctx": args.n_ctx}
         print(json.dumps({
             "model": p.model.__dict__, "type_k": p.type_k, "type_v": p.type_v, "provenance": p.provenance,
-            "average_bits": profile.average_bits(p), "average_bits_at_n_ctx": profile.average_bits(p, **kw),
-            "kv_bytes": profile.kv_bytes(p, **kw), "n_ctx": args.n_ctx}, indent=2))
+            "average_bits": profile.average_bits(p),
+            "kv_bytes": profile.kv_bytes(p, **kw), "n_ctx": args.n_ctx,
+            **({"kv_bytes_by_device": by_dev} if by_dev is not None else {})}, indent=2))
     else:
         print(profile.describe(p, n_ctx=args.n_ctx))
+        if by_dev is not None:
+            print(f"KV cache per device at n_ctx={args.n_ctx}: " +
+                  ", ".join(f"{d} {b / 2**20:.2f} MiB" for d, b in by_dev.items()))
     return 0
 
 
@@ -205,12 +237,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfgs = _configs(args)
     if not cfgs:
         raise SystemExit("qaq-gguf eval: nothing to evaluate: give --profile P, -ctk/-ctv, or --pairs")
+    if args.needle:
+        return _eval_needle(args, model, cfgs)
+    if not args.text:
+        raise SystemExit("qaq-gguf eval: give --text FILE (held-out text to score)")
+    edges = [int(x) for x in args.position_edges.split(",")] if args.position_edges else []
     res = evaluate.evaluate(model, evaluate.read_text_file(args.text), cfgs, n_ctx=args.ctx, n_batch=args.batch,
-                            n_chunks=args.chunks, n_threads=args.threads, text_name=Path(args.text).name)
+                            n_chunks=args.chunks, n_threads=args.threads, text_name=Path(args.text).name,
+                            score_from=args.score_from, position_edges=edges)
     print(evaluate.format_table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _eval_needle(args: argparse.Namespace, model: str, cfgs: list) -> int:
+    from . import evaluate, needle
+
+    if args.needle == "niah" and not args.text:
+        raise SystemExit("qaq-gguf eval --needle niah: give --text FILE, the haystack (e.g. WikiText-2 test)")
+    res = needle.run(model, cfgs, kind=args.needle, lengths=[int(x) for x in args.needle_lengths.split(",")],
+                     depths=needle.depth_grid(args.needle_depths), trials=args.needle_trials,
+                     haystack=evaluate.read_text_file(args.text) if args.text and args.needle == "niah" else None,
+                     n_threads=args.threads, text_name=Path(args.text).name if args.text else None)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"needle-{args.needle}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text("```\n" + needle.table(res) + "\n```\n")
+    png = needle.plot(res, stem.with_suffix(".png"))
+    print(needle.table(res))
+    print(f"wrote {stem}.json, {stem}.md" + (f", {png}" if png else ""))
     return 0
 
 
@@ -354,10 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, exe, what in (("server", "llama-server", "the OpenAI-compatible server and web chat"),
                             ("perplexity", "llama-perplexity", "perplexity / KL-divergence"),
                             ("bench", "llama-bench", "speed benchmark"),
-                            ("fit-params", "llama-fit-params", "memory estimate / fit with the profile's types")):
+                            ("fit-params", "llama-fit-params", "memory estimate / fit with the profile's types"),
+                            ("rpc-server", "ggml-rpc-server", "llama.cpp's RPC server, with qaq-gguf's cache types")):
         p = sub.add_parser(name, help=f"run the bundled {exe} ({what}); all arguments are passed on",
                            add_help=False)
         p.set_defaults(func=lambda a, exe=exe: _exec_binary(exe, a.rest), rest=[])
+    p = sub.add_parser("openai-server", add_help=False,
+                       help="llama-cpp-python's OpenAI-compatible server (python -m llama_cpp.server) with a "
+                            "kv_profile setting per model and per-layer types in /v1/models; arguments passed on")
+    p.set_defaults(func=lambda a: _openai_server(a.rest), rest=[])
 
     p = sub.add_parser("demo", help="the main job on the bundled Gemma 3 270M: calibrate, evaluate, generate",
                        description="Calibrate the bundled Gemma 3 270M on WikiText-2 validation text, evaluate "
@@ -391,9 +454,18 @@ average bits per value.
 examples:
   qaq-gguf eval model.gguf --text wiki.test.raw --profile qaq.gguf
   qaq-gguf eval model.gguf --text wiki.test.raw -ctk q8_0 -ctv q4_0 --profile qaq.gguf --json out.json
-  qaq-gguf eval model.gguf --text wiki.test.raw --pairs q8_0/q8_0,q4_0/q4_0""")
+  qaq-gguf eval model.gguf --text wiki.test.raw --pairs q8_0/q8_0,q4_0/q4_0
+
+long context: score one 32k chunk from position 512 on, KLD reported per position range:
+  qaq-gguf eval --text wiki.test.raw --profile qaq.gguf --ctx 32768 --chunks 1 --score-from 512 \\
+      --position-edges 1024,4096,8192,16384
+
+needle retrieval (--needle niah|passkey): one context per length with a needle at each depth, each needle's
+question answered greedily after it; the f16 cache runs first as the reference. Writes needle-KIND.json/.md/.png:
+  qaq-gguf eval --needle niah --text wiki.test.raw --profile qaq.gguf --pairs q4_0/q4_0 \\
+      --needle-lengths 4096,16384,32768 --needle-depths 8 -o results/""")
     p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
-    p.add_argument("--text", required=True, help="held-out text (never the calibration text)")
+    p.add_argument("--text", help="held-out text (never the calibration text); the haystack for --needle niah")
     p.add_argument("--profile", action="append", help="a profile to evaluate (repeatable)")
     p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPE", help="uniform K cache type (as llama.cpp)")
     p.add_argument("-ctv", "--cache-type-v", dest="type_v", metavar="TYPE", help="uniform V cache type (as llama.cpp)")
@@ -403,6 +475,13 @@ examples:
     p.add_argument("--chunks", type=int, default=8, help="chunks to score (default 8)")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the results as JSON")
+    p.add_argument("--score-from", type=int, metavar="POS", help="first scored position (default ctx/2)")
+    p.add_argument("--position-edges", metavar="POS,...", help="also report KLD per position range split here")
+    p.add_argument("--needle", choices=("niah", "passkey"), help="retrieval test instead of scoring the text")
+    p.add_argument("--needle-lengths", default="4096,16384,32768", help="context lengths (default 4k,16k,32k)")
+    p.add_argument("--needle-depths", type=int, default=8, help="needles per context, depths 0..100%% (default 8)")
+    p.add_argument("--needle-trials", type=int, default=1, help="contexts per length (default 1)")
+    p.add_argument("-o", "--output-dir", default="qaq-needle", help="where --needle writes its results")
     p.set_defaults(func=cmd_eval)
 
     for name, helptext in (("frontier", "uniform pairs vs calibrated profiles across budgets: table, JSON, PNG"),
@@ -551,6 +630,10 @@ Never calibrate on the text you evaluate on.""")
     p.add_argument("--n-ctx", type=int, default=4096, help="context length for sizes (sliding-window layers "
                                                             "hold at most their window)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--rpc", metavar="SERVERS", help="RPC servers (host:port,...) as llama.cpp's --rpc: report the "
+                                                     "KV bytes on each device the layers go to")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, help="layers offloaded (default with --rpc: all)")
+    p.add_argument("--model", help="the model, for the device split (default: the profile, if it is a model file)")
     p.set_defaults(func=cmd_profile_inspect)
     p = psub.add_parser("embed", help="copy a model with the profile embedded")
     p.add_argument("model")
@@ -565,9 +648,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     # pass-through commands: everything after the command name goes to the binary untouched
     passthrough = {"server": "llama-server", "perplexity": "llama-perplexity", "bench": "llama-bench",
-                   "fit-params": "llama-fit-params"}
+                   "fit-params": "llama-fit-params", "rpc-server": "ggml-rpc-server"}
     if argv and argv[0] in passthrough:
         return _exec_binary(passthrough[argv[0]], argv[1:])
+    if argv and argv[0] == "openai-server":
+        return _openai_server(argv[1:])
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
         ap.print_help()

@@ -126,26 +126,27 @@ def _new_context(model, cfg: CacheConfig, n_ctx: int, n_batch: int, n_threads: i
     return ctx
 
 
-def _kv_summary(ctx, model) -> dict:
-    """What the context allocated: K/V bytes summed over layers, and average bits per cached value.
+def kv_summary(ctx, model) -> dict:
+    """What the context allocated: K/V bytes summed over layers, and bits per cached value.
 
-    avg_bits = 8 * bytes / values, with values = n_cells * n_head_kv * head_dim (K, and likewise V) of every
-    layer that has a cache of its own: the bytes are the cache tensors' own sizes (kv_layer_info) and the value
-    counts come from the model's per-layer shapes, so the figure is exact (sliding-window layers, which hold fewer
-    cells, weigh less; block scales are included)."""
+    avg_bits is qaq_gguf.profile.average_bits of the allocated types (one figure per profile everywhere): each
+    layer's bits per value (8 * bytes / (n_cells * values per token), block scales included) weighted by the values
+    it stores per token. The bytes are the cache tensors' own sizes (kv_layer_info) at this context, where
+    sliding-window layers hold fewer cells."""
     ffi, lib = _native.ffi_lib()
     rows = runtime.kv_layer_info(ctx)
     cmodel = runtime.as_cffi(model)
     shape = ffi.new("int32_t[3]")
     swa = ffi.new("bool *")
-    nbytes = values = 0
+    nbytes = bits = values = 0
     for r in rows:
-        if not lib.llama_model_layer_kv_shape(cmodel, r["layer"], shape, shape + 1, shape + 2, swa):
+        if not lib.llama_model_layer_kv_shape(cmodel, r["layer"], shape, shape + 1, shape + 2, swa) or not r["n_cells"]:
             continue
         nbytes += r["bytes_k"] + r["bytes_v"]
-        values += r["n_cells"] * shape[0] * (shape[1] + shape[2])
+        bits += 8.0 * (r["bytes_k"] + r["bytes_v"]) / r["n_cells"]
+        values += shape[0] * (shape[1] + shape[2])
     return {"type_k": _types_summary(r["type_k"] for r in rows), "type_v": _types_summary(r["type_v"] for r in rows),
-            "kv_bytes": int(nbytes), "avg_bits": 8.0 * nbytes / values if values else 0.0,
+            "kv_bytes": int(nbytes), "avg_bits": bits / values if values else 0.0,
             "n_cells": sorted({r["n_cells"] for r in rows})}
 
 
@@ -285,15 +286,33 @@ def _config_stats(nll: np.ndarray, ref_nll: np.ndarray, kld: np.ndarray, top1: n
     return out
 
 
+def _by_position(nll: np.ndarray, ref_nll: np.ndarray, kld: np.ndarray, top1: np.ndarray, n_chunk: int,
+                 first: int, last: int, edges: Sequence[int]) -> list[dict]:
+    """KLD, top-1 and ΔPPL of the scored rows in each position range (rows: chunk-major, positions first..last)."""
+    pos = np.tile(np.arange(first, last + 1), n_chunk)
+    out = []
+    for a, b in zip([first] + list(edges), list(edges) + [last + 1]):
+        m = (pos >= a) & (pos < b)
+        k, ke = mean_and_uncertainty(kld[m])
+        out.append({"from": int(a), "to": int(b), "n": int(m.sum()), "kld": k, "kld_err": ke,
+                    "top1": 100.0 * float(np.mean(top1[m])),
+                    "dppl_pct": 100.0 * (math.exp(float(np.mean(nll[m])) - float(np.mean(ref_nll[m]))) - 1.0)})
+    return out
+
+
 # --- the evaluation --------------------------------------------------------------------------------------------
 
 def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], *, n_ctx: int = 1024,
              n_batch: int = 256, n_chunks: int | None = None, n_threads: int | None = None, progress: bool = True,
-             verbose: bool = False, text_name: str | None = None, swa_full: bool = False) -> dict:
+             verbose: bool = False, text_name: str | None = None, swa_full: bool = False,
+             score_from: int | None = None, position_edges: Sequence[int] = ()) -> dict:
     """Perplexity, KL-divergence and top-1 agreement of each KV cache config against the f16/f16 cache.
 
     n_chunk = min(n_chunks, n_tokens // n_ctx) chunks of n_ctx tokens are scored (all when n_chunks is None);
     n_batch (at most n_ctx) is both the logical and the physical batch. n_threads defaults to the CPU count.
+    score_from is the first scored position (default n_ctx/2, as llama-perplexity; long chunks are better scored
+    from early on); position_edges (positions, ascending) split the scored rows into ranges [score_from, e1),
+    [e1, e2), ... reported as "by_position" (KLD, top-1 and ΔPPL per range: does the error grow with depth?).
     verbose keeps llama.cpp's log; text_name only labels the table. A config with a ``method`` runs over an f16
     cache whose Q/K/V the method rewrites (qaq_gguf.rewrite); such a run keeps every layer's full context in every
     context, the reference included (swa_full: the same attention, more memory), as it does with swa_full=True.
@@ -323,6 +342,12 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
         if c.profile is None:
             _cache_type(c, c.type_k)
             _cache_type(c, c.type_v)
+    if score_from is not None and not 0 <= score_from <= n_ctx - 2:
+        raise ValueError(f"score_from must be in [0, n_ctx-2] = [0, {n_ctx - 2}], got {score_from}")
+    first_pos = n_ctx // 2 if score_from is None else score_from
+    edges = [int(e) for e in position_edges]
+    if edges and (edges != sorted(set(edges)) or edges[0] <= first_pos or edges[-1] > n_ctx - 2):
+        raise ValueError(f"position edges must ascend within ({first_pos}, {n_ctx - 2}], got {edges}")
     n_threads = n_threads or os.cpu_count() or 1
     swa_full = swa_full or any(c.method is not None for c in configs)
     ref_cfg = CacheConfig("reference (f16)", None, REFERENCE_TYPE, REFERENCE_TYPE)
@@ -364,7 +389,7 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
                 if rw is not None:
                     rw.probe(ctx, bos if add_bos else int(tokens[0]))
 
-            first = n_ctx // 2
+            first = first_pos
             last = n_ctx - 2  # the last position has no next token in the chunk
             n_scored = last - first + 1
             ref_nll = np.empty(n_chunk * n_scored)
@@ -410,12 +435,14 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
             assert row == len(ref_nll)
 
             reference = {"label": ref_cfg.label, "profile": None, **_ppl_stats(ref_nll),
-                         **_kv_summary(ref_ctx, base)}
+                         **kv_summary(ref_ctx, base)}
             results = []
             for k, (c, (ctx, model)) in enumerate(zip(configs, cfg_ctx)):
                 r = {"label": c.label, "profile": str(c.profile) if c.profile is not None else None}
                 r.update(_config_stats(nll[k], ref_nll, kld[k], top1[k], reference["ppl"]))
-                r.update(_kv_summary(ctx, model))
+                r.update(kv_summary(ctx, model))
+                if edges:
+                    r["by_position"] = _by_position(nll[k], ref_nll, kld[k], top1[k], n_chunk, first, last, edges)
                 results.append(r)
         finally:
             if batch is not None:
@@ -428,7 +455,7 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     settings = {
         "model": str(model_path), "text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "n_tokens": int(len(tokens)), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_batch, "n_chunks": n_chunk,
-        "first": first, "n_tokens_scored": int(len(ref_nll)), "add_bos": add_bos, "n_vocab": n_vocab,
+        "first": first, "position_edges": edges, "n_tokens_scored": int(len(ref_nll)), "add_bos": add_bos, "n_vocab": n_vocab,
         "flash_attn": True, "reference": f"{REFERENCE_TYPE}/{REFERENCE_TYPE}", "n_threads": n_threads,
         "swa_full": swa_full,
         "seconds": round(time.time() - t0, 2),
@@ -453,6 +480,13 @@ def format_table(result: dict) -> str:
     for r in result["results"]:
         lines.append(_row(r, f"{r['ppl']:.4f} ± {r['ppl_err']:.4f}", f"{r['dppl_pct']:+.3f}",
                           f"{r['kld']:.6f} ± {r['kld_err']:.6f}", f"{r['kld_p99']:.5f}", f"{r['top1']:.2f}"))
+    if s.get("position_edges"):
+        ranges = result["results"][0]["by_position"] if result["results"] else []
+        hdr = f"{'KLD by position':<20} " + " ".join(f"{str(b['from']) + '-' + str(b['to'] - 1):>13}" for b in ranges)
+        lines += ["", hdr, "-" * len(hdr)]
+        for r in result["results"]:
+            label = r["label"] if len(r["label"]) <= 20 else r["label"][:19] + "…"
+            lines.append(f"{label:<20} " + " ".join(f"{b['kld']:>13.5f}" for b in r["by_position"]))
     return "\n".join(lines)
 
 

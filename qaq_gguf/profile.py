@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
@@ -188,21 +189,32 @@ def layer_values(ident: ModelIdentity, il: int, n_ctx: int, **kw) -> tuple[int, 
     return (cells * ident.n_head_kv[il] * ident.head_dim_k[il], cells * ident.n_head_kv[il] * ident.head_dim_v[il])
 
 
-def average_bits(profile: Profile, n_ctx: int | None = None, **kw) -> float:
-    """Average bits per cached value over all layers' K and V (scales included). With n_ctx, layers are weighted by
-    the values they actually hold at that context (sliding-window layers hold fewer); without, equally per value."""
+def average_bits(profile: Profile) -> float:
+    """Bits per cached value: every layer's K and V (block scales included), each layer weighted by the values it
+    stores per token. The one bits figure of a profile, whatever the context: a profile is named, calibrated, listed
+    and evaluated by it (the bytes at a context length, where sliding-window layers hold fewer cells, are
+    kv_bytes)."""
     tot_bits = tot_vals = 0.0
     for il in range(profile.model.n_layer):
         if not profile.model.has_kv(il):
             continue
-        if n_ctx is None:
-            nk = profile.model.n_head_kv[il] * profile.model.head_dim_k[il]
-            nv = profile.model.n_head_kv[il] * profile.model.head_dim_v[il]
-        else:
-            nk, nv = layer_values(profile.model, il, n_ctx, **kw)
+        nk = profile.model.n_head_kv[il] * profile.model.head_dim_k[il]
+        nv = profile.model.n_head_kv[il] * profile.model.head_dim_v[il]
         tot_bits += nk * cachetypes.bits(profile.type_k[il]) + nv * cachetypes.bits(profile.type_v[il])
         tot_vals += nk + nv
     return tot_bits / tot_vals if tot_vals else 0.0
+
+
+def kv_bytes_by_device(profile: Profile, devices: Sequence[str], n_ctx: int, **kw) -> dict[str, int]:
+    """Bytes of the K/V cache at context n_ctx on each device, given each layer's device (runtime.layer_devices)."""
+    out: dict[str, int] = {}
+    for il in range(profile.model.n_layer):
+        if not profile.model.has_kv(il):
+            continue
+        nk, nv = layer_values(profile.model, il, n_ctx, **kw)
+        b = cachetypes.row_bytes(profile.type_k[il], nk) + cachetypes.row_bytes(profile.type_v[il], nv)
+        out[devices[il]] = out.get(devices[il], 0) + b
+    return out
 
 
 def kv_bytes(profile: Profile, n_ctx: int, **kw) -> int:
@@ -540,8 +552,7 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
             row += f" {sk:>9.2e} {sv:>9.2e}"
         lines.append(row)
     total = kv_bytes(p, n_ctx, **kw)
-    lines.append(f"average bits per value: {average_bits(p):.3f} (per layer), "
-                 f"{average_bits(p, n_ctx, **kw):.3f} (weighted by cells at n_ctx={n_ctx})")
+    lines.append(f"bits per value: {average_bits(p):.3f}")
     lines.append(f"KV cache at n_ctx={n_ctx}: {total / 2**20:.2f} MiB")
     done = [what for what, arr in (("keys centred", p.k_mean), ("keys rebalanced", p.k_scale),
                                    ("values centred", p.v_mean)) if arr is not None]

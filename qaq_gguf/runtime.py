@@ -13,7 +13,7 @@ import ctypes
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from . import _native, cachetypes
 from .profile import NO_KV, ProfileError, read_profile
@@ -111,6 +111,34 @@ def vocab_only_model(path: str | Path) -> Iterator[tuple]:
         lc.llama_model_free(model)
 
 
+def layer_devices(model_path: str | Path, n_gpu_layers: int) -> list[str]:
+    """The device each layer of a model runs on (its K/V cache's home when offloaded) for n_gpu_layers, with the
+    devices registered now (add_rpc_servers included): hyperparameters only, no weight data loaded."""
+    lc = llama_cpp_module()
+    ffi, lib = _native.ffi_lib()
+    params = lc.llama_model_default_params()
+    params.no_alloc = True
+    params.load_mode = 0  # LLAMA_LOAD_MODE_NONE
+    params.n_gpu_layers = n_gpu_layers
+    lc.llama_backend_init()
+    with quiet_llama_log() as errors:
+        model = lc.llama_model_load_from_file(str(model_path).encode(), params)
+    if not model:
+        raise ProfileError(f"llama.cpp could not load {model_path}" + (": " + errors[-1] if errors else ""))
+    try:
+        m = as_cffi(model)
+        out = []
+        for il in range(lib.llama_model_n_layer_kv(m)):
+            dev = lib.llama_model_layer_device(m, il)
+            name = _native.c_str(lib.ggml_backend_dev_name(dev)) if dev != ffi.NULL else "CPU"
+            if name.startswith("RPC"):
+                name += f" ({_native.c_str(lib.ggml_backend_dev_description(dev))})"
+            out.append(name)
+        return out
+    finally:
+        lc.llama_model_free(model)
+
+
 def apply_profile(model_ptr, model_path: str | Path, profile: str | Path) -> None:
     """Check `profile` against the loaded model (ctypes pointer) and set its per-layer K/V cache types."""
     ffi, lib = _native.ffi_lib()
@@ -143,9 +171,62 @@ def kv_layer_info(llm_or_ctx) -> list[dict]:
     for il in range(lib.llama_model_n_layer_kv(as_cffi(model))):
         if not lib.llama_kv_layer_info(cctx, il, t, t + 1, s, s + 1, cells):
             continue
+        dev = lib.llama_kv_layer_device(cctx, il)
         out.append({"layer": il, "type_k": ggml_type_name(t[0]), "type_v": ggml_type_name(t[1]),
-                    "bytes_k": int(s[0]), "bytes_v": int(s[1]), "n_cells": int(cells[0])})
+                    "bytes_k": int(s[0]), "bytes_v": int(s[1]), "n_cells": int(cells[0]),
+                    "device": _native.c_str(lib.ggml_backend_dev_name(dev)) if dev != ffi.NULL else "",
+                    "device_description": _native.c_str(lib.ggml_backend_dev_description(dev))
+                    if dev != ffi.NULL else ""})
     return out
+
+
+def kv_bytes_by_device(layers: list[dict]) -> dict[str, int]:
+    """K+V bytes per device ("RPC0 (127.0.0.1:50052)", "CPU", ...) of kv_layer_info's rows."""
+    out: dict[str, int] = {}
+    for r in layers:
+        name = r["device"] + (f" ({r['device_description']})" if r["device"].startswith("RPC") else "")
+        out[name] = out.get(name, 0) + r["bytes_k"] + r["bytes_v"]
+    return out
+
+
+_rpc_lock = threading.Lock()
+_rpc_added: dict[str, list[str]] = {}
+
+
+def add_rpc_servers(servers: str | Sequence[str], timeout: float = 10.0) -> list[str]:
+    """Register llama.cpp RPC servers ("host:port", comma-separated or a list) as devices of this process, as
+    `--rpc` does in llama.cpp's tools; returns their device names ("RPC0", ...). Models loaded afterwards with
+    n_gpu_layers > 0 put layers, and their caches in each layer's own type, on them. Each server is reached over TCP
+    first, so that an unreachable one is a ConnectionError here rather than an abort inside ggml."""
+    import socket
+
+    ffi, lib = _native.ffi_lib()
+    eps = [x.strip() for x in (servers.split(",") if isinstance(servers, str) else servers) if x.strip()]
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    if reg == ffi.NULL:
+        raise RuntimeError("this qaq-gguf build has no RPC backend (built without GGML_RPC)")
+    add = ffi.cast("void * (*)(const char *)", lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server"))
+    names: list[str] = []
+    with _rpc_lock:
+        for ep in eps:
+            if ep not in _rpc_added:
+                host, _, port = ep.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"RPC server {ep!r}: expected host:port")
+                try:
+                    socket.create_connection((host, int(port)), timeout=timeout).close()
+                except OSError as e:
+                    raise ConnectionError(f"RPC server {ep} is not reachable: {e}") from None
+                r = add(ep.encode())
+                if r == ffi.NULL:
+                    raise RuntimeError(f"RPC server {ep} has no devices")
+                before = {lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())}
+                lib.ggml_backend_register(r)
+                _rpc_added[ep] = [_native.c_str(lib.ggml_backend_dev_name(d)) for d in
+                                  (lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count()))
+                                  if d not in before]
+            names += _rpc_added[ep]
+    return names
 
 
 def ggml_type_name(t: int) -> str:
@@ -192,12 +273,16 @@ class Llama(llama_cpp_module().Llama):
     kv_profile: ``"auto"`` (default): what llama.cpp gives the model on load, the profile embedded in the model file
     if it carries one (or the one QAQ_KV_PROFILE names); a path of a qaq profile (.gguf); ``"embedded"``: the
     profile stored in the model file, required; ``None``: no profile, not even an embedded one. Every other argument
-    keeps its llama-cpp-python meaning; type_k/type_v cannot be combined with a profile file (an embedded profile
-    yields to them, with a warning). A profile that stores V quantized needs flash attention: it is turned on (and
+    keeps its llama-cpp-python meaning (rpc_servers, "host:port,...", registers llama.cpp RPC servers as devices
+    of the process, add_rpc_servers, for layers offloaded with n_gpu_layers); type_k/type_v cannot be combined with
+    a profile file (an embedded profile yields to them, with a warning). A profile that stores V quantized needs flash attention: it is turned on (and
     said so) unless flash_attn=False was passed, which is an error.
     """
 
-    def __init__(self, model_path: str, *args, kv_profile: str | Path | None = AUTO, **kwargs):
+    def __init__(self, model_path: str, *args, kv_profile: str | Path | None = AUTO,
+                 rpc_servers: str | Sequence[str] | None = None, **kwargs):
+        if rpc_servers:
+            add_rpc_servers(rpc_servers)  # llama-cpp-python 0.3.36 accepts rpc_servers= and ignores it
         self.kv_profile = str(kv_profile) if kv_profile is not None else None
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if a check below raises
         quiet = quiet_llama_log() if kwargs.get("verbose") is False else contextlib.nullcontext()
