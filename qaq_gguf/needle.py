@@ -360,8 +360,8 @@ def plot(res: dict, path: str | Path) -> Path | None:
     n = len(res["configs"])
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 1.0 * len(lengths) * cols, 0.9 + 0.32 * len(depths) * rows),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 1.0 * len(lengths) * cols, 1.4 + 0.4 * len(depths) * rows),
+                             squeeze=False, sharey=True, layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, r in zip(axes.flat, res["configs"]):
@@ -372,10 +372,11 @@ def plot(res: dict, path: str | Path) -> Path | None:
         ax.set_title(f"{r['label']}\n{r['avg_bits']:.2f} bits, {r['accuracy']:.0f}%", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{L // 1024}k" if L >= 1024 else str(L) for L in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+    for ax in axes[-1]:
         ax.set_xlabel("context", fontsize=7)
     for ax in axes[:, 0]:
         ax.set_ylabel("needle depth", fontsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="retrieved")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="retrieved (fraction of trials)")
     fig.suptitle(f"{s['kind']} retrieval, Gemma 3 270M, greedy" if "gemma" in s["model"].lower()
                  else f"{s['kind']} retrieval, greedy", fontsize=9)
     path = Path(path)
