@@ -220,7 +220,8 @@ def test_inspect_counts_sliding_window_layers(gemma_ident):
     expect = (15 * 1024 + 3 * 32768) * vals * (34 + 18) // 32
     assert profile.kv_bytes(p, 32768) == expect
     assert profile.average_bits(p) == pytest.approx((8.5 + 4.5) / 2)
-    assert "average bits per value" in profile.describe(p, n_ctx=32768)
+    text = profile.describe(p, n_ctx=32768)
+    assert "bits per value: 6.500" in text and text.count("bits per value") == 1  # one bits figure per profile
 
 
 # --- bad input: each a named error, nothing crashes -------------------------------------------------------
