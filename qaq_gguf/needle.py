@@ -178,24 +178,18 @@ def _piece(lc, vocab, tok: int) -> str:
     return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
 
 
-def _decode_tokens(ctx, batch, tokens: Sequence[int], pos0: int, n_batch: int, label: str, errors: list[str]):
-    """Decode tokens at pos0.. in batches; the logits of the last token."""
-    lc = runtime.llama_cpp_module()
+def _decode_tokens(ctx, batch, tokens: Sequence[int], pos0: int, n_batch: int, n_vocab: int, label: str,
+                   errors: list[str]) -> np.ndarray:
+    """Decode tokens at pos0.. in batches (evaluate's batch filling and decode); the last token's logits."""
     last = pos0 + len(tokens) - 1
     logits = None
     for a in range(0, len(tokens), n_batch):
         part = list(tokens[a:a + n_batch])
         n_out = evaluate._fill_batch(batch, part, pos0 + a, last, last)
-        rc = lc.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"config {label!r}: llama_decode failed with {rc}" + evaluate._tail(errors))
-        if n_out:
-            logits = lc.llama_get_logits_ith(ctx, -1)
+        out = evaluate._decode(ctx, batch, n_out, n_vocab, label, errors)
+        if out is not None:
+            logits = out[-1]
     return logits
-
-
-def _argmax(ptr, n_vocab: int) -> int:
-    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
 
 
 def _answer(ctx, batch, case: Case, needle: Needle, n_vocab: int, vocab, eos: set[int], label: str,
@@ -205,18 +199,18 @@ def _answer(ctx, batch, case: Case, needle: Needle, n_vocab: int, vocab, eos: se
     mem = lc.llama_get_memory(ctx)
     n = len(case.tokens)
     lc.llama_memory_seq_rm(mem, 0, n, -1)  # the previous question and answer
-    logits = _decode_tokens(ctx, batch, needle.question, n, len(needle.question), label, errors)
+    logits = _decode_tokens(ctx, batch, needle.question, n, len(needle.question), n_vocab, label, errors)
     pos = n + len(needle.question)
     text = ""
     for _ in range(MAX_ANSWER_TOKENS):
-        tok = _argmax(logits, n_vocab)
+        tok = int(np.argmax(logits))
         if tok in eos:
             break
         piece = _piece(lc, vocab, tok)
         text += piece
         if first_number(text) is not None and not re.search(r"\d$", text):  # the number has ended
             break
-        logits = _decode_tokens(ctx, batch, [tok], pos, 1, label, errors)
+        logits = _decode_tokens(ctx, batch, [tok], pos, 1, n_vocab, label, errors)
         pos += 1
     return text.strip()
 
@@ -286,7 +280,7 @@ def run(model_path: str | Path, configs: Sequence[CacheConfig], *, kind: str = "
                         if bar is not None:
                             bar.set_postfix_str(f"{cfg.label} @ {case.length}")
                         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-                        _decode_tokens(ctx, batch, case.tokens, 0, n_batch, cfg.label, errors)
+                        _decode_tokens(ctx, batch, case.tokens, 0, n_batch, n_vocab, cfg.label, errors)
                         for nd in case.needles:
                             ans = _answer(ctx, batch, case, nd, n_vocab, vocab, eos, cfg.label, errors)
                             cells.append({"length": case.length, "trial": k % trials, "depth": nd.depth,
