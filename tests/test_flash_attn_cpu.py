@@ -16,11 +16,33 @@ import pytest
 import gguf
 
 from qaq_gguf import scoring
-from test_qaq_types import F16, F32, _Graph, _q8_0_roundtrip, _tid, ggml  # noqa: F401
+from test_qaq_types import F16, F32, _ROW_FN, _Graph, _gaussian, _q8_0_roundtrip, _tid, ggml  # noqa: F401
 from test_qaq_types import _cache as _cache_gguf
 
 PAIRS = ["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q5_0/q5_0", "q4_1/q5_1", "iq4_nl/iq4_nl", "qaq3/qaq3", "qaq2/qaq2",
          "q8_0/qaq3", "qaq3/f16", "f16/q4_0", "qaq2/q8_0", "qaq4l/qaq4l", "qaq3l/qaq2l", "qaq4l/q8_0"]
+
+
+@pytest.mark.parametrize("name", ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "qaq3", "qaq2", "qaq4l",
+                                  "qaq3l", "qaq2l"])
+def test_row_dequantization_is_to_float(ggml, name):
+    """ggml_cpu_dequantize_row, which converts flash attention's K and V rows (AVX2 kernels for q8_0, q4_0, q5_0,
+    iq4_nl and the qaq types), gives bit for bit the values of the type's own to_float, one row or many at once."""
+    base, cpu = ggml
+    x = _gaussian((300, 256), seed=11)
+    x[0] = 0.0
+    x[1, 100:] = -x[1, 100:] * 1e4
+    traits = base.ggml_get_type_traits(_tid(name)).contents
+    raw = np.zeros((300, 256 // traits.blck_size * traits.type_size), np.uint8)
+    base.ggml_quantize_chunk(_tid(name), x.ctypes.data, raw.ctypes.data, 0, 300, 256, None)
+    ref = np.zeros_like(x)
+    _ROW_FN(traits.to_float)(raw.ctypes.data, ref.ctypes.data, x.size)
+    got = np.full_like(x, np.nan)
+    cpu.ggml_cpu_dequantize_row(_tid(name), raw.ctypes.data, got.ctypes.data, x.size)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    one = np.full(256, np.nan, np.float32)
+    cpu.ggml_cpu_dequantize_row(_tid(name), raw[7].ctypes.data, one.ctypes.data, 256)
+    np.testing.assert_array_equal(one.view(np.uint32), ref[7].view(np.uint32))
 
 
 def _cache(x, type_name):

@@ -78,6 +78,8 @@ def ggml():
     base.ggml_validate_row_data.argtypes = [ctypes.c_int, P, ctypes.c_size_t]
     cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
     cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
+    cpu.ggml_cpu_dequantize_row.restype = None
+    cpu.ggml_cpu_dequantize_row.argtypes = [ctypes.c_int, P, P, ctypes.c_int64]
     cpu.ggml_cpu_init()
     return base, cpu
 

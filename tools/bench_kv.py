@@ -13,13 +13,16 @@ per second decode achieves (KV plus weights). Writes ``bench.json``, ``bench.md`
   python3 tools/bench_kv.py --depths 4096 -p 512 -n 32 -t 2 --configs f16/f16,q4_0/q4_0,qaq3/qaq3,qaq2/qaq2 \\
       -o docs/results/bench-cpu
 
-Numbers from one run are comparable with each other; compare across runs only on the same machine and build.
+Configs run interleaved: -r rounds, each config once per round (the order rotated each round) after an untimed
+warm-up, and each cell is the median over the rounds. Numbers from one run are comparable with each other; compare
+across runs only on the same machine and build.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -46,9 +49,13 @@ def kv_bytes_at(config: str, depth: int, ident: profile.ModelIdentity) -> int:
     return profile.kv_bytes(config_profile(config, ident), max(depth, 1)) if depth else 0
 
 
-def run_llama_bench(model: Path, config: str, a) -> list[dict]:
+def run_llama_bench(model: Path, config: str, a, *, n_prompt: int | None = None, n_gen: int | None = None,
+                    depths: str | None = None) -> list[dict]:
+    """One llama-bench run of one config, one repetition of each test."""
+    n_prompt = a.n_prompt if n_prompt is None else n_prompt
+    n_gen = a.n_gen if n_gen is None else n_gen
     cmd = [str(_native.bin_dir() / "llama-bench"), "-m", str(model), "-fa", "1", "-o", "json",
-           "-p", str(a.n_prompt), "-n", str(a.n_gen), "-d", a.depths, "-r", str(a.reps), "-ngl", str(a.ngl)]
+           "-p", str(n_prompt), "-n", str(n_gen), "-d", depths or a.depths, "-r", "1", "-ngl", str(a.ngl)]
     if a.threads:
         cmd += ["-t", str(a.threads)]
     if a.ubatch:
@@ -122,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", default="0,8192,32768", help="decode depths (llama-bench -d)")
     ap.add_argument("-p", "--n-prompt", type=int, default=2048)
     ap.add_argument("-n", "--n-gen", type=int, default=64)
-    ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("-r", "--reps", type=int, default=3,
+                    help="rounds: each config runs once per round (llama-bench -r 1) in a rotated order; a cell is "
+                         "the median over rounds (default 3)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the untimed short run of the first config before round 1")
     ap.add_argument("-ngl", type=int, default=99)
     ap.add_argument("-t", "--threads", type=int, default=0)
     ap.add_argument("-ub", "--ubatch", type=int, default=0)
@@ -145,24 +156,36 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     started = time.time()
     info = {}
-    for config in a.configs.split(","):
-        for t in run_llama_bench(model, config, a):
-            test = "pp" if t["n_prompt"] > 0 else "tg"
-            depth = int(t["n_depth"])
-            row = {"config": config, "test": test, "n": t["n_prompt"] or t["n_gen"], "depth": depth,
-                   "tokens_per_s": t["avg_ts"], "stddev": t["stddev_ts"]}
-            if test == "tg":
-                kv = kv_bytes_at(config, depth, ident)
-                row["kv_bytes_per_token"] = kv
-                row["kv_gbps"] = kv * t["avg_ts"] / 1e9
-                row["total_gbps"] = (kv + weights) * t["avg_ts"] / 1e9
-            rows.append(row)
-            info = {k: t.get(k) for k in ("cpu_info", "gpu_info", "backends", "build_commit", "n_threads")}
+    configs = a.configs.split(",")
+    if a.warmup:  # untimed: the model's pages, the allocator and the clocks settle before the first timed config
+        run_llama_bench(model, configs[0], a, n_prompt=64, n_gen=8, depths="0")
+    samples: dict[tuple, list[float]] = {}
+    for r in range(a.reps):
+        # every config once per round, the order rotated by one each round: drift and a slow neighbour on a shared
+        # machine hit every config alike instead of whichever ran at that moment
+        for config in configs[r % len(configs):] + configs[:r % len(configs)]:
+            print(f"round {r + 1}/{a.reps}: {label(config)}", file=sys.stderr, flush=True)
+            for t in run_llama_bench(model, config, a):
+                key = (config, "pp" if t["n_prompt"] > 0 else "tg", t["n_prompt"] or t["n_gen"], int(t["n_depth"]))
+                samples.setdefault(key, []).append(t["avg_ts"])
+                info = {k: t.get(k) for k in ("cpu_info", "gpu_info", "backends", "build_commit", "n_threads")}
+    order = {c: i for i, c in enumerate(configs)}
+    for (config, test, n, depth), ts in sorted(samples.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] == "tg", kv[0][3])):
+        med = statistics.median(ts)
+        row = {"config": config, "test": test, "n": n, "depth": depth, "tokens_per_s": med,
+               "stddev": statistics.stdev(ts) if len(ts) > 1 else 0.0, "rounds": ts}
+        if test == "tg":
+            kv = kv_bytes_at(config, depth, ident)
+            row["kv_bytes_per_token"] = kv
+            row["kv_gbps"] = kv * med / 1e9
+            row["total_gbps"] = (kv + weights) * med / 1e9
+        rows.append(row)
 
-    ref = {(r["test"], r["depth"]): r["tokens_per_s"] for r in rows if r["config"] == a.configs.split(",")[0]}
+    # × the first config: the median over rounds of the ratio within a round (the two ran minutes apart at most)
+    ref = {(r["test"], r["depth"]): r["rounds"] for r in rows if r["config"] == configs[0]}
     for r in rows:
         base = ref.get((r["test"], r["depth"]))
-        r["x_first"] = r["tokens_per_s"] / base if base else None
+        r["x_first"] = statistics.median(t / b for t, b in zip(r["rounds"], base)) if base else None
     result = {"command": "python3 tools/bench_kv.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": str(model), "n_layer": ident.n_layer, "n_head_kv": max(ident.n_head_kv),
               "weights_bytes": weights, "machine": platform.node(), "seconds": round(time.time() - started, 1),

@@ -1,6 +1,6 @@
-// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, and the dot
+// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, the dot
 // product with a q8_0 row that flash attention's vector path uses for K.q (Q rounded to q8_0 blocks of 32 once per
-// query row; the tiled path converts K to f32 and keeps Q in f32).
+// query row), and the row dequantization its V accumulation and the tiled path's K/V tiles use.
 
 #include "ggml-qaq.h"
 #include "ggml-qaq-cpu.h"
@@ -230,4 +230,104 @@ void ggml_vec_dot_qaq2l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
     *s = qaq_lean_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const block_q8_0 *) vy);
+}
+
+// Rows as f32. AVX2: the 32 codebook values of each 32 indices by one byte shuffle, times the block's scales (the
+// same products as dequantize_row_*).
+#if defined(__AVX2__)
+static inline void qaq_store_32(__m256i v, float d0, float d1, float * GGML_RESTRICT y) {
+    const __m128i lo = _mm256_castsi256_si128(v);
+    const __m128i hi = _mm256_extracti128_si256(v, 1);
+    const __m256 s0 = _mm256_set1_ps(d0);
+    const __m256 s1 = _mm256_set1_ps(d1);
+    _mm256_storeu_ps(y +  0, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s0));
+    _mm256_storeu_ps(y +  8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s0));
+    _mm256_storeu_ps(y + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s1));
+    _mm256_storeu_ps(y + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s1));
+}
+
+static inline void qaq_dequantize_row_avx2(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k,
+                                           size_t bsize, bool has_qh) {
+    const __m256i table = has_qh
+        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
+        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t ib = 0; ib < k / QK_QAQ; ++ib, x += bsize) {
+        __m256i idx = qaq_low2(x + offsetof(block_qaq3, qs));
+        if (has_qh) {
+            idx = _mm256_or_si256(idx, qaq_high4(x + offsetof(block_qaq3, qh)));
+        }
+        qaq_store_32(_mm256_shuffle_epi8(table, idx), qaq_ue5m3_to_fp32(x[0]), qaq_ue5m3_to_fp32(x[1]), y + ib*QK_QAQ);
+    }
+}
+
+static inline void qaq_lean_dequantize_row_avx2(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k,
+                                                size_t bsize, int bits) {
+    const __m256i table = bits == 4
+        ? _mm256_setr_epi8(QAQ4_KVALUES, QAQ4_KVALUES)
+        : bits == 3
+        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
+        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const size_t o_qs = offsetof(block_qaq3l, qs);
+    const size_t o_qh = offsetof(block_qaq3l, qh);
+    for (int64_t ib = 0; ib < k / QK_QAQL; ++ib, x += bsize) {
+        uint16_t h;
+        memcpy(&h, x, sizeof(h));
+        const float d = GGML_CPU_FP16_TO_FP32(h);
+        for (int g = 0; g < QK_QAQL/32; ++g) {
+            __m256i idx;
+            if (bits == 4) {
+                const __m128i q = _mm_loadu_si128((const __m128i *) (x + o_qs + 16*g));
+                idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0xF));
+            } else {
+                idx = qaq_low2(x + o_qs + 8*g);
+                if (bits == 3) {
+                    idx = _mm256_or_si256(idx, qaq_high4(x + o_qh + 4*g));
+                }
+            }
+            qaq_store_32(_mm256_shuffle_epi8(table, idx), d, d, y + ib*QK_QAQL + 32*g);
+        }
+    }
+}
+#endif
+
+void dequantize_row_qaq3_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+#if defined(__AVX2__)
+    qaq_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq3), true);
+#else
+    dequantize_row_qaq3((const block_qaq3 *) x, y, k);
+#endif
+}
+
+void dequantize_row_qaq2_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+#if defined(__AVX2__)
+    qaq_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq2), false);
+#else
+    dequantize_row_qaq2((const block_qaq2 *) x, y, k);
+#endif
+}
+
+void dequantize_row_qaq4l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+#if defined(__AVX2__)
+    qaq_lean_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq4l), 4);
+#else
+    dequantize_row_qaq4l((const block_qaq4l *) x, y, k);
+#endif
+}
+
+void dequantize_row_qaq3l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+#if defined(__AVX2__)
+    qaq_lean_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq3l), 3);
+#else
+    dequantize_row_qaq3l((const block_qaq3l *) x, y, k);
+#endif
+}
+
+void dequantize_row_qaq2l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+#if defined(__AVX2__)
+    qaq_lean_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq2l), 2);
+#else
+    dequantize_row_qaq2l((const block_qaq2l *) x, y, k);
+#endif
 }

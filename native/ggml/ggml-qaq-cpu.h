@@ -22,6 +22,13 @@ void ggml_vec_dot_qaq4l_q8_0(int n, float * s, size_t bs, const void * vx, size_
 void ggml_vec_dot_qaq3l_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 void ggml_vec_dot_qaq2l_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 
+// rows as f32 for flash attention's K and V (the same values as dequantize_row_*; AVX2 where available)
+void dequantize_row_qaq3_cpu (const void * x, float * y, int64_t k);
+void dequantize_row_qaq2_cpu (const void * x, float * y, int64_t k);
+void dequantize_row_qaq4l_cpu(const void * x, float * y, int64_t k);
+void dequantize_row_qaq3l_cpu(const void * x, float * y, int64_t k);
+void dequantize_row_qaq2l_cpu(const void * x, float * y, int64_t k);
+
 #ifdef __cplusplus
 }
 #endif
