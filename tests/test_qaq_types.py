@@ -298,6 +298,28 @@ def test_vec_dot_against_q8_0(ggml, name):
             assert abs(s.value - ref) <= 1e-5 * scale + 1e-6, (n, s.value, ref)
 
 
+@pytest.mark.parametrize("name", QAQ)
+def test_vec_dot_rows_equals_one_row_at_a_time(ggml, name):
+    """ggml_vec_dot_<type>_q8_0_rows, which takes the query heads reading one K row in one pass (flash attention's
+    decode), gives bit for bit each row's single-row vec_dot, for 1 to 9 rows (past the 4 rows of one pass)."""
+    base, cpu = ggml
+    dot = _DOT_FN(cpu.ggml_get_type_traits_cpu(_tid(name)).contents.vec_dot)
+    rows = getattr(cpu, f"ggml_vec_dot_{name}_q8_0_rows")
+    rows.restype = None
+    rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    rng = np.random.default_rng(8)
+    n = 256
+    k = quants.quantize(rng.standard_normal(n).astype(np.float32) * 3, name)
+    for nq in range(1, 10):
+        qq = gguf.quants.quantize(rng.standard_normal((nq, n)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        got = np.full(nq, np.nan, np.float32)
+        rows(n, got.ctypes.data, k.ctypes.data, qq.ctypes.data, qq.shape[1], nq)
+        one = ctypes.c_float()
+        for r in range(nq):
+            dot(n, ctypes.byref(one), 0, k.ctypes.data, 0, qq[r].ctypes.data, 0, 1)
+            assert got[r] == one.value, (nq, r, got[r], one.value)
+
+
 def _cache(x, type_name):
     """(rows of) x as stored in a cache of type_name: raw bytes for ggml, and the values the kernel reads."""
     if type_name in quants.KVALUES:

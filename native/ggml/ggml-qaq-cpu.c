@@ -38,6 +38,8 @@ void quantize_row_qaq2l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, i
     quantize_row_qaq2l_ref(x, (block_qaq2l *) y, k);
 }
 
+#define QAQ_DOT_ROWS 4 // q8_0 rows one pass over x serves (accumulators kept in registers)
+
 #if defined(__AVX2__)
 // the 2-bit low index of values 0..31 as 32 bytes: qs holds value j in byte j%8 at bits 2*(j/8)
 static inline __m256i qaq_low2(const uint8_t * qs) {
@@ -59,16 +61,26 @@ static inline __m256i qaq_high4(const uint8_t * qh) {
     return _mm256_and_si256(b, _mm256_set1_epi8(4));
 }
 
+// the two ue5m3 scales of a qaq3/qaq2 block, d0 in the low four lanes and d1 in the high four: a ue5m3 byte b is
+// the fp16 with bits b << 7 (subnormals included), which F16C converts exactly as qaq_ue5m3_to_fp32 does
+static inline __m256 qaq_scales(const uint8_t * d) {
+#if defined(__F16C__)
+    const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128((int) ((uint32_t) d[0] << 7 | (uint32_t) d[1] << 23)));
+    return _mm256_set_m128(_mm_shuffle_ps(s, s, 0x55), _mm_shuffle_ps(s, s, 0x00));
+#else
+    return _mm256_set_m128(_mm_set1_ps(qaq_ue5m3_to_fp32(d[1])), _mm_set1_ps(qaq_ue5m3_to_fp32(d[0])));
+#endif
+}
+
 // sum over one block of codebook values (int8, 32 bytes) times q8 values: two 16-value partial sums as floats,
-// multiplied by the per-half scales and accumulated into acc
-static inline __m256 qaq_block_acc(__m256 acc, __m256i xv, const block_q8_0 * y, float d0, float d1) {
+// multiplied by the per-half scales (dd: the first half's in the low four lanes) and accumulated into acc
+static inline __m256 qaq_block_acc(__m256 acc, __m256i xv, const block_q8_0 * y, __m256 dd) {
     const __m256i yv = _mm256_loadu_si256((const __m256i *) y->qs);
     const __m256i ax = _mm256_sign_epi8(xv, xv);
     const __m256i sy = _mm256_sign_epi8(yv, xv);
     const __m256i p16 = _mm256_maddubs_epi16(ax, sy);                      // |x|*sign(y,x) pairs (|x| <= 127)
     const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));      // lane 0: values 0..15, lane 1: 16..31
-    const float dy = GGML_CPU_FP16_TO_FP32(y->d);
-    const __m256 sc = _mm256_setr_ps(d0*dy, d0*dy, d0*dy, d0*dy, d1*dy, d1*dy, d1*dy, d1*dy);
+    const __m256 sc = _mm256_mul_ps(dd, _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(y->d)));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), sc, acc);
 }
 
@@ -80,10 +92,12 @@ static inline float qaq_hsum(__m256 v) {
 }
 #endif
 
-// The dot product of n values of either type with a q8_0 row. Both blocks start with d[2], qs[8]; a qaq3 block
-// (has_qh) continues with qh[4]. bsize is the block's size in bytes. Inlined with constant arguments.
-static inline float qaq_vec_dot_q8_0(int n, const uint8_t * GGML_RESTRICT x, size_t bsize, bool has_qh,
-                                     const block_q8_0 * GGML_RESTRICT y) {
+// The dot products of n values of either type with nq q8_0 rows (y, by bytes apart): s[r] = x . y_r, each the same
+// sum as for one row; flash attention's query heads that read one K row share the decoding of its indices. Both
+// blocks start with d[2], qs[8]; a qaq3 block (has_qh) continues with qh[4]. bsize is the block's size in bytes.
+// Inlined with constant arguments.
+static inline void qaq_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x, size_t bsize,
+                                    bool has_qh, const char * GGML_RESTRICT y, size_t by, int nq) {
     assert(n % QK_QAQ == 0);
     const int nb = n / QK_QAQ;
     const size_t o_qs = offsetof(block_qaq3, qs);
@@ -95,34 +109,50 @@ static inline float qaq_vec_dot_q8_0(int n, const uint8_t * GGML_RESTRICT x, siz
         ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
         : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                            QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < nb; ++ib, x += bsize) {
-        __m256i idx = qaq_low2(x + o_qs);
-        if (has_qh) {
-            idx = _mm256_or_si256(idx, qaq_high4(x + o_qh));
+    for (int r0 = 0; r0 < nq; r0 += QAQ_DOT_ROWS) {
+        const int nr = nq - r0 < QAQ_DOT_ROWS ? nq - r0 : QAQ_DOT_ROWS;
+        __m256 acc[QAQ_DOT_ROWS];
+        for (int r = 0; r < nr; ++r) {
+            acc[r] = _mm256_setzero_ps();
         }
-        acc = qaq_block_acc(acc, _mm256_shuffle_epi8(table, idx), &y[ib],
-                            qaq_ue5m3_to_fp32(x[0]), qaq_ue5m3_to_fp32(x[1]));
+        const uint8_t * xb = x;
+        for (int ib = 0; ib < nb; ++ib, xb += bsize) {
+            __m256i idx = qaq_low2(xb + o_qs);
+            if (has_qh) {
+                idx = _mm256_or_si256(idx, qaq_high4(xb + o_qh));
+            }
+            const __m256i xv = _mm256_shuffle_epi8(table, idx);
+            const __m256  dd = qaq_scales(xb);
+            for (int r = 0; r < nr; ++r) {
+                acc[r] = qaq_block_acc(acc[r], xv, (const block_q8_0 *) (y + (r0 + r)*by) + ib, dd);
+            }
+        }
+        for (int r = 0; r < nr; ++r) {
+            s[r0 + r] = qaq_hsum(acc[r]);
+        }
     }
-    return qaq_hsum(acc);
 #else
     static const int8_t kvalues_qaq3[8] = { QAQ3_KVALUES };
     static const int8_t kvalues_qaq2[4] = { QAQ2_KVALUES };
     const int8_t * T = has_qh ? kvalues_qaq3 : kvalues_qaq2;
-    float sumf = 0.0f;
-    for (int ib = 0; ib < nb; ++ib, x += bsize) {
-        int sum[2] = { 0, 0 };
-        for (int j = 0; j < QK_QAQ; ++j) {
-            int l = x[o_qs + j % 8] >> 2*(j / 8) & 3;
-            if (has_qh) {
-                l |= (x[o_qh + j / 8] >> (j % 8) & 1) << 2;
+    for (int r = 0; r < nq; ++r) {
+        const block_q8_0 * yr = (const block_q8_0 *) (y + r*by);
+        const uint8_t * xb = x;
+        float sumf = 0.0f;
+        for (int ib = 0; ib < nb; ++ib, xb += bsize) {
+            int sum[2] = { 0, 0 };
+            for (int j = 0; j < QK_QAQ; ++j) {
+                int l = xb[o_qs + j % 8] >> 2*(j / 8) & 3;
+                if (has_qh) {
+                    l |= (xb[o_qh + j / 8] >> (j % 8) & 1) << 2;
+                }
+                sum[j / 16] += T[l] * yr[ib].qs[j];
             }
-            sum[j / 16] += T[l] * y[ib].qs[j];
+            sumf += GGML_CPU_FP16_TO_FP32(yr[ib].d) *
+                    (qaq_ue5m3_to_fp32(xb[0])*(float) sum[0] + qaq_ue5m3_to_fp32(xb[1])*(float) sum[1]);
         }
-        sumf += GGML_CPU_FP16_TO_FP32(y[ib].d) *
-                (qaq_ue5m3_to_fp32(x[0])*(float) sum[0] + qaq_ue5m3_to_fp32(x[1])*(float) sum[1]);
+        s[r] = sumf;
     }
-    return sumf;
 #endif
 }
 
@@ -130,20 +160,21 @@ void ggml_vec_dot_qaq3_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const voi
                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    *s = qaq_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq3), true, (const block_q8_0 *) vy);
+    qaq_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3), true, (const char *) vy, 0, 1);
 }
 
 void ggml_vec_dot_qaq2_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    *s = qaq_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq2), false, (const block_q8_0 *) vy);
+    qaq_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2), false, (const char *) vy, 0, 1);
 }
 
-// The lean types against a q8_0 row: a block of 128 values (one fp16 scale) is four q8_0 blocks. qaq3l/qaq2l pack each
-// 32 values as one qaq3/qaq2 block's qs (and qh); qaq4l as q4_0's nibbles (value j and j+16 in byte j).
-static inline float qaq_lean_vec_dot_q8_0(int n, const uint8_t * GGML_RESTRICT x, size_t bsize, int bits,
-                                          const block_q8_0 * GGML_RESTRICT y) {
+// The lean types against nq q8_0 rows (as qaq_vec_dot_q8_0): a block of 128 values (one fp16 scale) is four q8_0
+// blocks. qaq3l/qaq2l pack each 32 values as one qaq3/qaq2 block's qs (and qh); qaq4l as q4_0's nibbles (value j and
+// j+16 in byte j).
+static inline void qaq_lean_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x, size_t bsize,
+                                         int bits, const char * GGML_RESTRICT y, size_t by, int nq) {
     assert(n % QK_QAQL == 0);
     const int nb = n / QK_QAQL;
     const size_t o_qs = offsetof(block_qaq3l, qs);
@@ -159,55 +190,71 @@ static inline float qaq_lean_vec_dot_q8_0(int n, const uint8_t * GGML_RESTRICT x
         : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                            QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m256i m4 = _mm256_set1_epi8(0xF);
-    __m256 acc = _mm256_setzero_ps();
-    for (int ib = 0; ib < nb; ++ib, x += bsize) {
-        uint16_t h;
-        memcpy(&h, x, sizeof(h));
-        const float d = GGML_CPU_FP16_TO_FP32(h);
-        for (int g = 0; g < QK_QAQL/32; ++g) {
-            __m256i idx;
-            if (bits == 4) {
-                const __m128i q = _mm_loadu_si128((const __m128i *) (x + o_qs + 16*g));
-                idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
-            } else {
-                idx = qaq_low2(x + o_qs + 8*g);
-                if (bits == 3) {
-                    idx = _mm256_or_si256(idx, qaq_high4(x + o_qh + 4*g));
+    for (int r0 = 0; r0 < nq; r0 += QAQ_DOT_ROWS) {
+        const int nr = nq - r0 < QAQ_DOT_ROWS ? nq - r0 : QAQ_DOT_ROWS;
+        __m256 acc[QAQ_DOT_ROWS];
+        for (int r = 0; r < nr; ++r) {
+            acc[r] = _mm256_setzero_ps();
+        }
+        const uint8_t * xb = x;
+        for (int ib = 0; ib < nb; ++ib, xb += bsize) {
+            uint16_t h;
+            memcpy(&h, xb, sizeof(h));
+            const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(h));
+            for (int g = 0; g < QK_QAQL/32; ++g) {
+                __m256i idx;
+                if (bits == 4) {
+                    const __m128i q = _mm_loadu_si128((const __m128i *) (xb + o_qs + 16*g));
+                    idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+                } else {
+                    idx = qaq_low2(xb + o_qs + 8*g);
+                    if (bits == 3) {
+                        idx = _mm256_or_si256(idx, qaq_high4(xb + o_qh + 4*g));
+                    }
+                }
+                const __m256i xv = _mm256_shuffle_epi8(table, idx);
+                for (int r = 0; r < nr; ++r) {
+                    acc[r] = qaq_block_acc(acc[r], xv, (const block_q8_0 *) (y + (r0 + r)*by) + 4*ib + g, d);
                 }
             }
-            acc = qaq_block_acc(acc, _mm256_shuffle_epi8(table, idx), &y[4*ib + g], d, d);
+        }
+        for (int r = 0; r < nr; ++r) {
+            s[r0 + r] = qaq_hsum(acc[r]);
         }
     }
-    return qaq_hsum(acc);
 #else
     static const int8_t kvalues_qaq4[16] = { QAQ4_KVALUES };
     static const int8_t kvalues_qaq3[8]  = { QAQ3_KVALUES };
     static const int8_t kvalues_qaq2[4]  = { QAQ2_KVALUES };
     const int8_t * T = bits == 4 ? kvalues_qaq4 : bits == 3 ? kvalues_qaq3 : kvalues_qaq2;
-    float sumf = 0.0f;
-    for (int ib = 0; ib < nb; ++ib, x += bsize) {
-        uint16_t h;
-        memcpy(&h, x, sizeof(h));
-        const float d = GGML_CPU_FP16_TO_FP32(h);
-        for (int g = 0; g < QK_QAQL/32; ++g) {
-            const block_q8_0 * yb = &y[4*ib + g];
-            int sum[2] = { 0, 0 };
-            for (int j = 0; j < 32; ++j) {
-                int l;
-                if (bits == 4) {
-                    l = x[o_qs + 16*g + j % 16] >> (j < 16 ? 0 : 4) & 0xF;
-                } else {
-                    l = x[o_qs + 8*g + j % 8] >> 2*(j / 8) & 3;
-                    if (bits == 3) {
-                        l |= (x[o_qh + 4*g + j / 8] >> (j % 8) & 1) << 2;
+    for (int r = 0; r < nq; ++r) {
+        const block_q8_0 * yr = (const block_q8_0 *) (y + r*by);
+        const uint8_t * xb = x;
+        float sumf = 0.0f;
+        for (int ib = 0; ib < nb; ++ib, xb += bsize) {
+            uint16_t h;
+            memcpy(&h, xb, sizeof(h));
+            const float d = GGML_CPU_FP16_TO_FP32(h);
+            for (int g = 0; g < QK_QAQL/32; ++g) {
+                const block_q8_0 * yb = &yr[4*ib + g];
+                int sum[2] = { 0, 0 };
+                for (int j = 0; j < 32; ++j) {
+                    int l;
+                    if (bits == 4) {
+                        l = xb[o_qs + 16*g + j % 16] >> (j < 16 ? 0 : 4) & 0xF;
+                    } else {
+                        l = xb[o_qs + 8*g + j % 8] >> 2*(j / 8) & 3;
+                        if (bits == 3) {
+                            l |= (xb[o_qh + 4*g + j / 8] >> (j % 8) & 1) << 2;
+                        }
                     }
+                    sum[j / 16] += T[l] * yb->qs[j];
                 }
-                sum[j / 16] += T[l] * yb->qs[j];
+                sumf += GGML_CPU_FP16_TO_FP32(yb->d) * (d*(float) sum[0] + d*(float) sum[1]);
             }
-            sumf += GGML_CPU_FP16_TO_FP32(yb->d) * (d*(float) sum[0] + d*(float) sum[1]);
         }
+        s[r] = sumf;
     }
-    return sumf;
 #endif
 }
 
@@ -215,31 +262,58 @@ void ggml_vec_dot_qaq4l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
                              const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    *s = qaq_lean_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq4l), 4, (const block_q8_0 *) vy);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4l), 4, (const char *) vy, 0, 1);
 }
 
 void ggml_vec_dot_qaq3l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
                              const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    *s = qaq_lean_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq3l), 3, (const block_q8_0 *) vy);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3l), 3, (const char *) vy, 0, 1);
 }
 
 void ggml_vec_dot_qaq2l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
                              const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    *s = qaq_lean_vec_dot_q8_0(n, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const block_q8_0 *) vy);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const char *) vy, 0, 1);
+}
+
+// x against nq q8_0 rows by bytes apart, for flash attention's query heads reading one K row
+void ggml_vec_dot_qaq3_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
+                                 size_t by, int nq) {
+    qaq_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3), true, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_qaq2_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
+                                 size_t by, int nq) {
+    qaq_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2), false, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_qaq4l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
+                                  size_t by, int nq) {
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4l), 4, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_qaq3l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
+                                  size_t by, int nq) {
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3l), 3, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_qaq2l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
+                                  size_t by, int nq) {
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const char *) vy, by, nq);
 }
 
 // Rows as f32. AVX2: the 32 codebook values of each 32 indices by one byte shuffle, times the block's scales (the
 // same products as dequantize_row_*).
 #if defined(__AVX2__)
-static inline void qaq_store_32(__m256i v, float d0, float d1, float * GGML_RESTRICT y) {
+// 32 codebook values times the scales of their halves (dd as for qaq_block_acc)
+static inline void qaq_store_32(__m256i v, __m256 dd, float * GGML_RESTRICT y) {
     const __m128i lo = _mm256_castsi256_si128(v);
     const __m128i hi = _mm256_extracti128_si256(v, 1);
-    const __m256 s0 = _mm256_set1_ps(d0);
-    const __m256 s1 = _mm256_set1_ps(d1);
+    const __m256 s0 = _mm256_permute2f128_ps(dd, dd, 0x00);
+    const __m256 s1 = _mm256_permute2f128_ps(dd, dd, 0x11);
     _mm256_storeu_ps(y +  0, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s0));
     _mm256_storeu_ps(y +  8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s0));
     _mm256_storeu_ps(y + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s1));
@@ -257,7 +331,7 @@ static inline void qaq_dequantize_row_avx2(const uint8_t * GGML_RESTRICT x, floa
         if (has_qh) {
             idx = _mm256_or_si256(idx, qaq_high4(x + offsetof(block_qaq3, qh)));
         }
-        qaq_store_32(_mm256_shuffle_epi8(table, idx), qaq_ue5m3_to_fp32(x[0]), qaq_ue5m3_to_fp32(x[1]), y + ib*QK_QAQ);
+        qaq_store_32(_mm256_shuffle_epi8(table, idx), qaq_scales(x), y + ib*QK_QAQ);
     }
 }
 
@@ -274,7 +348,7 @@ static inline void qaq_lean_dequantize_row_avx2(const uint8_t * GGML_RESTRICT x,
     for (int64_t ib = 0; ib < k / QK_QAQL; ++ib, x += bsize) {
         uint16_t h;
         memcpy(&h, x, sizeof(h));
-        const float d = GGML_CPU_FP16_TO_FP32(h);
+        const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(h));
         for (int g = 0; g < QK_QAQL/32; ++g) {
             __m256i idx;
             if (bits == 4) {
@@ -286,7 +360,7 @@ static inline void qaq_lean_dequantize_row_avx2(const uint8_t * GGML_RESTRICT x,
                     idx = _mm256_or_si256(idx, qaq_high4(x + o_qh + 4*g));
                 }
             }
-            qaq_store_32(_mm256_shuffle_epi8(table, idx), d, d, y + ib*QK_QAQL + 32*g);
+            qaq_store_32(_mm256_shuffle_epi8(table, idx), d, y + ib*QK_QAQL + 32*g);
         }
     }
 }
