@@ -116,6 +116,34 @@ def test_ue5m3_is_the_top_byte_of_an_fp16():
 
 
 @pytest.mark.parametrize("name", QAQ)
+def test_cpu_quantizer_writes_the_reference_bytes(ggml, name):
+    """ggml-cpu's from_float (SET_ROWS into the cache: the scale search vectorized) writes the reference quantizer's
+    bytes for every row: Gaussian rows of many scales, zeros, tiny and huge values, outliers, equal values, values on
+    the level thresholds, inf and NaN."""
+    base, cpu = ggml
+    rng = np.random.default_rng(5)
+    x = _gaussian((2000, 256), seed=2)
+    x[0] = 0
+    x[1, :16] = 0
+    x[2, 40:48] = 1e-30
+    x[3, :32] = 1e7
+    x[4, ::5] *= 50
+    x[5, :128] = 1e-6
+    x[6] = np.repeat(rng.integers(-127, 128, 16), 16).astype(np.float32) * 0.5  # levels and thresholds, halves alike
+    x[7, 3] = np.inf
+    x[8, 9] = np.nan
+    x[9] = -x[9]
+    x[10:400] = np.round(x[10:400] * 4) / 4  # many ties
+    traits = base.ggml_get_type_traits(_tid(name)).contents
+    from_float = _ROW_FN(cpu.ggml_get_type_traits_cpu(_tid(name)).contents.from_float)
+    ref, got = (np.zeros((len(x), _row_bytes(name, 256)), np.uint8) for _ in range(2))
+    for r in range(len(x)):
+        _ROW_FN(traits.from_float_ref)(x[r].ctypes.data, ref[r].ctypes.data, 256)
+        from_float(x[r].ctypes.data, got[r].ctypes.data, 256)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("name", QAQ)
 def test_numpy_quantizer_is_bit_exact_with_ggml(ggml, name):
     base, _ = ggml
     x = _gaussian((300, 256), seed=1)

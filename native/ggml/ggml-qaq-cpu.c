@@ -18,26 +18,6 @@
 #include <immintrin.h>
 #endif
 
-void quantize_row_qaq3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_qaq3_ref(x, (block_qaq3 *) y, k);
-}
-
-void quantize_row_qaq2(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_qaq2_ref(x, (block_qaq2 *) y, k);
-}
-
-void quantize_row_qaq4l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_qaq4l_ref(x, (block_qaq4l *) y, k);
-}
-
-void quantize_row_qaq3l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_qaq3l_ref(x, (block_qaq3l *) y, k);
-}
-
-void quantize_row_qaq2l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_qaq2l_ref(x, (block_qaq2l *) y, k);
-}
-
 #define QAQ_DOT_ROWS 4 // q8_0 rows one pass over x serves (accumulators kept in registers)
 
 #if defined(__AVX2__)
@@ -91,6 +71,86 @@ static inline float qaq_hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 #endif
+
+#if defined(__AVX2__)
+// qaq_fit_ref, eight values at a time: x*id, the level index as the count of thresholds below (NaN: none, as
+// qaq_nearest), the level by a permute, x*t. sum t*t adds integers below 2^24 exactly in any order; sum x*t runs in
+// index order, the candidates interleaved. The same results bit for bit (this file is built without FP contraction).
+static void qaq_fit_avx2(const float * GGML_RESTRICT x, int n, float sumx2, const float * GGML_RESTRICT id, int nid,
+                         const int8_t * GGML_RESTRICT T, const float * GGML_RESTRICT mid, int nmid,
+                         float * GGML_RESTRICT ds, float * GGML_RESTRICT err, bool * GGML_RESTRICT ok) {
+    enum { NMAX = QK_QAQL, IDMAX = 16 };
+    assert(n % 8 == 0 && n <= NMAX && nid <= IDMAX && nmid < 16);
+    float tf[16] = { 0 };
+    for (int l = 0; l <= nmid; ++l) {
+        tf[l] = (float) T[l];
+    }
+    const __m256 t_lo = _mm256_loadu_ps(tf);
+    const __m256 t_hi = _mm256_loadu_ps(tf + 8);
+    float qx[IDMAX][NMAX];
+    float sumq2[IDMAX];
+    for (int i = 0; i < nid; ++i) {
+        const __m256 vid = _mm256_set1_ps(id[i]);
+        __m256 q2 = _mm256_setzero_ps();
+        for (int j = 0; j < n; j += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + j);
+            const __m256 v  = _mm256_mul_ps(xv, vid);
+            __m256i l = _mm256_setzero_si256();
+            for (int m = 0; m < nmid; ++m) {
+                l = _mm256_sub_epi32(l, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_set1_ps(mid[m]), _CMP_GT_OQ)));
+            }
+            __m256 t = _mm256_permutevar8x32_ps(t_lo, l);
+            if (nmid >= 8) {
+                const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(l, _mm256_set1_epi32(7)));
+                t = _mm256_blendv_ps(t, _mm256_permutevar8x32_ps(t_hi, l), hi);
+            }
+            _mm256_storeu_ps(qx[i] + j, _mm256_mul_ps(xv, t));
+            q2 = _mm256_add_ps(q2, _mm256_mul_ps(t, t));
+        }
+        sumq2[i] = qaq_hsum(q2);
+    }
+    float sumqx[IDMAX];
+    for (int i = 0; i < nid; ++i) {
+        sumqx[i] = 0.0f;
+    }
+    for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < nid; ++i) {
+            sumqx[i] += qx[i][j];
+        }
+    }
+    for (int i = 0; i < nid; ++i) {
+        ok[i] = sumqx[i] > 0.0f && sumq2[i] > 0.0f;
+        if (ok[i]) {
+            ds[i]  = sumqx[i]/sumq2[i];
+            err[i] = sumx2 - ds[i]*sumqx[i];
+        }
+    }
+}
+#define QAQ_FIT qaq_fit_avx2
+#else
+#define QAQ_FIT qaq_fit_ref
+#endif
+
+// from_float (set_rows, cpy): the reference quantizers with the vectorized scale search, the same bytes
+void quantize_row_qaq3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq3_fit(x, (block_qaq3 *) y, k, QAQ_FIT);
+}
+
+void quantize_row_qaq2(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq2_fit(x, (block_qaq2 *) y, k, QAQ_FIT);
+}
+
+void quantize_row_qaq4l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq4l_fit(x, (block_qaq4l *) y, k, QAQ_FIT);
+}
+
+void quantize_row_qaq3l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq3l_fit(x, (block_qaq3l *) y, k, QAQ_FIT);
+}
+
+void quantize_row_qaq2l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq2l_fit(x, (block_qaq2l *) y, k, QAQ_FIT);
+}
 
 // The dot products of n values of either type with nq q8_0 rows (y, by bytes apart): s[r] = x . y_r, each the same
 // sum as for one row; flash attention's query heads that read one K row share the decoding of its indices. Both

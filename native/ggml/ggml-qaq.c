@@ -71,6 +71,13 @@ static bool qaq_fit(const float * x, int n, float sumx2, float id, const int8_t 
     return true;
 }
 
+void qaq_fit_ref(const float * x, int n, float sumx2, const float * id, int nid, const int8_t * T, const float * mid,
+                 int nmid, float * ds, float * err, bool * ok) {
+    for (int i = 0; i < nid; ++i) {
+        ok[i] = qaq_fit(x, n, sumx2, id[i], T, mid, nmid, &ds[i], &err[i]);
+    }
+}
+
 // amax and sum of squares of n values (sequential, the order the ports follow); false when nothing to quantize
 static bool qaq_stats(const float * x, int n, float * amax, float * sumx2) {
     float a = 0.0f, s2 = 0.0f;
@@ -87,28 +94,36 @@ static bool qaq_stats(const float * x, int n, float * amax, float * sumx2) {
 // The least-squares scale of n values: scale search over QAQ_NTRY candidates (as iq4_nl's, unweighted), then one
 // refit with the best candidate's assignment.
 static float qaq_best_scale(const float * x, int n, float amax, float sumx2, const int8_t * T, const float * mid,
-                            int nmid) {
-    float best_err = INFINITY;
-    float best_d   = amax / 127.0f;
-    float ds, err;
+                            int nmid, qaq_fit_t fit) {
+    float id[QAQ_NTRY], ds[QAQ_NTRY], err[QAQ_NTRY];
+    bool  ok[QAQ_NTRY];
     for (int i = 0; i < QAQ_NTRY; ++i) {
         const float g = 0.45f + 0.07f*(float) i;
         const float d = amax*g/127.0f;
-        if (qaq_fit(x, n, sumx2, 1.0f/d, T, mid, nmid, &ds, &err) && err < best_err) {
-            best_err = err;
-            best_d   = ds;
+        id[i] = 1.0f/d;
+    }
+    fit(x, n, sumx2, id, QAQ_NTRY, T, mid, nmid, ds, err, ok);
+    float best_err = INFINITY;
+    float best_d   = amax / 127.0f;
+    for (int i = 0; i < QAQ_NTRY; ++i) {
+        if (ok[i] && err[i] < best_err) {
+            best_err = err[i];
+            best_d   = ds[i];
         }
     }
     // one refit with the best scale's assignment
-    if (qaq_fit(x, n, sumx2, 1.0f/best_d, T, mid, nmid, &ds, &err) && err < best_err) {
-        best_d = ds;
+    const float best_id = 1.0f/best_d;
+    fit(x, n, sumx2, &best_id, 1, T, mid, nmid, ds, err, ok);
+    if (ok[0] && err[0] < best_err) {
+        best_d = ds[0];
     }
     return best_d;
 }
 
 // Quantize QAQ_HALF values: the least-squares scale, then the better of the two neighbouring ue5m3 scales.
 // Writes the indices to L, returns the scale byte.
-static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L) {
+static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L,
+                                 qaq_fit_t fit) {
     float amax, sumx2;
     const int izero = qaq_nearest(0.0f, mid, nmid);
     if (!qaq_stats(x, QAQ_HALF, &amax, &sumx2)) {
@@ -118,7 +133,7 @@ static uint8_t qaq_quantize_half(const float * x, const int8_t * T, const float 
         return 0;
     }
 
-    const float best_d = qaq_best_scale(x, QAQ_HALF, amax, sumx2, T, mid, nmid);
+    const float best_d = qaq_best_scale(x, QAQ_HALF, amax, sumx2, T, mid, nmid, fit);
 
     // store: the ue5m3 neighbour (below or above) with the lower squared error
     const uint8_t b0 = qaq_ue5m3_floor(best_d);
@@ -175,22 +190,23 @@ static void qaq_pack32(const uint8_t * L, uint8_t * qs, uint8_t * qh) {
 
 // One block: both halves, then the 2 low index bits into qs and, for qaq3 (qh != NULL), the high bit into qh.
 static void qaq_quantize_block(const float * x, const int8_t * T, const float * mid, int nmid,
-                               uint8_t d[2], uint8_t qs[QK_QAQ/4], uint8_t * qh) {
+                               uint8_t d[2], uint8_t qs[QK_QAQ/4], uint8_t * qh, qaq_fit_t fit) {
     uint8_t L[QK_QAQ];
-    d[0] = qaq_quantize_half(x,            T, mid, nmid, L);
-    d[1] = qaq_quantize_half(x + QAQ_HALF, T, mid, nmid, L + QAQ_HALF);
+    d[0] = qaq_quantize_half(x,            T, mid, nmid, L,            fit);
+    d[1] = qaq_quantize_half(x + QAQ_HALF, T, mid, nmid, L + QAQ_HALF, fit);
     qaq_pack32(L, qs, qh);
 }
 
 // A lean block (QK_QAQL values): the least-squares scale over all of them, stored as fp16; indices for that scale.
 // Writes the indices to L, returns the fp16 bits.
-static uint16_t qaq_quantize_lean(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L) {
+static uint16_t qaq_quantize_lean(const float * x, const int8_t * T, const float * mid, int nmid, uint8_t * L,
+                                  qaq_fit_t fit) {
     float amax, sumx2;
     const int izero = qaq_nearest(0.0f, mid, nmid);
     float d = 0.0f;
     uint16_t h = 0;
     if (qaq_stats(x, QK_QAQL, &amax, &sumx2)) {
-        const float best_d = qaq_best_scale(x, QK_QAQL, amax, sumx2, T, mid, nmid);
+        const float best_d = qaq_best_scale(x, QK_QAQL, amax, sumx2, T, mid, nmid, fit);
         h = GGML_FP32_TO_FP16(best_d < 65504.0f ? best_d : 65504.0f);  // saturate at the largest fp16, as qaq3 does
         d = GGML_FP16_TO_FP32(h);
     }
@@ -209,10 +225,14 @@ static uint16_t qaq_quantize_lean(const float * x, const int8_t * T, const float
 }
 
 void quantize_row_qaq4l_ref(const float * x, block_qaq4l * y, int64_t k) {
+    quantize_row_qaq4l_fit(x, y, k, qaq_fit_ref);
+}
+
+void quantize_row_qaq4l_fit(const float * x, block_qaq4l * y, int64_t k, qaq_fit_t fit) {
     assert(k % QK_QAQL == 0);
     uint8_t L[QK_QAQL];
     for (int64_t i = 0; i < k / QK_QAQL; ++i) {
-        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq4, kmid_qaq4, 15, L);
+        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq4, kmid_qaq4, 15, L, fit);
         for (int g = 0; g < QK_QAQL/32; ++g) {
             for (int j = 0; j < 16; ++j) {
                 y[i].qs[16*g + j] = (uint8_t) (L[32*g + j] | L[32*g + j + 16] << 4);
@@ -222,10 +242,14 @@ void quantize_row_qaq4l_ref(const float * x, block_qaq4l * y, int64_t k) {
 }
 
 void quantize_row_qaq3l_ref(const float * x, block_qaq3l * y, int64_t k) {
+    quantize_row_qaq3l_fit(x, y, k, qaq_fit_ref);
+}
+
+void quantize_row_qaq3l_fit(const float * x, block_qaq3l * y, int64_t k, qaq_fit_t fit) {
     assert(k % QK_QAQL == 0);
     uint8_t L[QK_QAQL];
     for (int64_t i = 0; i < k / QK_QAQL; ++i) {
-        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq3, kmid_qaq3, 7, L);
+        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq3, kmid_qaq3, 7, L, fit);
         for (int g = 0; g < QK_QAQL/32; ++g) {
             qaq_pack32(L + 32*g, y[i].qs + 8*g, y[i].qh + 4*g);
         }
@@ -233,10 +257,14 @@ void quantize_row_qaq3l_ref(const float * x, block_qaq3l * y, int64_t k) {
 }
 
 void quantize_row_qaq2l_ref(const float * x, block_qaq2l * y, int64_t k) {
+    quantize_row_qaq2l_fit(x, y, k, qaq_fit_ref);
+}
+
+void quantize_row_qaq2l_fit(const float * x, block_qaq2l * y, int64_t k, qaq_fit_t fit) {
     assert(k % QK_QAQL == 0);
     uint8_t L[QK_QAQL];
     for (int64_t i = 0; i < k / QK_QAQL; ++i) {
-        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq2, kmid_qaq2, 3, L);
+        y[i].d = qaq_quantize_lean(x + i*QK_QAQL, kvalues_qaq2, kmid_qaq2, 3, L, fit);
         for (int g = 0; g < QK_QAQL/32; ++g) {
             qaq_pack32(L + 32*g, y[i].qs + 8*g, NULL);
         }
@@ -244,16 +272,24 @@ void quantize_row_qaq2l_ref(const float * x, block_qaq2l * y, int64_t k) {
 }
 
 void quantize_row_qaq3_ref(const float * x, block_qaq3 * y, int64_t k) {
+    quantize_row_qaq3_fit(x, y, k, qaq_fit_ref);
+}
+
+void quantize_row_qaq3_fit(const float * x, block_qaq3 * y, int64_t k, qaq_fit_t fit) {
     assert(k % QK_QAQ == 0);
     for (int64_t i = 0; i < k / QK_QAQ; ++i) {
-        qaq_quantize_block(x + i*QK_QAQ, kvalues_qaq3, kmid_qaq3, 7, y[i].d, y[i].qs, y[i].qh);
+        qaq_quantize_block(x + i*QK_QAQ, kvalues_qaq3, kmid_qaq3, 7, y[i].d, y[i].qs, y[i].qh, fit);
     }
 }
 
 void quantize_row_qaq2_ref(const float * x, block_qaq2 * y, int64_t k) {
+    quantize_row_qaq2_fit(x, y, k, qaq_fit_ref);
+}
+
+void quantize_row_qaq2_fit(const float * x, block_qaq2 * y, int64_t k, qaq_fit_t fit) {
     assert(k % QK_QAQ == 0);
     for (int64_t i = 0; i < k / QK_QAQ; ++i) {
-        qaq_quantize_block(x + i*QK_QAQ, kvalues_qaq2, kmid_qaq2, 3, y[i].d, y[i].qs, NULL);
+        qaq_quantize_block(x + i*QK_QAQ, kvalues_qaq2, kmid_qaq2, 3, y[i].d, y[i].qs, NULL, fit);
     }
 }
 

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 #define QK_QAQ 32
@@ -119,6 +120,20 @@ void quantize_row_qaq2l_ref(const float * x, block_qaq2l * y, int64_t k);
 void dequantize_row_qaq4l(const block_qaq4l * x, float * y, int64_t k);
 void dequantize_row_qaq3l(const block_qaq3l * x, float * y, int64_t k);
 void dequantize_row_qaq2l(const block_qaq2l * x, float * y, int64_t k);
+
+// The least-squares fits of the quantizers' scale search, one per candidate inverse scale id[i]: the levels nearest
+// to x*id[i], then ds[i] = sum x*t / sum t*t and err[i] = sumx2 - ds[i] * sum x*t with the sums in index order, ok[i]
+// false when the fit is degenerate. qaq_fit_ref is the reference; the _fit quantizers take a port with the same
+// results bit for bit (ggml-cpu's vectorized one) and write the same bytes as _ref.
+typedef void (*qaq_fit_t)(const float * x, int n, float sumx2, const float * id, int nid, const int8_t * T,
+                          const float * mid, int nmid, float * ds, float * err, bool * ok);
+void qaq_fit_ref(const float * x, int n, float sumx2, const float * id, int nid, const int8_t * T, const float * mid,
+                 int nmid, float * ds, float * err, bool * ok);
+void quantize_row_qaq3_fit (const float * x, block_qaq3  * y, int64_t k, qaq_fit_t fit);
+void quantize_row_qaq2_fit (const float * x, block_qaq2  * y, int64_t k, qaq_fit_t fit);
+void quantize_row_qaq4l_fit(const float * x, block_qaq4l * y, int64_t k, qaq_fit_t fit);
+void quantize_row_qaq3l_fit(const float * x, block_qaq3l * y, int64_t k, qaq_fit_t fit);
+void quantize_row_qaq2l_fit(const float * x, block_qaq2l * y, int64_t k, qaq_fit_t fit);
 
 // ggml_quantize_chunk entry points (no importance matrix: the cache has none)
 size_t quantize_qaq3(const float * src, void * dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
