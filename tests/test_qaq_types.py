@@ -326,18 +326,30 @@ def test_vec_dot_against_q8_0(ggml, name):
             assert abs(s.value - ref) <= 1e-5 * scale + 1e-6, (n, s.value, ref)
 
 
-@pytest.mark.parametrize("name", QAQ)
+_ROWS_FN = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                            ctypes.c_int)
+
+
+@pytest.mark.parametrize("name", QAQ + ["q4_0", "q8_0"])
 def test_vec_dot_rows_equals_one_row_at_a_time(ggml, name):
-    """ggml_vec_dot_<type>_q8_0_rows, which takes the query heads reading one K row in one pass (flash attention's
-    decode), gives bit for bit each row's single-row vec_dot, for 1 to 9 rows (past the 4 rows of one pass)."""
+    """ggml_cpu_vec_dot_rows(type), which takes the query heads reading one K row in one pass (flash attention's
+    decode), gives bit for bit each row's single-row vec_dot, for 1 to 9 rows (past the 4 rows of one pass). Every
+    qaq type has one; q4_0 and q8_0 where the CPU backend is built for AVX2."""
     base, cpu = ggml
+    cpu.ggml_cpu_vec_dot_rows.restype = ctypes.c_void_p
+    cpu.ggml_cpu_vec_dot_rows.argtypes = [ctypes.c_int]
+    ptr = cpu.ggml_cpu_vec_dot_rows(_tid(name))
+    if name in QAQ or cpu.ggml_cpu_has_avx2():
+        assert ptr, name
+    else:
+        assert not ptr
+        return
+    rows = _ROWS_FN(ptr)
     dot = _DOT_FN(cpu.ggml_get_type_traits_cpu(_tid(name)).contents.vec_dot)
-    rows = getattr(cpu, f"ggml_vec_dot_{name}_q8_0_rows")
-    rows.restype = None
-    rows.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     rng = np.random.default_rng(8)
     n = 256
-    k = quants.quantize(rng.standard_normal(n).astype(np.float32) * 3, name)
+    k = rng.standard_normal(n).astype(np.float32) * 3
+    k = quants.quantize(k, name) if name in QAQ else gguf.quants.quantize(k, gguf.GGMLQuantizationType[name.upper()])
     for nq in range(1, 10):
         qq = gguf.quants.quantize(rng.standard_normal((nq, n)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
         got = np.full(nq, np.nan, np.float32)

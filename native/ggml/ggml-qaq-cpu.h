@@ -23,8 +23,7 @@ void ggml_vec_dot_qaq3l_q8_0(int n, float * s, size_t bs, const void * vx, size_
 void ggml_vec_dot_qaq2l_q8_0(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 
 // x against nq q8_0 rows (vy, by bytes apart): s[r] = x . y_r, each as the single-row vec_dot computes it; flash
-// attention's query heads that read one K row share the decoding of its indices
-typedef void (*ggml_vec_dot_rows_t)(int n, float * s, const void * x, const void * y, size_t by, int nq);
+// attention's query heads that read one K row share the decoding of its indices (ggml_cpu_vec_dot_rows)
 void ggml_vec_dot_qaq3_q8_0_rows (int n, float * s, const void * x, const void * y, size_t by, int nq);
 void ggml_vec_dot_qaq2_q8_0_rows (int n, float * s, const void * x, const void * y, size_t by, int nq);
 void ggml_vec_dot_qaq4l_q8_0_rows(int n, float * s, const void * x, const void * y, size_t by, int nq);
