@@ -16,7 +16,8 @@ import pytest
 import gguf
 
 from qaq_gguf import scoring
-from test_qaq_types import F16, F32, _ROW_FN, _Graph, _gaussian, _q8_0_roundtrip, _tid, ggml  # noqa: F401
+from qaq_gguf.ggml_ctypes import F16, F32, ROW_FN, Graph
+from test_qaq_types import _gaussian, _q8_0_roundtrip, _tid, ggml  # noqa: F401
 from test_qaq_types import _cache as _cache_gguf
 
 PAIRS = ["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q5_0/q5_0", "q4_1/q5_1", "iq4_nl/iq4_nl", "qaq3/qaq3", "qaq2/qaq2",
@@ -36,7 +37,7 @@ def test_row_dequantization_is_to_float(ggml, name):
     raw = np.zeros((300, 256 // traits.blck_size * traits.type_size), np.uint8)
     base.ggml_quantize_chunk(_tid(name), x.ctypes.data, raw.ctypes.data, 0, 300, 256, None)
     ref = np.zeros_like(x)
-    _ROW_FN(traits.to_float)(raw.ctypes.data, ref.ctypes.data, x.size)
+    ROW_FN(traits.to_float)(raw.ctypes.data, ref.ctypes.data, x.size)
     got = np.full_like(x, np.nan)
     cpu.ggml_cpu_dequantize_row(_tid(name), raw.ctypes.data, got.ctypes.data, x.size)
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
@@ -90,7 +91,7 @@ def _run(ggml, tk, tv, d, n_head, n_head_kv, n_q, n_kv, *, window=0, softcap=0.0
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = np.einsum("hqk,hkd->qhd", p, vv)
-    with _Graph(ggml) as g:
+    with Graph(ggml) as g:
         tq = g.tensor(F32, (d, n_q, n_head), q)
         tkk = g.tensor(_tid(tk), (d, n_kv, n_head_kv), k_raw)
         tvv = g.tensor(_tid(tv), (d, n_kv, n_head_kv), v_raw)

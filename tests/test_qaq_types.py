@@ -13,7 +13,8 @@ import gguf
 import numpy as np
 import pytest
 
-from qaq_gguf import _native, cachetypes, quants, scoring
+from qaq_gguf import cachetypes, ggml_ctypes, quants, scoring
+from qaq_gguf.ggml_ctypes import DOT_FN, F32, I32, I64, Q8_0, ROW_FN, ROWS_FN, Graph
 
 QAQ = ["qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l"]
 LEAN = ["qaq4l", "qaq3l", "qaq2l"]
@@ -21,67 +22,11 @@ LEAN = ["qaq4l", "qaq3l", "qaq2l"]
 
 def _row_bytes(name: str, n: int) -> int:
     return n // quants.BLOCK_VALUES[name] * quants.BLOCK_BYTES[name]
-F32, F16, Q8_0, Q4_0, I64 = 0, 1, 8, 2, 27
-
-
-class _Traits(ctypes.Structure):
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
-                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                ("from_float_ref", ctypes.c_void_p)]
-
-
-class _CpuTraits(ctypes.Structure):
-    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
-                ("nrows", ctypes.c_int64)]
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-
-_ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-_DOT_FN = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
-                           ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 @pytest.fixture(scope="module")
 def ggml():
-    base = ctypes.CDLL(str(_native.lib_dir() / "libggml-base.so"))
-    cpu = ctypes.CDLL(str(_native.lib_dir() / "libggml-cpu.so"))
-    P = ctypes.c_void_p
-    base.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-    base.ggml_type_name.restype = ctypes.c_char_p
-    base.ggml_type_size.restype = ctypes.c_size_t
-    base.ggml_init.restype = P
-    base.ggml_init.argtypes = [_InitParams]
-    base.ggml_free.argtypes = [P]
-    base.ggml_new_tensor_4d.restype = P
-    base.ggml_new_tensor_4d.argtypes = [P, ctypes.c_int] + [ctypes.c_int64] * 4
-    base.ggml_get_data.restype = P
-    base.ggml_get_data.argtypes = [P]
-    base.ggml_nbytes.restype = ctypes.c_size_t
-    base.ggml_nbytes.argtypes = [P]
-    base.ggml_flash_attn_ext.restype = P
-    base.ggml_flash_attn_ext.argtypes = [P, P, P, P, P, ctypes.c_float, ctypes.c_float, ctypes.c_float]
-    base.ggml_set_rows.restype = P
-    base.ggml_set_rows.argtypes = [P, P, P, P]
-    base.ggml_get_rows.restype = P
-    base.ggml_get_rows.argtypes = [P, P, P]
-    base.ggml_cpy.restype = P
-    base.ggml_cpy.argtypes = [P, P, P]
-    base.ggml_new_graph.restype = P
-    base.ggml_new_graph.argtypes = [P]
-    base.ggml_build_forward_expand.argtypes = [P, P]
-    base.ggml_quantize_chunk.restype = ctypes.c_size_t
-    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, P, P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, P]
-    base.ggml_validate_row_data.restype = ctypes.c_bool
-    base.ggml_validate_row_data.argtypes = [ctypes.c_int, P, ctypes.c_size_t]
-    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
-    cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
-    cpu.ggml_cpu_dequantize_row.restype = None
-    cpu.ggml_cpu_dequantize_row.argtypes = [ctypes.c_int, P, P, ctypes.c_int64]
-    cpu.ggml_cpu_init()
-    return base, cpu
+    return ggml_ctypes.load()
 
 
 def _tid(name: str) -> int:
@@ -135,10 +80,10 @@ def test_cpu_quantizer_writes_the_reference_bytes(ggml, name):
     x[9] = -x[9]
     x[10:400] = np.round(x[10:400] * 4) / 4  # many ties
     traits = base.ggml_get_type_traits(_tid(name)).contents
-    from_float = _ROW_FN(cpu.ggml_get_type_traits_cpu(_tid(name)).contents.from_float)
+    from_float = ROW_FN(cpu.ggml_get_type_traits_cpu(_tid(name)).contents.from_float)
     ref, got = (np.zeros((len(x), _row_bytes(name, 256)), np.uint8) for _ in range(2))
     for r in range(len(x)):
-        _ROW_FN(traits.from_float_ref)(x[r].ctypes.data, ref[r].ctypes.data, 256)
+        ROW_FN(traits.from_float_ref)(x[r].ctypes.data, ref[r].ctypes.data, 256)
         from_float(x[r].ctypes.data, got[r].ctypes.data, 256)
     np.testing.assert_array_equal(got, ref)
 
@@ -160,10 +105,10 @@ def test_numpy_quantizer_is_bit_exact_with_ggml(ggml, name):
     # from_float_ref (set_rows on CPU goes through the same function) and to_float
     traits = base.ggml_get_type_traits(_tid(name)).contents
     row = np.zeros(out.shape[1], np.uint8)
-    _ROW_FN(traits.from_float_ref)(x[4].ctypes.data, row.ctypes.data, 256)
+    ROW_FN(traits.from_float_ref)(x[4].ctypes.data, row.ctypes.data, 256)
     np.testing.assert_array_equal(row, out[4])
     y = np.zeros_like(x)
-    _ROW_FN(traits.to_float)(out.ctypes.data, y.ctypes.data, x.size)
+    ROW_FN(traits.to_float)(out.ctypes.data, y.ctypes.data, x.size)
     np.testing.assert_array_equal(quants.dequantize(out, name), y)
     assert np.all(np.isfinite(y)) and np.all(y[0] == 0)
     if name not in LEAN:  # a zero half has its own zero scale (the lean codebooks have no zero level)
@@ -225,37 +170,6 @@ def test_error_relative_to_q4_0_and_per_value_bound(name, lo, hi):
 # ggml ops on the CPU backend
 
 
-class _Graph:
-    def __init__(self, ggml, mem=256 << 20):
-        self.base, self.cpu = ggml
-        self.ctx = self.base.ggml_init(_InitParams(mem, None, False))
-
-    def tensor(self, type_id, ne, data=None):
-        ne = list(ne) + [1] * (4 - len(ne))
-        t = self.base.ggml_new_tensor_4d(self.ctx, type_id, *ne)
-        if data is not None:
-            data = np.ascontiguousarray(data)
-            assert data.nbytes == self.base.ggml_nbytes(t)
-            ctypes.memmove(self.base.ggml_get_data(t), data.ctypes.data, data.nbytes)
-        return t
-
-    def read(self, t, dtype, shape):
-        buf = np.empty(shape, dtype)
-        ctypes.memmove(buf.ctypes.data, self.base.ggml_get_data(t), buf.nbytes)
-        return buf
-
-    def compute(self, out, n_threads=2):
-        gf = self.base.ggml_new_graph(self.ctx)
-        self.base.ggml_build_forward_expand(gf, out)
-        assert self.cpu.ggml_graph_compute_with_ctx(self.ctx, gf, n_threads) == 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.base.ggml_free(self.ctx)
-
-
 @pytest.mark.parametrize("name", QAQ)
 def test_set_rows_and_get_rows(ggml, name):
     """SET_ROWS (how llama.cpp writes the cache) stores the reference bytes at the given rows; GET_ROWS reads
@@ -264,7 +178,7 @@ def test_set_rows_and_get_rows(ggml, name):
     bb = _row_bytes(name, d)
     src = _gaussian((5, d), seed=4)
     rows = np.array([3, 0, 11, 7, 15], np.int64)
-    with _Graph(ggml) as g:
+    with Graph(ggml) as g:
         dst = g.tensor(_tid(name), (d, n_rows), np.zeros((n_rows, bb), np.uint8))
         out = g.base.ggml_set_rows(g.ctx, dst, g.tensor(F32, (d, 5), src), g.tensor(I64, (5,), rows))
         g.compute(out)
@@ -272,7 +186,7 @@ def test_set_rows_and_get_rows(ggml, name):
         np.testing.assert_array_equal(stored[rows], quants.quantize(src, name))
         assert not stored[[1, 2, 4]].any()
         sel = np.array([11, 3], np.int32)
-        got = g.base.ggml_get_rows(g.ctx, dst, g.tensor(26, (2,), sel))  # GGML_TYPE_I32 = 26
+        got = g.base.ggml_get_rows(g.ctx, dst, g.tensor(I32, (2,), sel))
         g.compute(got)
         np.testing.assert_array_equal(g.read(got, np.float32, (2, d)), quants.dequantize(stored[sel], name))
 
@@ -283,7 +197,7 @@ def test_cpy_both_ways(ggml, name):
     d = 256
     x = _gaussian((6, d), seed=7)
     bb = _row_bytes(name, d)
-    with _Graph(ggml) as g:
+    with Graph(ggml) as g:
         q = g.tensor(_tid(name), (d, 6))
         g.compute(g.base.ggml_cpy(g.ctx, g.tensor(F32, (d, 6), x), q))
         raw = g.read(q, np.uint8, (6, bb))
@@ -310,7 +224,7 @@ def test_vec_dot_against_q8_0(ggml, name):
     base, cpu = ggml
     traits = cpu.ggml_get_type_traits_cpu(_tid(name)).contents
     assert traits.vec_dot_type == Q8_0
-    dot = _DOT_FN(traits.vec_dot)
+    dot = DOT_FN(traits.vec_dot)
     rng = np.random.default_rng(6)
     for n in ((128, 256, 512) if name in LEAN else (32, 64, 256, 512)):
         for _ in range(20):
@@ -326,26 +240,20 @@ def test_vec_dot_against_q8_0(ggml, name):
             assert abs(s.value - ref) <= 1e-5 * scale + 1e-6, (n, s.value, ref)
 
 
-_ROWS_FN = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                            ctypes.c_int)
-
-
 @pytest.mark.parametrize("name", QAQ + ["q4_0", "q8_0"])
 def test_vec_dot_rows_equals_one_row_at_a_time(ggml, name):
     """ggml_cpu_vec_dot_rows(type), which takes the query heads reading one K row in one pass (flash attention's
     decode), gives bit for bit each row's single-row vec_dot, for 1 to 9 rows (past the 4 rows of one pass). Every
     qaq type has one; q4_0 and q8_0 where the CPU backend is built for AVX2."""
     base, cpu = ggml
-    cpu.ggml_cpu_vec_dot_rows.restype = ctypes.c_void_p
-    cpu.ggml_cpu_vec_dot_rows.argtypes = [ctypes.c_int]
     ptr = cpu.ggml_cpu_vec_dot_rows(_tid(name))
     if name in QAQ or cpu.ggml_cpu_has_avx2():
         assert ptr, name
     else:
         assert not ptr
         return
-    rows = _ROWS_FN(ptr)
-    dot = _DOT_FN(cpu.ggml_get_type_traits_cpu(_tid(name)).contents.vec_dot)
+    rows = ROWS_FN(ptr)
+    dot = DOT_FN(cpu.ggml_get_type_traits_cpu(_tid(name)).contents.vec_dot)
     rng = np.random.default_rng(8)
     n = 256
     k = rng.standard_normal(n).astype(np.float32) * 3

@@ -139,16 +139,13 @@ def test_roundtrip_matches_ggml_reference_quantizer(type_name):
     """Bit-exact against ggml's from_float_ref (what the CPU cache's set_rows uses)."""
     import ctypes
 
-    class Traits(ctypes.Structure):
-        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
-                    ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                    ("from_float_ref", ctypes.c_void_p)]
+    from qaq_gguf import ggml_ctypes
 
     lib = ctypes.CDLL(_ggml_base_lib())
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(ggml_ctypes.Traits)
     ct = cachetypes.get(type_name)
     traits = lib.ggml_get_type_traits(ct.type_id).contents
-    quantize_row = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.from_float_ref)
+    quantize_row = ggml_ctypes.ROW_FN(traits.from_float_ref)
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((300, 256)) * rng.uniform(0.01, 10, (300, 1))).astype(np.float32)
     x[::7, 3] *= 40

@@ -293,8 +293,8 @@ void quantize_row_qaq2_fit(const float * x, block_qaq2 * y, int64_t k, qaq_fit_t
     }
 }
 
-// Dequantizers run once per cached V row per query in CPU flash attention, so they are written for speed: the
-// 8 (4) possible values of each half-block are tabulated first (d * level: one rounding, as d * T[l] would be),
+// The reference dequantizers (get_rows, and flash attention where ggml-cpu has no vectorized dequantize_row_*_cpu):
+// the 8 (4) possible values of each half-block are tabulated first (d * level: one rounding, as d * T[l] would be),
 // then every value is one table load. Value j = 8*g + b sits in qs[b] at bits 2g and in qh[g] at bit b.
 static inline void qaq_dequantize_block(float d0, float d1, const uint8_t qs[QK_QAQ/4], const uint8_t * qh,
                                         const int8_t * T, int nlev, float * y) {
