@@ -31,6 +31,13 @@ class InitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", P), ("no_alloc", ctypes.c_bool)]
 
 
+class Cplan(ctypes.Structure):
+    """``struct ggml_cplan`` (ggml-cpu.h): a graph's compute plan; the caller provides the work buffer."""
+
+    _fields_ = [("work_size", ctypes.c_size_t), ("work_data", P), ("n_threads", ctypes.c_int), ("threadpool", P),
+                ("abort_callback", P), ("abort_callback_data", P), ("use_ref", ctypes.c_bool)]
+
+
 # to_float / from_float: (x, y, n)
 ROW_FN = ctypes.CFUNCTYPE(None, P, P, ctypes.c_int64)
 # vec_dot: (n, s, bs, x, bx, y, by, nrc)
@@ -64,6 +71,8 @@ def load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (base.ggml_validate_row_data, ctypes.c_bool, [ctypes.c_int, P, ctypes.c_size_t]),
         (cpu.ggml_get_type_traits_cpu, ctypes.POINTER(CpuTraits), [ctypes.c_int]),
         (cpu.ggml_graph_compute_with_ctx, ctypes.c_int, [P, P, ctypes.c_int]),
+        (cpu.ggml_graph_plan, Cplan, [P, ctypes.c_int, P]),
+        (cpu.ggml_graph_compute, ctypes.c_int, [P, ctypes.POINTER(Cplan)]),
     ]
     for f, res, args in sig:
         f.restype, f.argtypes = res, args
@@ -82,6 +91,7 @@ class Graph:
     def __init__(self, ggml: tuple[ctypes.CDLL, ctypes.CDLL], mem: int = 256 << 20):
         self.base, self.cpu = ggml
         self.ctx = self.base.ggml_init(InitParams(mem, None, False))
+        self._plans: dict[tuple[int, int], tuple[Cplan, np.ndarray]] = {}
 
     def tensor(self, type_id: int, ne, data: np.ndarray | None = None) -> int:
         """A new tensor of ggml shape ne (innermost first), filled with data's bytes if given."""
@@ -104,8 +114,14 @@ class Graph:
         return gf
 
     def run(self, gf: int, n_threads: int = 2) -> None:
-        """Compute a graph (its work buffer comes from the context: size mem for the runs wanted)."""
-        assert self.cpu.ggml_graph_compute_with_ctx(self.ctx, gf, n_threads) == 0
+        """Compute a graph; its plan and work buffer are made on the first run and reused by the next ones."""
+        if (gf, n_threads) not in self._plans:
+            plan = self.cpu.ggml_graph_plan(gf, n_threads, None)
+            work = np.zeros(max(plan.work_size, 1), np.uint8)
+            plan.work_data = work.ctypes.data
+            self._plans[(gf, n_threads)] = (plan, work)
+        plan, _ = self._plans[(gf, n_threads)]
+        assert self.cpu.ggml_graph_compute(gf, ctypes.byref(plan)) == 0
 
     def compute(self, out: int, n_threads: int = 2) -> None:
         self.run(self.graph(out), n_threads)

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         graphs = {}
         try:
             for p in pairs:
-                g = ggml_ctypes.Graph(ggml, mem=(n_kv * a.head_dim * 12 * n_head_kv + (64 << 20)) * 2)
+                n_pad = -(-n_q // 64) * 64
+                mem = 8 * n_head * n_q * a.head_dim + 4 * n_head_kv * n_kv * a.head_dim + 2 * n_pad * n_kv + (4 << 20)
+                g = ggml_ctypes.Graph(ggml, mem=mem)  # Q, out (f32), K, V (f16 at most), mask (f16)
                 graphs[p] = (g, build(g, p, a.head_dim, n_head, n_head_kv, n_q, n_kv))
             times: dict[str, list[float]] = {p: [] for p in pairs}
             for r in range(a.rounds + 1):  # round 0 warms up
