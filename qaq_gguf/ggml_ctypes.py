@@ -70,7 +70,6 @@ def load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
                                                      ctypes.c_int64, P]),
         (base.ggml_validate_row_data, ctypes.c_bool, [ctypes.c_int, P, ctypes.c_size_t]),
         (cpu.ggml_get_type_traits_cpu, ctypes.POINTER(CpuTraits), [ctypes.c_int]),
-        (cpu.ggml_graph_compute_with_ctx, ctypes.c_int, [P, P, ctypes.c_int]),
         (cpu.ggml_graph_plan, Cplan, [P, ctypes.c_int, P]),
         (cpu.ggml_graph_compute, ctypes.c_int, [P, ctypes.POINTER(Cplan)]),
     ]

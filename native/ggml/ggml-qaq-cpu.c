@@ -41,6 +41,32 @@ static inline __m256i qaq_high4(const uint8_t * qh) {
     return _mm256_and_si256(b, _mm256_set1_epi8(4));
 }
 
+// the codebook of bits-bit indices (4: qaq4l; 3: qaq3, qaq3l; 2: qaq2, qaq2l) in both lanes, for _mm256_shuffle_epi8
+static inline __m256i qaq_codebook(int bits) {
+    return bits == 4
+        ? _mm256_setr_epi8(QAQ4_KVALUES, QAQ4_KVALUES)
+        : bits == 3
+        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
+        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+
+// the codebook values (int8) of 32 values: 4-bit indices as q4_0's nibbles in qs (value j and j+16 in byte j), or
+// the 2 low index bits in qs and, for 3-bit indices, the high bit in qh (NULL otherwise)
+static inline __m256i qaq_values32(__m256i codebook, const uint8_t * qs, const uint8_t * qh, int bits) {
+    __m256i idx;
+    if (bits == 4) {
+        const __m128i q = _mm_loadu_si128((const __m128i *) qs);
+        idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0xF));
+    } else {
+        idx = qaq_low2(qs);
+        if (bits == 3) {
+            idx = _mm256_or_si256(idx, qaq_high4(qh));
+        }
+    }
+    return _mm256_shuffle_epi8(codebook, idx);
+}
+
 // the two ue5m3 scales of a qaq3/qaq2 block, d0 in the low four lanes and d1 in the high four: a ue5m3 byte b is
 // the fp16 with bits b << 7 (subnormals included), which F16C converts exactly as qaq_ue5m3_to_fp32 does
 static inline __m256 qaq_scales(const uint8_t * d) {
@@ -165,10 +191,7 @@ static inline void qaq_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const uint8_
     _Static_assert(offsetof(block_qaq2, qs) == offsetof(block_qaq3, qs), "qaq2/qaq3 share the d, qs layout");
 
 #if defined(__AVX2__)
-    const __m256i table = has_qh
-        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
-        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i table = qaq_codebook(has_qh ? 3 : 2);
     for (int r0 = 0; r0 < nq; r0 += QAQ_DOT_ROWS) {
         const int nr = nq - r0 < QAQ_DOT_ROWS ? nq - r0 : QAQ_DOT_ROWS;
         __m256 acc[QAQ_DOT_ROWS];
@@ -177,11 +200,7 @@ static inline void qaq_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const uint8_
         }
         const uint8_t * xb = x;
         for (int ib = 0; ib < nb; ++ib, xb += bsize) {
-            __m256i idx = qaq_low2(xb + o_qs);
-            if (has_qh) {
-                idx = _mm256_or_si256(idx, qaq_high4(xb + o_qh));
-            }
-            const __m256i xv = _mm256_shuffle_epi8(table, idx);
+            const __m256i xv = qaq_values32(table, xb + o_qs, has_qh ? xb + o_qh : NULL, has_qh ? 3 : 2);
             const __m256  dd = qaq_scales(xb);
             for (int r = 0; r < nr; ++r) {
                 acc[r] = qaq_block_acc(acc[r], xv, (const block_q8_0 *) (y + (r0 + r)*by) + ib, dd);
@@ -243,13 +262,7 @@ static inline void qaq_lean_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const u
     _Static_assert(offsetof(block_qaq4l, qs) == offsetof(block_qaq3l, qs), "qaq4l/qaq3l share the d offset");
 
 #if defined(__AVX2__)
-    const __m256i table = bits == 4
-        ? _mm256_setr_epi8(QAQ4_KVALUES, QAQ4_KVALUES)
-        : bits == 3
-        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
-        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m256i table = qaq_codebook(bits);
     for (int r0 = 0; r0 < nq; r0 += QAQ_DOT_ROWS) {
         const int nr = nq - r0 < QAQ_DOT_ROWS ? nq - r0 : QAQ_DOT_ROWS;
         __m256 acc[QAQ_DOT_ROWS];
@@ -262,17 +275,8 @@ static inline void qaq_lean_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const u
             memcpy(&h, xb, sizeof(h));
             const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(h));
             for (int g = 0; g < QK_QAQL/32; ++g) {
-                __m256i idx;
-                if (bits == 4) {
-                    const __m128i q = _mm_loadu_si128((const __m128i *) (xb + o_qs + 16*g));
-                    idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
-                } else {
-                    idx = qaq_low2(xb + o_qs + 8*g);
-                    if (bits == 3) {
-                        idx = _mm256_or_si256(idx, qaq_high4(xb + o_qh + 4*g));
-                    }
-                }
-                const __m256i xv = _mm256_shuffle_epi8(table, idx);
+                const __m256i xv = qaq_values32(table, xb + o_qs + (bits == 4 ? 16 : 8)*g,
+                                                bits == 3 ? xb + o_qh + 4*g : NULL, bits);
                 for (int r = 0; r < nr; ++r) {
                     acc[r] = qaq_block_acc(acc[r], xv, (const block_q8_0 *) (y + (r0 + r)*by) + 4*ib + g, d);
                 }
@@ -340,33 +344,33 @@ void ggml_vec_dot_qaq2l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
 }
 
 // x against nq q8_0 rows by bytes apart, for flash attention's query heads reading one K row
-void ggml_vec_dot_qaq3_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
-                                 size_t by, int nq) {
+void ggml_vec_dot_qaq3_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                 const void * GGML_RESTRICT vy, size_t by, int nq) {
     qaq_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3), true, (const char *) vy, by, nq);
 }
 
-void ggml_vec_dot_qaq2_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
-                                 size_t by, int nq) {
+void ggml_vec_dot_qaq2_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                 const void * GGML_RESTRICT vy, size_t by, int nq) {
     qaq_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2), false, (const char *) vy, by, nq);
 }
 
-void ggml_vec_dot_qaq4l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
-                                  size_t by, int nq) {
+void ggml_vec_dot_qaq4l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                  const void * GGML_RESTRICT vy, size_t by, int nq) {
     qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4l), 4, (const char *) vy, by, nq);
 }
 
-void ggml_vec_dot_qaq3l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
-                                  size_t by, int nq) {
+void ggml_vec_dot_qaq3l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                  const void * GGML_RESTRICT vy, size_t by, int nq) {
     qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3l), 3, (const char *) vy, by, nq);
 }
 
-void ggml_vec_dot_qaq2l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy,
-                                  size_t by, int nq) {
+void ggml_vec_dot_qaq2l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                  const void * GGML_RESTRICT vy, size_t by, int nq) {
     qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const char *) vy, by, nq);
 }
 
 // Rows as f32. AVX2: the 32 codebook values of each 32 indices by one byte shuffle, times the block's scales (the
-// same products as dequantize_row_*).
+// same products as dequantize_row_*); the reference dequantizers otherwise.
 #if defined(__AVX2__)
 // 32 codebook values times the scales of their halves (dd as for qaq_block_acc)
 static inline void qaq_store_32(__m256i v, __m256 dd, float * GGML_RESTRICT y) {
@@ -379,89 +383,75 @@ static inline void qaq_store_32(__m256i v, __m256 dd, float * GGML_RESTRICT y) {
     _mm256_storeu_ps(y + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s1));
     _mm256_storeu_ps(y + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s1));
 }
+#endif
 
-static inline void qaq_dequantize_row_avx2(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k,
-                                           size_t bsize, bool has_qh) {
-    const __m256i table = has_qh
-        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
-        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+// qaq3 (has_qh) or qaq2
+static inline void qaq_dequantize_row_cpu(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k,
+                                          bool has_qh) {
+#if defined(__AVX2__)
+    const uint8_t * x = (const uint8_t *) vx;
+    const size_t bsize = has_qh ? sizeof(block_qaq3) : sizeof(block_qaq2);
+    const __m256i table = qaq_codebook(has_qh ? 3 : 2);
     for (int64_t ib = 0; ib < k / QK_QAQ; ++ib, x += bsize) {
-        __m256i idx = qaq_low2(x + offsetof(block_qaq3, qs));
-        if (has_qh) {
-            idx = _mm256_or_si256(idx, qaq_high4(x + offsetof(block_qaq3, qh)));
-        }
-        qaq_store_32(_mm256_shuffle_epi8(table, idx), qaq_scales(x), y + ib*QK_QAQ);
+        const uint8_t * qh = has_qh ? x + offsetof(block_qaq3, qh) : NULL;
+        const __m256i v = qaq_values32(table, x + offsetof(block_qaq3, qs), qh, has_qh ? 3 : 2);
+        qaq_store_32(v, qaq_scales(x), y + ib*QK_QAQ);
     }
+#else
+    if (has_qh) {
+        dequantize_row_qaq3((const block_qaq3 *) vx, y, k);
+    } else {
+        dequantize_row_qaq2((const block_qaq2 *) vx, y, k);
+    }
+#endif
 }
 
-static inline void qaq_lean_dequantize_row_avx2(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k,
-                                                size_t bsize, int bits) {
-    const __m256i table = bits == 4
-        ? _mm256_setr_epi8(QAQ4_KVALUES, QAQ4_KVALUES)
-        : bits == 3
-        ? _mm256_setr_epi8(QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, QAQ3_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0)
-        : _mm256_setr_epi8(QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                           QAQ2_KVALUES, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+// qaq4l, qaq3l or qaq2l (bits)
+static inline void qaq_lean_dequantize_row_cpu(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k,
+                                               int bits) {
+#if defined(__AVX2__)
+    const uint8_t * x = (const uint8_t *) vx;
+    const size_t bsize = bits == 4 ? sizeof(block_qaq4l) : bits == 3 ? sizeof(block_qaq3l) : sizeof(block_qaq2l);
     const size_t o_qs = offsetof(block_qaq3l, qs);
     const size_t o_qh = offsetof(block_qaq3l, qh);
+    const __m256i table = qaq_codebook(bits);
     for (int64_t ib = 0; ib < k / QK_QAQL; ++ib, x += bsize) {
         uint16_t h;
         memcpy(&h, x, sizeof(h));
         const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(h));
         for (int g = 0; g < QK_QAQL/32; ++g) {
-            __m256i idx;
-            if (bits == 4) {
-                const __m128i q = _mm_loadu_si128((const __m128i *) (x + o_qs + 16*g));
-                idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0xF));
-            } else {
-                idx = qaq_low2(x + o_qs + 8*g);
-                if (bits == 3) {
-                    idx = _mm256_or_si256(idx, qaq_high4(x + o_qh + 4*g));
-                }
-            }
-            qaq_store_32(_mm256_shuffle_epi8(table, idx), d, y + ib*QK_QAQL + 32*g);
+            const uint8_t * qh = bits == 3 ? x + o_qh + 4*g : NULL;
+            const __m256i v = qaq_values32(table, x + o_qs + (bits == 4 ? 16 : 8)*g, qh, bits);
+            qaq_store_32(v, d, y + ib*QK_QAQL + 32*g);
         }
     }
-}
+#else
+    if (bits == 4) {
+        dequantize_row_qaq4l((const block_qaq4l *) vx, y, k);
+    } else if (bits == 3) {
+        dequantize_row_qaq3l((const block_qaq3l *) vx, y, k);
+    } else {
+        dequantize_row_qaq2l((const block_qaq2l *) vx, y, k);
+    }
 #endif
+}
 
 void dequantize_row_qaq3_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-#if defined(__AVX2__)
-    qaq_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq3), true);
-#else
-    dequantize_row_qaq3((const block_qaq3 *) x, y, k);
-#endif
+    qaq_dequantize_row_cpu(x, y, k, true);
 }
 
 void dequantize_row_qaq2_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-#if defined(__AVX2__)
-    qaq_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq2), false);
-#else
-    dequantize_row_qaq2((const block_qaq2 *) x, y, k);
-#endif
+    qaq_dequantize_row_cpu(x, y, k, false);
 }
 
 void dequantize_row_qaq4l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-#if defined(__AVX2__)
-    qaq_lean_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq4l), 4);
-#else
-    dequantize_row_qaq4l((const block_qaq4l *) x, y, k);
-#endif
+    qaq_lean_dequantize_row_cpu(x, y, k, 4);
 }
 
 void dequantize_row_qaq3l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-#if defined(__AVX2__)
-    qaq_lean_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq3l), 3);
-#else
-    dequantize_row_qaq3l((const block_qaq3l *) x, y, k);
-#endif
+    qaq_lean_dequantize_row_cpu(x, y, k, 3);
 }
 
 void dequantize_row_qaq2l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-#if defined(__AVX2__)
-    qaq_lean_dequantize_row_avx2((const uint8_t *) x, y, k, sizeof(block_qaq2l), 2);
-#else
-    dequantize_row_qaq2l((const block_qaq2l *) x, y, k);
-#endif
+    qaq_lean_dequantize_row_cpu(x, y, k, 2);
 }
