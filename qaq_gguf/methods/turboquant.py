@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
+from statistics import NormalDist
 
 import numpy as np
 
@@ -47,23 +48,24 @@ DEFAULTS = ("2", "3", "4", "3+qjl")
 SEED = 0
 
 
+def _ndtr(x: np.ndarray) -> np.ndarray:
+    """The standard normal CDF, elementwise (erfc keeps the lower tail accurate; +-inf give 1 and 0)."""
+    return np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in np.asarray(x, dtype=np.float64)])
+
+
 @lru_cache(maxsize=None)
 def lloyd_max(bits: int, iters: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """(levels, thresholds) of the minimum-MSE b-bit scalar quantizer of N(0, 1), by Lloyd's iteration on the exact
     Gaussian conditional means: levels (2^b,), thresholds (2^b - 1,) (the midpoints). Read-only float64 arrays."""
-    from scipy.special import ndtr
-
     k = 2 ** bits
     # start from the Gaussian quantiles of the cell centres
-    from scipy.special import ndtri
-
-    c = ndtri((np.arange(k) + 0.5) / k)
+    c = np.array([NormalDist().inv_cdf((i + 0.5) / k) for i in range(k)])
     phi = lambda t: np.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)  # noqa: E731
     for _ in range(iters):
         t = (c[:-1] + c[1:]) / 2
         lo = np.concatenate([[-np.inf], t])
         hi = np.concatenate([t, [np.inf]])
-        mass = ndtr(hi) - ndtr(lo)
+        mass = _ndtr(hi) - _ndtr(lo)
         new = (phi(lo) - phi(hi)) / mass
         if np.max(np.abs(new - c)) < 1e-13:
             c = new
