@@ -233,6 +233,8 @@ int32_t qaq_model_apply_default_kv_profile(llama_model * model, const char * mod
         }
         apply(model, model_path, source.c_str());
         llama_model_set_kv_layer_types_yield(model, true);
+        const std::string origin = source == "embedded" ? "embedded in the model" : "from QAQ_KV_PROFILE=" + source;
+        llama_model_set_kv_layer_types_origin(model, origin.c_str());
         int n_q = 0, n_l = 0;
         for (int32_t il = 0; il < llama_model_n_layer_kv(model); ++il) {
             n_l += llama_model_kv_layer_type(model, il, false) >= 0;
@@ -240,7 +242,7 @@ int32_t qaq_model_apply_default_kv_profile(llama_model * model, const char * mod
                    ggml_is_quantized((ggml_type) llama_model_kv_layer_type(model, il, false));
         }
         LLAMA_LOG_INFO("qaq-gguf: KV cache profile %s applied to %s (%d of %d layers quantized K; QAQ_KV_PROFILE=none "
-                "turns it off)\n", source == "embedded" ? "embedded in the model" : source.c_str(), model_path, n_q, n_l);
+                "turns it off)\n", origin.c_str(), model_path, n_q, n_l);
         return 0;
     } catch (const std::exception & e) {
         return report(e, err, err_size);

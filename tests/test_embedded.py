@@ -83,6 +83,19 @@ def test_explicit_cache_types_win_with_a_warning(embedded):
     assert "the KV profile embedded in the model is not used" in r.stderr
 
 
+def test_the_notices_say_where_the_profile_came_from(tiny_model, embedded):
+    """A profile named by QAQ_KV_PROFILE is announced as that file, not as one embedded in the model."""
+    _, f, _ = embedded
+    code = _CHILD.replace("verbose=False", "verbose=True")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_model),
+                        json.dumps({"type_k": 8, "type_v": 8, "flash_attn": True})], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, QAQ_KV_PROFILE=str(f)))
+    assert r.returncode == 0, r.stderr
+    assert f"KV cache profile from QAQ_KV_PROFILE={f} applied to {tiny_model}" in r.stderr
+    assert f"the KV profile from QAQ_KV_PROFILE={f} is not used" in r.stderr
+    assert "embedded in the model" not in r.stderr
+
+
 def test_invalid_embedded_profile_is_refused_with_its_reason(tiny_model, embedded, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import fuzz_corpus
