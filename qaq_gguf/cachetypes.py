@@ -89,6 +89,11 @@ def bits(name: str) -> float:
     return get(name).bits
 
 
+def fits(name: str, n: int) -> bool:
+    """Whether rows of ``n`` values (a head's K or V row) can be stored in cache type ``name``: whole blocks."""
+    return n > 0 and n % get(name).block_size == 0
+
+
 def row_bytes(name: str, n: int) -> int:
     """Bytes taken by ``n`` consecutive values (one row) of cache type ``name``."""
     t = get(name)
