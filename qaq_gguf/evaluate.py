@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _native, cachetypes, rewrite, runtime
+from . import _native, cachetypes, llama, rewrite, runtime
 
 REFERENCE_TYPE = "f16"
 _ROW_BLOCK = 32  # rows of n_vocab processed at once when comparing log-probabilities (bounds temporaries)
@@ -55,16 +55,16 @@ def read_text_file(path: str | Path) -> str:
 def tokenize(model, text: str) -> list[int]:
     """Tokens of `text` for a loaded model (ctypes pointer), as perplexity.cpp tokenizes its input:
     special tokens added (a BOS first when the vocabulary adds one), special-token text not parsed."""
-    return runtime.tokenize(model, text, add_special=True, parse_special=False)
+    return llama.tokenize(model, text, add_special=True, parse_special=False)
 
 
 def tokenize_text(model_path: str | Path, text: str) -> list[int]:
     """Tokens of the whole text for the model at model_path (vocabulary-only load), exactly those evaluate() uses:
     a BOS first when the model's vocabulary adds one, as `llama-perplexity` tokenizes its file."""
-    lc = runtime.llama_cpp_module()
+    lc = llama.llama_cpp_module()
     params = lc.llama_model_default_params()
     params.vocab_only = True
-    with runtime.quiet_llama_log():
+    with llama.quiet_llama_log():
         model = _load_model(model_path, params)
     try:
         return tokenize(model, text)
@@ -75,7 +75,7 @@ def tokenize_text(model_path: str | Path, text: str) -> list[int]:
 # --- llama.cpp plumbing ----------------------------------------------------------------------------------------
 
 def _load_model(model_path: str | Path, params=None, errors: list[str] | None = None):
-    lc = runtime.llama_cpp_module()
+    lc = llama.llama_cpp_module()
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model file not found: {model_path}")
     lc.llama_backend_init()
@@ -103,7 +103,7 @@ def _new_context(model, cfg: CacheConfig, n_ctx: int, n_batch: int, n_threads: i
     """A context with flash attention on, n_ubatch = n_batch, a window-sized cache for sliding-window layers
     unless swa_full (off by default, as llama-perplexity runs), and cfg's uniform types (a profile's are set on the
     model); with a rewriter (qaq_gguf.rewrite) as its eval callback."""
-    lc = runtime.llama_cpp_module()
+    lc = llama.llama_cpp_module()
     p = lc.llama_context_default_params()
     p.n_ctx = n_ctx
     p.n_batch = n_batch
@@ -135,7 +135,7 @@ def kv_summary(ctx, model) -> dict:
     sliding-window layers hold fewer cells."""
     ffi, lib = _native.ffi_lib()
     rows = runtime.kv_layer_info(ctx)
-    cmodel = runtime.as_cffi(model)
+    cmodel = llama.as_cffi(model)
     shape = ffi.new("int32_t[3]")
     swa = ffi.new("bool *")
     nbytes = bits = values = 0
@@ -178,7 +178,7 @@ def _decode(ctx, batch, n_out: int, n_vocab: int, label: str, errors: list[str],
             pos: np.ndarray | None = None) -> np.ndarray | None:
     """Decode the batch; the logits of its n_out outputs (a view into llama.cpp's buffer, valid until the next
     decode in this context), or None when it has none. A rewriter learns the batch's positions first."""
-    lc = runtime.llama_cpp_module()
+    lc = llama.llama_cpp_module()
     if rewriter is not None:
         rewriter.before_decode(pos)
     rc = lc.llama_decode(ctx, batch)
@@ -324,7 +324,7 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     Raises ValueError for an unknown cache type or a text shorter than one chunk, ProfileError for a profile that
     does not fit the model, RuntimeError when llama.cpp fails to load, create a context or decode.
     """
-    lc = runtime.llama_cpp_module()
+    lc = llama.llama_cpp_module()
     configs = list(configs)
     if n_ctx < 8:
         raise ValueError(f"n_ctx must be at least 8, got {n_ctx}")
@@ -356,7 +356,7 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     contexts: list = []
     batch = None
     t0 = time.time()
-    with runtime.quiet_llama_log(verbose) as errors:
+    with llama.quiet_llama_log(verbose) as errors:
         try:
             base = _load_model(model_path, errors=errors)
             models.append(base)

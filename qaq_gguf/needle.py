@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import evaluate, runtime
+from . import evaluate, llama, runtime
 from .evaluate import CacheConfig
 
 KINDS = ("niah", "passkey")
@@ -169,7 +169,7 @@ class _Tokenizer:
         self.model, self.bos = model, bos
 
     def __call__(self, text: str) -> list[int]:
-        return runtime.tokenize(self.model, text, add_special=False, parse_special=False)
+        return llama.tokenize(self.model, text, add_special=False, parse_special=False)
 
 
 def _piece(lc, vocab, tok: int) -> str:
@@ -195,7 +195,7 @@ def _decode_tokens(ctx, batch, tokens: Sequence[int], pos0: int, n_batch: int, n
 def _answer(ctx, batch, case: Case, needle: Needle, n_vocab: int, vocab, eos: set[int], label: str,
             errors: list[str]) -> str:
     """Greedy answer to a needle's question, decoded after the case's context (already in the cache)."""
-    lc = runtime.llama_cpp_module()
+    lc = llama.llama_cpp_module()
     mem = lc.llama_get_memory(ctx)
     n = len(case.tokens)
     lc.llama_memory_seq_rm(mem, 0, n, -1)  # the previous question and answer
@@ -228,7 +228,7 @@ def run(model_path: str | Path, configs: Sequence[CacheConfig], *, kind: str = "
     agree_f16, by_length: {L: accuracy}, cells: [{length, trial, depth, position, key, value, answer, correct}]}]}
     with the reference first (label "f16"). Raises ValueError for bad arguments or a length past the model's
     training context, ProfileError for a profile that does not fit, RuntimeError when llama.cpp fails."""
-    lc = runtime.llama_cpp_module()
+    lc = llama.llama_cpp_module()
     lengths = sorted({int(x) for x in lengths})
     if not lengths or lengths[0] < 64:
         raise ValueError(f"lengths must be at least 64 tokens, got {lengths}")
@@ -247,7 +247,7 @@ def run(model_path: str | Path, configs: Sequence[CacheConfig], *, kind: str = "
     all_cfgs = [CacheConfig("f16", type_k=evaluate.REFERENCE_TYPE, type_v=evaluate.REFERENCE_TYPE)] + list(configs)
     t0 = time.time()
     out = []
-    with runtime.quiet_llama_log(verbose) as errors:
+    with llama.quiet_llama_log(verbose) as errors:
         base = evaluate._load_model(model_path, errors=errors)
         try:
             vocab = lc.llama_model_get_vocab(base)

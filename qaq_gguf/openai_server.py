@@ -19,7 +19,7 @@ import threading
 from typing import Optional
 
 from . import _native  # noqa: F401 - binds llama_cpp to our library before the server imports it
-from . import evaluate, runtime
+from . import evaluate, llama, runtime
 
 _swap_lock = threading.Lock()
 
@@ -79,7 +79,7 @@ def _profile_source(llm, choice: str) -> str:
     env = os.environ.get("QAQ_KV_PROFILE", "")
     if env and env != "none":
         return env
-    if env != "none" and runtime.model_meta(runtime.as_cffi(llm.model), "qaq.schema_version"):
+    if env != "none" and llama.model_meta(llama.as_cffi(llm.model), "qaq.schema_version"):
         return "embedded"
     return ""
 

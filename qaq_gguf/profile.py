@@ -18,14 +18,11 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from . import cachetypes
+from .errors import ProfileError  # noqa: F401 - profile.ProfileError, the name callers use
 
 SCHEMA_VERSION = 2  # the newest version written and read; a profile is written with the oldest that holds it
 PROFILE_TYPE = "qaq-profile"
 NO_KV = "none"  # type name of a layer that has no KV cache of its own
-
-
-class ProfileError(ValueError):
-    """A profile that cannot be used: unreadable, for another model, or naming a type that does not fit."""
 
 
 @dataclass
@@ -144,9 +141,9 @@ def centring_blocked(model_path: str | Path) -> str | None:
 
 def model_identity(model_path: str | Path) -> ModelIdentity:
     """Read a model's per-layer K/V shapes through llama.cpp itself (vocabulary-only load: fast)."""
-    from . import runtime
+    from . import llama
 
-    with runtime.vocab_only_model(model_path) as (model, lib, ffi):
+    with llama.vocab_only_model(model_path) as (model, lib, ffi):
         n = lib.llama_model_n_layer_kv(model)
         heads, hk, hv, swa = [], [], [], []
         for il in range(n):
@@ -156,12 +153,12 @@ def model_identity(model_path: str | Path) -> ModelIdentity:
                 heads.append(p[0]); hk.append(p[1]); hv.append(p[2]); swa.append(bool(s[0]))
             else:
                 heads.append(0); hk.append(0); hv.append(0); swa.append(False)
-        arch = runtime.model_meta(model, "general.architecture")
-        name = runtime.model_meta(model, "general.name")
-        lc = runtime.llama_cpp_module()
-        n_swa = lc.llama_model_n_swa(runtime.as_ctypes_model(model))
-        rope_type = lc.llama_model_rope_type(runtime.as_ctypes_model(model))
-        n_rot = runtime.model_meta(model, f"{arch}.rope.dimension_count")
+        arch = llama.model_meta(model, "general.architecture")
+        name = llama.model_meta(model, "general.name")
+        lc = llama.llama_cpp_module()
+        n_swa = lc.llama_model_n_swa(llama.as_ctypes_model(model))
+        rope_type = lc.llama_model_rope_type(llama.as_ctypes_model(model))
+        n_rot = llama.model_meta(model, f"{arch}.rope.dimension_count")
     neox = None if rope_type == lc.LLAMA_ROPE_TYPE_NONE else rope_type != lc.LLAMA_ROPE_TYPE_NORM
     return ModelIdentity(arch, n, heads, hk, hv, swa, int(n_swa), fingerprint(model_path), name, neox,
                          int(n_rot) if n_rot else max(hk, default=0))

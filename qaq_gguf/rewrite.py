@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import runtime, tensors
+from . import llama, tensors
 from .tensors import read, write
 
 _NAME = re.compile(r"^(Qcur|Kcur|Vcur)-(\d+)$")
@@ -68,7 +68,7 @@ class Rewriter:
         self._seen: dict[tuple[str, int], int] = {}
         self._pos: np.ndarray | None = None
         self.error: BaseException | None = None
-        self.callback = runtime.llama_cpp_module().ggml_backend_sched_eval_callback(self._on_tensor)
+        self.callback = llama.llama_cpp_module().ggml_backend_sched_eval_callback(self._on_tensor)
 
     # -- the callback -------------------------------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ class Rewriter:
 
     def probe(self, ctx, token: int) -> None:
         """Decode one token to learn the graph's tensor order and the cache tensors, then clear the cache."""
-        lc = runtime.llama_cpp_module()
+        lc = llama.llama_cpp_module()
         batch = lc.llama_batch_init(1, 0, 1)
         try:
             batch.n_tokens = 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qaq_gguf import Llama, ProfileError, _native, evaluate, profile, runtime
+from qaq_gguf import Llama, ProfileError, _native, evaluate, llama, profile, runtime
 
 
 def _logits(llm: Llama, tokens: list[int]) -> np.ndarray:
@@ -276,9 +276,9 @@ def test_type_not_usable_for_head_size(tmp_path):
     good = profile.make_profile(ident, "f16", "f16")
     good.type_k = ["q4_0", "q4_0"]
     path = profile.write_profile(good, tmp_path / "p.gguf")
-    with runtime.vocab_only_model(m) as (model, _, _):
+    with llama.vocab_only_model(m) as (model, _, _):
         with pytest.raises(ProfileError, match="do not divide this layer's head size 48"):
-            runtime.apply_profile(runtime.as_ctypes_model(model), m, path)
+            runtime.apply_profile(llama.as_ctypes_model(model), m, path)
 
 
 @pytest.mark.parametrize("cut", [0, 10, 200, -40])
