@@ -143,24 +143,35 @@ def model_identity(model_path: str | Path) -> ModelIdentity:
     """Read a model's per-layer K/V shapes through llama.cpp itself (vocabulary-only load: fast)."""
     from . import llama
 
-    with llama.vocab_only_model(model_path) as (model, lib, ffi):
-        n = lib.llama_model_n_layer_kv(model)
-        heads, hk, hv, swa = [], [], [], []
-        for il in range(n):
-            p = ffi.new("int32_t[3]")
-            s = ffi.new("bool *")
-            if lib.llama_model_layer_kv_shape(model, il, p, p + 1, p + 2, s):
-                heads.append(p[0]); hk.append(p[1]); hv.append(p[2]); swa.append(bool(s[0]))
-            else:
-                heads.append(0); hk.append(0); hv.append(0); swa.append(False)
-        arch = llama.model_meta(model, "general.architecture")
-        name = llama.model_meta(model, "general.name")
-        lc = llama.llama_cpp_module()
-        n_swa = lc.llama_model_n_swa(llama.as_ctypes_model(model))
-        rope_type = lc.llama_model_rope_type(llama.as_ctypes_model(model))
-        n_rot = llama.model_meta(model, f"{arch}.rope.dimension_count")
+    with llama.vocab_only_model(model_path) as (model, _, _):
+        ident = loaded_model_identity(model)
+    ident.fingerprint = fingerprint(model_path)
+    return ident
+
+
+def loaded_model_identity(model) -> ModelIdentity:
+    """The identity of a model llama.cpp has loaded (cffi pointer): every shape fact model_identity reads, the
+    fingerprint left empty (it is the file's: model_identity computes it)."""
+    from . import _native, llama
+
+    ffi, lib = _native.ffi_lib()
+    n = lib.llama_model_n_layer_kv(model)
+    heads, hk, hv, swa = [], [], [], []
+    for il in range(n):
+        p = ffi.new("int32_t[3]")
+        s = ffi.new("bool *")
+        if lib.llama_model_layer_kv_shape(model, il, p, p + 1, p + 2, s):
+            heads.append(p[0]); hk.append(p[1]); hv.append(p[2]); swa.append(bool(s[0]))
+        else:
+            heads.append(0); hk.append(0); hv.append(0); swa.append(False)
+    arch = llama.model_meta(model, "general.architecture")
+    name = llama.model_meta(model, "general.name")
+    lc = llama.llama_cpp_module()
+    n_swa = lc.llama_model_n_swa(llama.as_ctypes_model(model))
+    rope_type = lc.llama_model_rope_type(llama.as_ctypes_model(model))
+    n_rot = llama.model_meta(model, f"{arch}.rope.dimension_count")
     neox = None if rope_type == lc.LLAMA_ROPE_TYPE_NONE else rope_type != lc.LLAMA_ROPE_TYPE_NORM
-    return ModelIdentity(arch, n, heads, hk, hv, swa, int(n_swa), fingerprint(model_path), name, neox,
+    return ModelIdentity(arch, n, heads, hk, hv, swa, int(n_swa), "", name, neox,
                          int(n_rot) if n_rot else max(hk, default=0))
 
 
@@ -414,6 +425,17 @@ def read_profile(path: str | Path) -> Profile:
     if not 1 <= schema <= SCHEMA_VERSION:
         raise ProfileError(f"{path}: profile schema version {schema}, this qaq-gguf reads versions 1 to "
                            f"{SCHEMA_VERSION}: upgrade qaq-gguf or recalibrate")
+    ident = _read_identity(fl)
+    tk, tv = _read_types(fl, ident)
+    p = Profile(ident, tk, tv, _read_provenance(meta, path))
+    _read_transforms(fl, p, schema)
+    _read_scores(fl, p)
+    return p
+
+
+def _read_identity(fl: _Fields) -> ModelIdentity:
+    """The qaq.model.* keys: the model a profile is bound to."""
+    path = fl.path
     n = fl.scalar("qaq.model.n_layer", "int")
     if n > 100000:
         raise ProfileError(f"{path}: qaq.model.n_layer is {n}: not a real model's layer count")
@@ -432,6 +454,12 @@ def read_profile(path: str | Path) -> Profile:
                      ("head_dim_v", ident.head_dim_v)):
         if any(x < 0 or x > 1 << 20 for x in arr):
             raise ProfileError(f"{path}: qaq.model.{key} holds an impossible value")
+    return ident
+
+
+def _read_types(fl: _Fields, ident: ModelIdentity) -> tuple[list[str], list[str]]:
+    """qaq.kv.type_k/type_v: a known cache type per layer with a cache, whose blocks divide its head size."""
+    path, n = fl.path, ident.n_layer
     tk = [str(x) for x in fl.array("qaq.kv.type_k", "str", n)]
     tv = [str(x) for x in fl.array("qaq.kv.type_v", "str", n)]
     for il in range(n):
@@ -445,6 +473,12 @@ def read_profile(path: str | Path) -> Profile:
             if head % ct.block_size:
                 raise ProfileError(f"{path}: layer {il}: {what} cache type {name} has blocks of {ct.block_size} "
                                    f"values, which do not divide this layer's head size {head}")
+    return tk, tv
+
+
+def _read_provenance(meta: dict, path) -> dict:
+    """qaq.provenance.* (JSON-encoded values decoded); other unknown qaq.* keys are warned about (the warning
+    points at read_profile's caller)."""
     prov = {}
     for key, (_, _, v) in meta.items():
         if key.startswith("qaq.provenance."):
@@ -458,11 +492,16 @@ def read_profile(path: str | Path) -> Profile:
         elif key.startswith("qaq.") and key not in _KNOWN_KEYS:
             import warnings
 
-            warnings.warn(f"{path}: unknown key {_clip(key)} ignored (made by a newer qaq-gguf?)", stacklevel=2)
-    p = Profile(ident, tk, tv, prov)
-    nk, nv = ident.n_key_mean(), ident.n_value_mean()
+            warnings.warn(f"{path}: unknown key {_clip(key)} ignored (made by a newer qaq-gguf?)", stacklevel=3)
+    return prov
+
+
+def _read_transforms(fl: _Fields, p: Profile, schema: int) -> None:
+    """The K/V transforms (qaq.kv.k_mean, k_scale, v_mean: schema 2) within their limits, and the calibration
+    statistics they are made from (qaq.stats.k_mean, ...)."""
+    nk, nv = p.model.n_key_mean(), p.model.n_value_mean()
     if schema < 2 and ("qaq.kv.k_scale" in fl or "qaq.kv.v_mean" in fl):
-        raise ProfileError(f"{path}: qaq.kv.k_scale / qaq.kv.v_mean need schema version 2, the profile says 1 "
+        raise ProfileError(f"{fl.path}: qaq.kv.k_scale / qaq.kv.v_mean need schema version 2, the profile says 1 "
                            "(a hand-edited profile?)")
     mean_limit = f"[-{MEAN_LIMIT:g}, {MEAN_LIMIT:g}] (the cache stores x - mean)"
     p.k_mean = fl.floats("qaq.kv.k_mean", nk, -MEAN_LIMIT, MEAN_LIMIT, mean_limit)
@@ -472,6 +511,12 @@ def read_profile(path: str | Path) -> Profile:
         arr = fl.floats(f"qaq.stats.{key}", n_want)
         if arr is not None:
             p.stats[key] = arr
+
+
+def _read_scores(fl: _Fields, p: Profile) -> None:
+    """The per-layer sensitivity scores calibration stored: candidates, score_k and score_v (n_layer x
+    candidates), all three or none."""
+    path, n = fl.path, p.model.n_layer
     cands = fl.array("qaq.stats.candidates", "str", None, required=False)
     if cands:
         p.candidates = [str(c) for c in cands]
@@ -485,7 +530,6 @@ def read_profile(path: str | Path) -> Profile:
             if arr is None:
                 raise ProfileError(f"{path}: missing key qaq.stats.{key} (qaq.stats.candidates is present)")
             setattr(p, key, arr.reshape(n, len(p.candidates)))
-    return p
 
 
 def embed_profile(model_path: str | Path, profile: Profile, out_path: str | Path) -> Path:
