@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _native, cachetypes, llama, rewrite, runtime
+from . import cachetypes, llama, profile, rewrite, runtime
 
 REFERENCE_TYPE = "f16"
 _ROW_BLOCK = 32  # rows of n_vocab processed at once when comparing log-probabilities (bounds temporaries)
@@ -133,18 +133,15 @@ def kv_summary(ctx, model) -> dict:
     layer's bits per value (8 * bytes / (n_cells * values per token), block scales included) weighted by the values
     it stores per token. The bytes are the cache tensors' own sizes (kv_layer_info) at this context, where
     sliding-window layers hold fewer cells."""
-    ffi, lib = _native.ffi_lib()
     rows = runtime.kv_layer_info(ctx)
-    cmodel = llama.as_cffi(model)
-    shape = ffi.new("int32_t[3]")
-    swa = ffi.new("bool *")
+    ident = profile.loaded_model_identity(llama.as_cffi(model))  # the layers' shapes
     nbytes = bits = values = 0
     for r in rows:
-        if not lib.llama_model_layer_kv_shape(cmodel, r["layer"], shape, shape + 1, shape + 2, swa) or not r["n_cells"]:
+        if not ident.has_kv(r["layer"]) or not r["n_cells"]:
             continue
         nbytes += r["bytes_k"] + r["bytes_v"]
         bits += 8.0 * (r["bytes_k"] + r["bytes_v"]) / r["n_cells"]
-        values += shape[0] * (shape[1] + shape[2])
+        values += ident.n_embd_k(r["layer"]) + ident.n_embd_v(r["layer"])
     return {"type_k": _types_summary(r["type_k"] for r in rows), "type_v": _types_summary(r["type_v"] for r in rows),
             "kv_bytes": int(nbytes), "avg_bits": bits / values if values else 0.0,
             "n_cells": sorted({r["n_cells"] for r in rows})}
@@ -324,8 +321,44 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     Raises ValueError for an unknown cache type or a text shorter than one chunk, ProfileError for a profile that
     does not fit the model, RuntimeError when llama.cpp fails to load, create a context or decode.
     """
-    lc = llama.llama_cpp_module()
     configs = list(configs)
+    n_batch, first, edges = _check_arguments(configs, n_ctx, n_batch, n_chunks, score_from, position_edges)
+    n_threads = n_threads or os.cpu_count() or 1
+    swa_full = swa_full or any(c.method is not None for c in configs)
+    ref_cfg = CacheConfig("reference (f16)", None, REFERENCE_TYPE, REFERENCE_TYPE)
+    held = _Held()
+    t0 = time.time()
+    with llama.quiet_llama_log(verbose) as errors:
+        try:
+            base = held.model(_load_model(model_path, errors=errors))
+            tok = _tokenize_chunks(base, text, n_ctx, n_chunks)
+            reference = _Run(ref_cfg, held.context(_new_context(base, ref_cfg, n_ctx, n_batch, n_threads, errors,
+                                                                swa_full)), base)
+            runs = [_config_run(model_path, base, c, tok, held, n_ctx, n_batch, n_threads, errors, swa_full)
+                    for c in configs]
+            held.batch = llama.llama_cpp_module().llama_batch_init(n_batch, 0, 1)
+            scores = _Lockstep(reference, runs, held.batch, tok, n_ctx, n_batch, first, errors)
+            scores.run(progress)
+            ref_result, results = scores.statistics(edges)
+        finally:
+            held.free()
+
+    settings = {
+        "model": str(model_path), "text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "n_tokens": int(len(tok.tokens)), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_batch,
+        "n_chunks": tok.n_chunk, "first": first, "position_edges": edges, "n_tokens_scored": int(len(scores.ref_nll)),
+        "add_bos": tok.add_bos, "n_vocab": tok.n_vocab,
+        "flash_attn": True, "reference": f"{REFERENCE_TYPE}/{REFERENCE_TYPE}", "n_threads": n_threads,
+        "swa_full": swa_full,
+        "seconds": round(time.time() - t0, 2),
+    }
+    return {"settings": settings, "reference": ref_result, "results": results}
+
+
+def _check_arguments(configs: list[CacheConfig], n_ctx: int, n_batch: int, n_chunks: int | None,
+                     score_from: int | None, position_edges: Sequence[int]) -> tuple[int, int, list[int]]:
+    """evaluate()'s arguments checked before anything is loaded (every type name included); returns the batch
+    size (at most n_ctx), the first scored position and the position edges."""
     if n_ctx < 8:
         raise ValueError(f"n_ctx must be at least 8, got {n_ctx}")
     if n_batch < 1:
@@ -344,123 +377,177 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
             _cache_type(c, c.type_v)
     if score_from is not None and not 0 <= score_from <= n_ctx - 2:
         raise ValueError(f"score_from must be in [0, n_ctx-2] = [0, {n_ctx - 2}], got {score_from}")
-    first_pos = n_ctx // 2 if score_from is None else score_from
+    first = n_ctx // 2 if score_from is None else score_from
     edges = [int(e) for e in position_edges]
-    if edges and (edges != sorted(set(edges)) or edges[0] <= first_pos or edges[-1] > n_ctx - 2):
-        raise ValueError(f"position edges must ascend within ({first_pos}, {n_ctx - 2}], got {edges}")
-    n_threads = n_threads or os.cpu_count() or 1
-    swa_full = swa_full or any(c.method is not None for c in configs)
-    ref_cfg = CacheConfig("reference (f16)", None, REFERENCE_TYPE, REFERENCE_TYPE)
+    if edges and (edges != sorted(set(edges)) or edges[0] <= first or edges[-1] > n_ctx - 2):
+        raise ValueError(f"position edges must ascend within ({first}, {n_ctx - 2}], got {edges}")
+    return n_batch, first, edges
 
-    models: list = []
-    contexts: list = []
-    batch = None
-    t0 = time.time()
-    with llama.quiet_llama_log(verbose) as errors:
-        try:
-            base = _load_model(model_path, errors=errors)
-            models.append(base)
-            vocab = lc.llama_model_get_vocab(base)
-            n_vocab = int(lc.llama_vocab_n_tokens(vocab))
-            add_bos = bool(lc.llama_vocab_get_add_bos(vocab))
-            bos = int(lc.llama_vocab_bos(vocab))
-            tokens = np.asarray(tokenize(base, text), dtype=np.int64)
-            n_chunk_max = len(tokens) // n_ctx
-            if n_chunk_max < 1:
-                raise ValueError(f"the text tokenizes to {len(tokens)} tokens, but one chunk of n_ctx={n_ctx} needs "
-                                 f"at least {n_ctx} tokens")
-            n_chunk = n_chunk_max if n_chunks is None else min(n_chunks, n_chunk_max)
 
-            ref_ctx = _new_context(base, ref_cfg, n_ctx, n_batch, n_threads, errors, swa_full)
-            contexts.append(ref_ctx)
-            cfg_ctx = []
-            rewriters = []
-            for c in configs:
-                model = base
-                if c.profile is not None:
-                    model = _load_model(model_path, errors=errors)  # per-layer types live on the model
-                    models.append(model)
-                    runtime.apply_profile(model, model_path, c.profile)
-                rw = rewrite.Rewriter(c.method) if c.method is not None else None
-                ctx = _new_context(model, c, n_ctx, n_batch, n_threads, errors, swa_full, rw)
-                contexts.append(ctx)
-                cfg_ctx.append((ctx, model))
-                rewriters.append(rw)
-                if rw is not None:
-                    rw.probe(ctx, bos if add_bos else int(tokens[0]))
+class _Held:
+    """What one evaluation holds in llama.cpp, freed together at its end: the batch, the contexts, the models."""
 
-            first = first_pos
-            last = n_ctx - 2  # the last position has no next token in the chunk
-            n_scored = last - first + 1
-            ref_nll = np.empty(n_chunk * n_scored)
-            nll = np.empty((len(configs), n_chunk * n_scored))
-            kld = np.empty_like(nll)
-            top1 = np.zeros(nll.shape, dtype=bool)
-            batch = lc.llama_batch_init(n_batch, 0, 1)
-            chunks = range(n_chunk)
-            if progress:
-                from tqdm import tqdm
+    def __init__(self):
+        self.models: list = []
+        self.contexts: list = []
+        self.batch = None
 
-                chunks = tqdm(chunks, desc="chunks", unit="chunk", dynamic_ncols=True)
-            row = 0
-            for i in chunks:
-                start = i * n_ctx
-                chunk = tokens[start:start + n_ctx].copy()
-                if add_bos:
-                    chunk[0] = bos
-                for ctx in contexts:
-                    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-                for rw in rewriters:
-                    if rw is not None:
-                        rw.begin(n_ctx)
-                for pos0 in range(0, n_ctx, n_batch):
-                    part = chunk[pos0:pos0 + n_batch]
-                    n_out = _fill_batch(batch, part.tolist(), pos0, first, last)
-                    pos = np.arange(pos0, pos0 + len(part))
-                    logits = _decode(ref_ctx, batch, n_out, n_vocab, ref_cfg.label, errors)
-                    if logits is None:
-                        for c, (ctx, _), rw in zip(configs, cfg_ctx, rewriters):
-                            _decode(ctx, batch, 0, n_vocab, c.label, errors, rw, pos)
-                        continue
-                    p_first = max(first, pos0)
-                    targets = tokens[start + p_first + 1:start + p_first + 1 + n_out]
-                    ref = _reference_rows(logits, targets)
-                    ref_nll[row:row + n_out] = ref["nll"]
-                    for k, (c, (ctx, _), rw) in enumerate(zip(configs, cfg_ctx, rewriters)):
-                        logits = _decode(ctx, batch, n_out, n_vocab, c.label, errors, rw, pos)
-                        a, b, t = _compare(ref, logits, targets)
-                        nll[k, row:row + n_out], kld[k, row:row + n_out], top1[k, row:row + n_out] = a, b, t
-                    row += n_out
-                    del ref
-            assert row == len(ref_nll)
+    def model(self, m):
+        self.models.append(m)
+        return m
 
-            reference = {"label": ref_cfg.label, "profile": None, **_ppl_stats(ref_nll),
-                         **kv_summary(ref_ctx, base)}
-            results = []
-            for k, (c, (ctx, model)) in enumerate(zip(configs, cfg_ctx)):
-                r = {"label": c.label, "profile": str(c.profile) if c.profile is not None else None}
-                r.update(_config_stats(nll[k], ref_nll, kld[k], top1[k], reference["ppl"]))
-                r.update(kv_summary(ctx, model))
-                if edges:
-                    r["by_position"] = _by_position(nll[k], ref_nll, kld[k], top1[k], n_chunk, first, last, edges)
-                results.append(r)
-        finally:
-            if batch is not None:
-                lc.llama_batch_free(batch)
-            for ctx in contexts:
-                lc.llama_free(ctx)
-            for m in models:
-                lc.llama_model_free(m)
+    def context(self, ctx):
+        self.contexts.append(ctx)
+        return ctx
 
-    settings = {
-        "model": str(model_path), "text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "n_tokens": int(len(tokens)), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_batch, "n_chunks": n_chunk,
-        "first": first, "position_edges": edges, "n_tokens_scored": int(len(ref_nll)), "add_bos": add_bos, "n_vocab": n_vocab,
-        "flash_attn": True, "reference": f"{REFERENCE_TYPE}/{REFERENCE_TYPE}", "n_threads": n_threads,
-        "swa_full": swa_full,
-        "seconds": round(time.time() - t0, 2),
-    }
-    return {"settings": settings, "reference": reference, "results": results}
+    def free(self) -> None:
+        lc = llama.llama_cpp_module()
+        if self.batch is not None:
+            lc.llama_batch_free(self.batch)
+        for ctx in self.contexts:
+            lc.llama_free(ctx)
+        for m in self.models:
+            lc.llama_model_free(m)
+
+
+@dataclass
+class _Tokens:
+    """The text as evaluate() scores it: its tokens, how many chunks, and the vocabulary facts chunks need."""
+    tokens: np.ndarray
+    n_chunk: int
+    n_vocab: int
+    add_bos: bool
+    bos: int
+
+    def chunk(self, i: int, n_ctx: int) -> np.ndarray:
+        """Chunk i, its first token replaced by BOS when the vocabulary adds one (as llama-perplexity)."""
+        chunk = self.tokens[i * n_ctx:(i + 1) * n_ctx].copy()
+        if self.add_bos:
+            chunk[0] = self.bos
+        return chunk
+
+
+def _tokenize_chunks(model, text: str, n_ctx: int, n_chunks: int | None) -> _Tokens:
+    """Step 1: the text's tokens and the number of chunks scored (ValueError when not one chunk fits)."""
+    lc = llama.llama_cpp_module()
+    vocab = lc.llama_model_get_vocab(model)
+    n_vocab = int(lc.llama_vocab_n_tokens(vocab))
+    add_bos = bool(lc.llama_vocab_get_add_bos(vocab))
+    bos = int(lc.llama_vocab_bos(vocab))
+    tokens = np.asarray(tokenize(model, text), dtype=np.int64)
+    n_chunk_max = len(tokens) // n_ctx
+    if n_chunk_max < 1:
+        raise ValueError(f"the text tokenizes to {len(tokens)} tokens, but one chunk of n_ctx={n_ctx} needs "
+                         f"at least {n_ctx} tokens")
+    n_chunk = n_chunk_max if n_chunks is None else min(n_chunks, n_chunk_max)
+    return _Tokens(tokens, n_chunk, n_vocab, add_bos, bos)
+
+
+@dataclass
+class _Run:
+    """One cache in the evaluation (the reference, or a config): its context, its model, its rewriter if any."""
+    cfg: CacheConfig
+    ctx: object
+    model: object
+    rewriter: rewrite.Rewriter | None = None
+
+
+def _config_run(model_path, base, cfg: CacheConfig, tok: _Tokens, held: _Held, n_ctx: int, n_batch: int,
+                n_threads: int, errors: list[str], swa_full: bool) -> _Run:
+    """A config's context: on the shared model, or on its own copy when a profile sets per-layer types (they live
+    on the model); a method's rewriter probed with the first token."""
+    model = base
+    if cfg.profile is not None:
+        model = held.model(_load_model(model_path, errors=errors))  # per-layer types live on the model
+        runtime.apply_profile(model, model_path, cfg.profile)
+    rw = rewrite.Rewriter(cfg.method) if cfg.method is not None else None
+    ctx = held.context(_new_context(model, cfg, n_ctx, n_batch, n_threads, errors, swa_full, rw))
+    if rw is not None:
+        rw.probe(ctx, tok.bos if tok.add_bos else int(tok.tokens[0]))
+    return _Run(cfg, ctx, model, rw)
+
+
+class _Lockstep:
+    """The reference and every config decoded batch after batch on the same chunks (steps 2 and 3: the reference
+    pass, then one pass per config), and the statistics of the scored rows (step 4, with step 5's by-position
+    tables). Rows are chunk-major, positions first..n_ctx-2 of each chunk (the last has no next token)."""
+
+    def __init__(self, reference: _Run, runs: list[_Run], batch, tok: _Tokens, n_ctx: int, n_batch: int,
+                 first: int, errors: list[str]):
+        self.reference, self.runs, self.batch, self.tok, self.errors = reference, runs, batch, tok, errors
+        self.n_ctx, self.n_batch, self.first, self.last = n_ctx, n_batch, first, n_ctx - 2
+        n_rows = tok.n_chunk * (self.last - first + 1)
+        self.ref_nll = np.empty(n_rows)
+        self.nll = np.empty((len(runs), n_rows))
+        self.kld = np.empty_like(self.nll)
+        self.top1 = np.zeros(self.nll.shape, dtype=bool)
+        self.row = 0
+
+    def run(self, progress: bool) -> None:
+        chunks = range(self.tok.n_chunk)
+        if progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="chunks", unit="chunk", dynamic_ncols=True)
+        for i in chunks:
+            self._chunk(i)
+        assert self.row == len(self.ref_nll)
+
+    def _chunk(self, i: int) -> None:
+        """Chunk i from an empty cache in every context, batch after batch."""
+        lc = llama.llama_cpp_module()
+        chunk = self.tok.chunk(i, self.n_ctx)
+        for r in [self.reference, *self.runs]:
+            lc.llama_memory_clear(lc.llama_get_memory(r.ctx), True)
+        for r in self.runs:
+            if r.rewriter is not None:
+                r.rewriter.begin(self.n_ctx)
+        for pos0 in range(0, self.n_ctx, self.n_batch):
+            part = chunk[pos0:pos0 + self.n_batch]
+            n_out = _fill_batch(self.batch, part.tolist(), pos0, self.first, self.last)
+            pos = np.arange(pos0, pos0 + len(part))
+            ref, targets = self._reference_pass(i * self.n_ctx, pos0, n_out)
+            self._config_passes(ref, targets, n_out, pos)
+            self.row += n_out
+
+    def _reference_pass(self, start: int, pos0: int, n_out: int) -> tuple[dict | None, np.ndarray | None]:
+        """The batch in the reference context: its scored rows (log-probabilities, top-1, nll) and their targets,
+        (None, None) for a batch without scored rows."""
+        r = self.reference
+        logits = _decode(r.ctx, self.batch, n_out, self.tok.n_vocab, r.cfg.label, self.errors)
+        if logits is None:
+            return None, None
+        p_first = max(self.first, pos0)
+        targets = self.tok.tokens[start + p_first + 1:start + p_first + 1 + n_out]
+        ref = _reference_rows(logits, targets)
+        self.ref_nll[self.row:self.row + n_out] = ref["nll"]
+        return ref, targets
+
+    def _config_passes(self, ref: dict | None, targets: np.ndarray | None, n_out: int, pos: np.ndarray) -> None:
+        """The batch in each config's context, its scored rows compared with the reference's."""
+        rows = slice(self.row, self.row + n_out)
+        for k, r in enumerate(self.runs):
+            logits = _decode(r.ctx, self.batch, n_out, self.tok.n_vocab, r.cfg.label, self.errors, r.rewriter, pos)
+            if ref is not None:  # else no scored rows: the batch only fills the cache
+                self.nll[k, rows], self.kld[k, rows], self.top1[k, rows] = _compare(ref, logits, targets)
+
+    def statistics(self, edges: Sequence[int]) -> tuple[dict, list[dict]]:
+        """The reference's PPL and each config's statistics against it, with the cache each allocated; a
+        by-position table per config when edges are given."""
+        ref = self.reference
+        reference = {"label": ref.cfg.label, "profile": None, **_ppl_stats(self.ref_nll),
+                     **kv_summary(ref.ctx, ref.model)}
+        results = []
+        for k, r in enumerate(self.runs):
+            c = r.cfg
+            out = {"label": c.label, "profile": str(c.profile) if c.profile is not None else None}
+            out.update(_config_stats(self.nll[k], self.ref_nll, self.kld[k], self.top1[k], reference["ppl"]))
+            out.update(kv_summary(r.ctx, r.model))
+            if edges:
+                out["by_position"] = _by_position(self.nll[k], self.ref_nll, self.kld[k], self.top1[k],
+                                                  self.tok.n_chunk, self.first, self.last, edges)
+            results.append(out)
+        return reference, results
 
 
 # --- the table -------------------------------------------------------------------------------------------------
