@@ -229,6 +229,35 @@ def run(model_path: str | Path, configs: Sequence[CacheConfig], *, kind: str = "
     with the reference first (label "f16"). Raises ValueError for bad arguments or a length past the model's
     training context, ProfileError for a profile that does not fit, RuntimeError when llama.cpp fails."""
     lc = llama.llama_cpp_module()
+    lengths = _check_arguments(configs, lengths, trials)
+    n_threads = n_threads or os.cpu_count() or 1
+    all_cfgs = [CacheConfig("f16", type_k=evaluate.REFERENCE_TYPE, type_v=evaluate.REFERENCE_TYPE)] + list(configs)
+    t0 = time.time()
+    out = []
+    with llama.quiet_llama_log(verbose) as errors:
+        base = evaluate._load_model(model_path, errors=errors)
+        try:
+            vocab = _Vocab(base, lengths[-1])
+            cases = [make_case(vocab.tokenizer, kind, L, depths, haystack, seed) for L in lengths
+                     for seed in range(trials)]
+            bar = _progress_bar(kind, len(all_cfgs) * sum(case.length for case in cases)) if progress else None
+            for cfg in all_cfgs:
+                out.append(_run_config(model_path, base, cfg, cases, vocab, lengths[-1], n_batch, n_threads, trials,
+                                       errors, bar))
+            if bar is not None:
+                bar.close()
+        finally:
+            lc.llama_model_free(base)
+    _accuracy(out, lengths)
+    settings = {"model": str(model_path), "kind": kind, "lengths": lengths, "depths": [float(d) for d in depths],
+                "trials": trials, "haystack": text_name if kind == "niah" else "passkey filler",
+                "n_batch": n_batch, "n_threads": n_threads, "swa_full": True, "flash_attn": True,
+                "seconds": round(time.time() - t0, 1)}
+    return {"settings": settings, "configs": out}
+
+
+def _check_arguments(configs: Sequence[CacheConfig], lengths: Sequence[int], trials: int) -> list[int]:
+    """run()'s arguments checked before the model is loaded; returns the distinct lengths, ascending."""
     lengths = sorted({int(x) for x in lengths})
     if not lengths or lengths[0] < 64:
         raise ValueError(f"lengths must be at least 64 tokens, got {lengths}")
@@ -243,65 +272,70 @@ def run(model_path: str | Path, configs: Sequence[CacheConfig], *, kind: str = "
         if c.profile is None:
             evaluate._cache_type(c, c.type_k)
             evaluate._cache_type(c, c.type_v)
-    n_threads = n_threads or os.cpu_count() or 1
-    all_cfgs = [CacheConfig("f16", type_k=evaluate.REFERENCE_TYPE, type_v=evaluate.REFERENCE_TYPE)] + list(configs)
-    t0 = time.time()
-    out = []
-    with llama.quiet_llama_log(verbose) as errors:
-        base = evaluate._load_model(model_path, errors=errors)
-        try:
-            vocab = lc.llama_model_get_vocab(base)
-            n_vocab = int(lc.llama_vocab_n_tokens(vocab))
-            n_train = int(lc.llama_model_n_ctx_train(base))
-            if lengths[-1] > n_train:
-                raise ValueError(f"length {lengths[-1]} is past the model's training context ({n_train})")
-            bos = int(lc.llama_vocab_bos(vocab)) if lc.llama_vocab_get_add_bos(vocab) else None
-            eos = {int(lc.llama_vocab_eos(vocab)), int(lc.llama_vocab_eot(vocab))} - {-1}
-            tok = _Tokenizer(base, bos)
-            cases = [make_case(tok, kind, L, depths, haystack, seed) for L in lengths for seed in range(trials)]
-            steps = [(c, case) for c in all_cfgs for case in cases]
-            bar = None
-            if progress:
-                from tqdm import tqdm
+    return lengths
 
-                bar = tqdm(total=sum(case.length for _, case in steps), desc=f"{kind} prefill", unit="tok",
-                           unit_scale=True, dynamic_ncols=True)
-            for cfg in all_cfgs:
-                model = base
-                if cfg.profile is not None:
-                    model = evaluate._load_model(model_path, errors=errors)
-                    runtime.apply_profile(model, model_path, cfg.profile)
-                ctx = batch = None
-                try:
-                    ctx = evaluate._new_context(model, cfg, lengths[-1], n_batch, n_threads, errors, swa_full=True)
-                    batch = lc.llama_batch_init(n_batch, 0, 1)
-                    cells = []
-                    for k, case in enumerate(cases):
-                        if bar is not None:
-                            bar.set_postfix_str(f"{cfg.label} @ {case.length}")
-                        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-                        _decode_tokens(ctx, batch, case.tokens, 0, n_batch, n_vocab, cfg.label, errors)
-                        for nd in case.needles:
-                            ans = _answer(ctx, batch, case, nd, n_vocab, vocab, eos, cfg.label, errors)
-                            cells.append({"length": case.length, "trial": k % trials, "depth": nd.depth,
-                                          "position": nd.position, "key": nd.key, "value": nd.value,
-                                          "answer": ans, "correct": is_correct(ans, nd.value)})
-                        if bar is not None:
-                            bar.update(case.length)
-                    out.append({"label": cfg.label, "profile": str(cfg.profile) if cfg.profile else None,
-                                **evaluate.kv_summary(ctx, model), "cells": cells})
-                finally:
-                    if batch is not None:
-                        lc.llama_batch_free(batch)
-                    if ctx is not None:
-                        lc.llama_free(ctx)
-                    if model is not base:
-                        lc.llama_model_free(model)
+
+class _Vocab:
+    """What the cases and answers need of the model's vocabulary: its size, BOS (when it adds one), the tokens
+    that end an answer, and a tokenizer for make_case; a length past the training context is refused."""
+
+    def __init__(self, model, max_length: int):
+        lc = llama.llama_cpp_module()
+        self.vocab = lc.llama_model_get_vocab(model)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        n_train = int(lc.llama_model_n_ctx_train(model))
+        if max_length > n_train:
+            raise ValueError(f"length {max_length} is past the model's training context ({n_train})")
+        bos = int(lc.llama_vocab_bos(self.vocab)) if lc.llama_vocab_get_add_bos(self.vocab) else None
+        self.eos = {int(lc.llama_vocab_eos(self.vocab)), int(lc.llama_vocab_eot(self.vocab))} - {-1}
+        self.tokenizer = _Tokenizer(model, bos)
+
+
+def _progress_bar(kind: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"{kind} prefill", unit="tok", unit_scale=True, dynamic_ncols=True)
+
+
+def _run_config(model_path, base, cfg: CacheConfig, cases: list[Case], vocab: _Vocab, n_ctx: int, n_batch: int,
+                n_threads: int, trials: int, errors: list[str], bar) -> dict:
+    """One config over every case: its context (on its own copy of the model for a profile), each case's context
+    decoded once and each needle's question answered after it; the config's cells and cache."""
+    lc = llama.llama_cpp_module()
+    model = base
+    if cfg.profile is not None:
+        model = evaluate._load_model(model_path, errors=errors)
+        runtime.apply_profile(model, model_path, cfg.profile)
+    ctx = batch = None
+    try:
+        ctx = evaluate._new_context(model, cfg, n_ctx, n_batch, n_threads, errors, swa_full=True)
+        batch = lc.llama_batch_init(n_batch, 0, 1)
+        cells = []
+        for k, case in enumerate(cases):
             if bar is not None:
-                bar.close()
-        finally:
-            lc.llama_model_free(base)
+                bar.set_postfix_str(f"{cfg.label} @ {case.length}")
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            _decode_tokens(ctx, batch, case.tokens, 0, n_batch, vocab.n_vocab, cfg.label, errors)
+            for nd in case.needles:
+                ans = _answer(ctx, batch, case, nd, vocab.n_vocab, vocab.vocab, vocab.eos, cfg.label, errors)
+                cells.append({"length": case.length, "trial": k % trials, "depth": nd.depth,
+                              "position": nd.position, "key": nd.key, "value": nd.value,
+                              "answer": ans, "correct": is_correct(ans, nd.value)})
+            if bar is not None:
+                bar.update(case.length)
+        return {"label": cfg.label, "profile": str(cfg.profile) if cfg.profile else None,
+                **evaluate.kv_summary(ctx, model), "cells": cells}
+    finally:
+        if batch is not None:
+            lc.llama_batch_free(batch)
+        if ctx is not None:
+            lc.llama_free(ctx)
+        if model is not base:
+            lc.llama_model_free(model)
 
+
+def _accuracy(out: list[dict], lengths: list[int]) -> None:
+    """Each config's counts, accuracy (overall and per length) and agreement with the reference (out[0])."""
     ref = out[0]["cells"]
     for r in out:
         cells = r["cells"]
@@ -311,11 +345,6 @@ def run(model_path: str | Path, configs: Sequence[CacheConfig], *, kind: str = "
         r["agree_f16"] = 100.0 * sum(a["answer"] == b["answer"] for a, b in zip(cells, ref)) / len(cells)
         r["by_length"] = {str(L): 100.0 * float(np.mean([c["correct"] for c in cells if c["length"] == L]))
                           for L in lengths}
-    settings = {"model": str(model_path), "kind": kind, "lengths": lengths, "depths": [float(d) for d in depths],
-                "trials": trials, "haystack": text_name if kind == "niah" else "passkey filler",
-                "n_batch": n_batch, "n_threads": n_threads, "swa_full": True, "flash_attn": True,
-                "seconds": round(time.time() - t0, 1)}
-    return {"settings": settings, "configs": out}
 
 
 # --- reporting -------------------------------------------------------------------------------------------------
