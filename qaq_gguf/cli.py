@@ -87,6 +87,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_info_parser(sub) -> None:
+    """`qaq-gguf info`."""
+    p = sub.add_parser("info", help="versions, the library in use, compiled backends and devices")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
 def _exec_binary(name: str, argv: list[str]) -> int:
     _, native = _native()
     exe = native.bin_dir() / name
@@ -105,6 +112,22 @@ def _openai_server(argv: list[str]) -> int:
     sys.argv = ["qaq-gguf openai-server", *argv]
     openai_server.main()
     return 0
+
+
+def add_passthrough_parsers(sub) -> None:
+    """The commands that run a bundled binary, or the OpenAI server, with every argument passed on."""
+    for name, exe, what in (("server", "llama-server", "the OpenAI-compatible server and web chat"),
+                            ("perplexity", "llama-perplexity", "perplexity / KL-divergence"),
+                            ("bench", "llama-bench", "speed benchmark"),
+                            ("fit-params", "llama-fit-params", "memory estimate / fit with the profile's types"),
+                            ("rpc-server", "ggml-rpc-server", "llama.cpp's RPC server, with qaq-gguf's cache types")):
+        p = sub.add_parser(name, help=f"run the bundled {exe} ({what}); all arguments are passed on",
+                           add_help=False)
+        p.set_defaults(func=lambda a, exe=exe: _exec_binary(exe, a.rest), rest=[])
+    p = sub.add_parser("openai-server", add_help=False,
+                       help="llama-cpp-python's OpenAI-compatible server (python -m llama_cpp.server) with a "
+                            "kv_profile setting per model and per-layer types in /v1/models; arguments passed on")
+    p.set_defaults(func=lambda a: _openai_server(a.rest), rest=[])
 
 
 def _parse_types(s: str, n: int) -> list[str] | str:
@@ -128,6 +151,22 @@ def cmd_profile_make(args: argparse.Namespace) -> int:
     print(profile.describe(p, n_ctx=args.n_ctx))
     print(f"wrote {args.output}")
     return 0
+
+
+def _add_profile_make_parser(psub) -> None:
+    """`qaq-gguf profile make`."""
+    p = psub.add_parser("make", help="a profile from per-layer type lists",
+                        description="Write a profile for MODEL from K and V type lists. A single type applies to "
+                                    "every layer; a comma-separated list gives one type per layer. Types: f16, "
+                                    "bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, qaq3, qaq2.")
+    p.add_argument("model", help="the GGUF model the profile is for (it is bound to this file's tensor layout)")
+    p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPES", required=True,
+                   help="K cache type, or one per layer, comma-separated (spelled as llama.cpp's -ctk)")
+    p.add_argument("-ctv", "--cache-type-v", dest="type_v", metavar="TYPES", required=True,
+                   help="V cache type, or one per layer, comma-separated (spelled as llama.cpp's -ctv)")
+    p.add_argument("-o", "--output", required=True, help="profile file to write (e.g. qaq.gguf)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length for the size column")
+    p.set_defaults(func=cmd_profile_make)
 
 
 def cmd_profile_inspect(args: argparse.Namespace) -> int:
@@ -164,6 +203,20 @@ def cmd_profile_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_profile_inspect_parser(psub) -> None:
+    """`qaq-gguf profile inspect`."""
+    p = psub.add_parser("inspect", help="per-layer table, average bits per value and bytes at a context length")
+    p.add_argument("profile", help="a profile file, or a model with an embedded profile")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length for sizes (sliding-window layers "
+                                                            "hold at most their window)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--rpc", metavar="SERVERS", help="RPC servers (host:port,...) as llama.cpp's --rpc: report the "
+                                                     "KV bytes on each device the layers go to")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, help="layers offloaded (default with --rpc: all)")
+    p.add_argument("--model", help="the model, for the device split (default: the profile, if it is a model file)")
+    p.set_defaults(func=cmd_profile_inspect)
+
+
 def cmd_profile_embed(args: argparse.Namespace) -> int:
     from . import profile
 
@@ -171,6 +224,25 @@ def cmd_profile_embed(args: argparse.Namespace) -> int:
     profile.embed_profile(args.model, p, args.output)
     print(f"wrote {args.output} (use it with kv_profile=\"embedded\" or --kv-profile embedded)")
     return 0
+
+
+def _add_profile_embed_parser(psub) -> None:
+    """`qaq-gguf profile embed`."""
+    p = psub.add_parser("embed", help="copy a model with the profile embedded")
+    p.add_argument("model")
+    p.add_argument("profile")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_profile_embed)
+
+
+def add_profile_parser(sub) -> None:
+    """`qaq-gguf profile ACTION`: make, inspect, embed (each beside its command)."""
+    prof = sub.add_parser("profile", help="make, inspect and embed KV profiles",
+                          description="Make, inspect and embed KV profiles (docs/profile-format.md).")
+    psub = prof.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
+    _add_profile_make_parser(psub)
+    _add_profile_inspect_parser(psub)
+    _add_profile_embed_parser(psub)
 
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -211,6 +283,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{args.prompt}{gen['choices'][0]['text']}")
     print(f"\nprofiles and results in {out}/ ({time.time() - t0:.0f} s)")
     return 0
+
+
+def add_demo_parser(sub) -> None:
+    """`qaq-gguf demo`."""
+    p = sub.add_parser("demo", help="the main job on the bundled Gemma 3 270M: calibrate, evaluate, generate",
+                       description="Calibrate the bundled Gemma 3 270M on WikiText-2 validation text, evaluate "
+                                   "calibrated profiles beside uniform -ctk/-ctv pairs on held-out WikiText-2 test "
+                                   "text (perplexity, KL-divergence, top-1 against the f16 cache), then generate "
+                                   "text with the first profile. Samples of both texts ship with the package.")
+    p.add_argument("--model", help="a GGUF model instead of the bundled one")
+    p.add_argument("--calib-text", help="calibration text (default: the packaged WikiText-2 valid sample)")
+    p.add_argument("--text", help="held-out evaluation text (default: the packaged WikiText-2 test sample)")
+    p.add_argument("--budgets", default="5.5,4.5,3.5",
+                   help="bits per value of the calibrated profiles (default 5.5,4.5,3.5)")
+    p.add_argument("--pairs", default="q5_0/q5_0,q4_0/q4_0,qaq3/qaq3",
+                   help="uniform K/V pairs to compare with (default q5_0/q5_0,q4_0/q4_0,qaq3/qaq3)")
+    p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks of 512 tokens (default 8)")
+    p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
+    p.add_argument("--n-ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("-o", "--output-dir", default="qaq-demo", help="where profiles and results go")
+    p.set_defaults(func=cmd_demo)
 
 
 def _configs(args: argparse.Namespace) -> list:
@@ -272,6 +368,50 @@ def _eval_needle(args: argparse.Namespace, model: str, cfgs: list) -> int:
     return 0
 
 
+def add_eval_parser(sub) -> None:
+    """`qaq-gguf eval`."""
+    ev = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("eval", help="perplexity, KL-divergence and top-1 against the f16 cache", **ev,
+                       description="""\
+Evaluate KV cache configs against the f16 cache on the same tokens, the llama-perplexity way: chunks of --ctx
+tokens (the first replaced by BOS), the second half of each chunk scored, flash attention on for every config.
+Reports PPL, ΔPPL against f16, mean KL-divergence (and its 99th percentile), top-1 agreement, KV bytes and
+average bits per value.
+
+examples:
+  qaq-gguf eval model.gguf --text wiki.test.raw --profile qaq.gguf
+  qaq-gguf eval model.gguf --text wiki.test.raw -ctk q8_0 -ctv q4_0 --profile qaq.gguf --json out.json
+  qaq-gguf eval model.gguf --text wiki.test.raw --pairs q8_0/q8_0,q4_0/q4_0
+
+long context: score one 32k chunk from position 512 on, KLD reported per position range:
+  qaq-gguf eval --text wiki.test.raw --profile qaq.gguf --ctx 32768 --chunks 1 --score-from 512 \\
+      --position-edges 1024,4096,8192,16384
+
+needle retrieval (--needle niah|passkey): one context per length with a needle at each depth, each needle's
+question answered greedily after it; the f16 cache runs first as the reference. Writes needle-KIND.json/.md/.png:
+  qaq-gguf eval --needle niah --text wiki.test.raw --profile qaq.gguf --pairs q4_0/q4_0 \\
+      --needle-lengths 4096,16384,32768 --needle-depths 8 -o results/""")
+    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("--text", help="held-out text (never the calibration text); the haystack for --needle niah")
+    p.add_argument("--profile", action="append", help="a profile to evaluate (repeatable)")
+    p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPE", help="uniform K cache type (as llama.cpp)")
+    p.add_argument("-ctv", "--cache-type-v", dest="type_v", metavar="TYPE", help="uniform V cache type (as llama.cpp)")
+    p.add_argument("--pairs", help="uniform pairs, e.g. q8_0/q4_0,q4_0/q4_0")
+    p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default 1024)")
+    p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--chunks", type=int, default=8, help="chunks to score (default 8)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", help="also write the results as JSON")
+    p.add_argument("--score-from", type=int, metavar="POS", help="first scored position (default ctx/2)")
+    p.add_argument("--position-edges", metavar="POS,...", help="also report KLD per position range split here")
+    p.add_argument("--needle", choices=("niah", "passkey"), help="retrieval test instead of scoring the text")
+    p.add_argument("--needle-lengths", default="4096,16384,32768", help="context lengths (default 4k,16k,32k)")
+    p.add_argument("--needle-depths", type=int, default=8, help="needles per context, depths 0..100%% (default 8)")
+    p.add_argument("--needle-trials", type=int, default=1, help="contexts per length (default 1)")
+    p.add_argument("-o", "--output-dir", default="qaq-needle", help="where --needle writes its results")
+    p.set_defaults(func=cmd_eval)
+
+
 def _scores(args: argparse.Namespace, model: str):
     from . import calibrate, profile
 
@@ -280,6 +420,19 @@ def _scores(args: argparse.Namespace, model: str):
     if not args.calib_text:
         raise SystemExit("qaq-gguf: give --scores PROFILE (a calibrated profile) or --calib-text FILE")
     return calibrate.calibrate(model, _read_text(args.calib_text), n_chunks=args.calib_chunks, n_threads=args.threads)
+
+
+def _add_scores_command(sub, name: str, helptext: str) -> argparse.ArgumentParser:
+    """A command that needs per-layer scores (frontier, ablate): its parser with the options both take."""
+    p = sub.add_parser(name, help=helptext, description=helptext + ". Scores come from a calibrated profile "
+                       "(--scores) or a calibration run (--calib-text).")
+    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("--text", required=True, help="held-out evaluation text")
+    p.add_argument("--scores", help="a calibrated profile whose stored scores to use")
+    p.add_argument("--calib-text", help="calibration text (when --scores is not given)")
+    p.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
+    p.add_argument("--threads", type=int)
+    return p
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
@@ -302,6 +455,24 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_frontier_parser(sub) -> None:
+    """`qaq-gguf frontier`."""
+    p = _add_scores_command(sub, "frontier",
+                            "uniform pairs vs calibrated profiles across budgets: table, JSON, PNG")
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in (8.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5, 4.0,
+                                                                       3.5, 3.0)))
+    p.add_argument("--pairs", default="q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q5_1/q5_1,q5_0/q5_0,q5_0/q4_0,"
+                                      "q4_1/q4_1,q4_0/q4_0,iq4_nl/iq4_nl,q4_0/qaq3,qaq3/qaq3,q4_0/qaq2,"
+                                      "qaq3/qaq2")
+    p.add_argument("--compare", action="append", metavar="PROFILE",
+                   help="also evaluate this profile (e.g. an earlier calibration) in the same run, as the "
+                        "series 'compared' (repeatable)")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("-o", "--output-dir", default="qaq-frontier")
+    p.set_defaults(func=cmd_frontier)
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     _native()
     from . import ablate, models
@@ -316,6 +487,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(ablate.table(res))
     print(f"wrote {out / 'ablate.json'} and {png}")
     return 0
+
+
+def add_ablate_parser(sub) -> None:
+    """`qaq-gguf ablate`."""
+    p = _add_scores_command(sub, "ablate",
+                            "one layer's K or V quantized at a time: measured loss vs predicted score")
+    p.add_argument("--type", default="q4_0", help="the type one layer is quantized to (default q4_0)")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=4)
+    p.add_argument("-o", "--output-dir", default="qaq-ablate")
+    p.set_defaults(func=cmd_ablate)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -334,6 +516,46 @@ def cmd_lab(args: argparse.Namespace) -> int:
     print(lab.table(res))
     print(f"\nlab run took {res['lab']['seconds']:.0f} s; wrote {', '.join(str(f) for f in files)}")
     return 0
+
+
+def add_lab_parser(sub) -> None:
+    """`qaq-gguf lab`."""
+    from .methods import help_lines
+
+    p = sub.add_parser("lab", help="published KV-cache methods (QAQ, AQUA-KV, QJL, CQ, KIVI, KVQuant, TurboQuant) on "
+                                   "your model, through llama.cpp, beside native caches",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Fit each method on calibration text, then run it end to end through llama.cpp: in its own context over an f16
+cache, the method's reconstruction of every layer's keys and values (and queries, where it transforms them)
+replaces the real ones as the graph computes them, so attention sees exactly what the method would store. All
+methods, native caches and calibrated profiles are scored in one run against the f16 cache on the same tokens
+(KL-divergence, PPL, top-1), each with its true bits per value (scales, norms, codebooks, outliers and windows
+included). Writes lab.json, lab.md and lab.png (KLD against bits).
+
+methods (a bare name runs its default settings, name:setting one setting):
+""" + "\n".join("  " + line for line in help_lines()) + """
+  native:TK/TV  native:FILE.gguf   a real llama.cpp cache: a uniform pair or a profile
+
+examples:
+  qaq-gguf lab --calib-text wiki.valid.txt --text wiki.test.raw --methods kivi,qjl:3,native:q4_0/q4_0
+  qaq-gguf lab model.gguf --calib-text valid.txt --text test.txt --methods all --frontier 4.5,3.5 -o lab/""")
+    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("--calib-text", required=True, help="text the methods are fitted on (never the evaluation text)")
+    p.add_argument("--text", required=True, help="held-out evaluation text")
+    p.add_argument("--methods", required=True, help="comma-separated method specs (see above), or 'all'")
+    p.add_argument("--frontier", help="also calibrate qaq-gguf profiles at these budgets (bits, comma-separated) "
+                                      "and draw them as a line; a PROFILE.gguf item is a profile calibrated before "
+                                      "(qaq-gguf calibrate, on other text than --text), drawn on the same line")
+    p.add_argument("--ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
+    p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
+    p.add_argument("-b", "--batch", type=int, default=64,
+                   help="evaluation batch (default 64): a method's full-precision window of recent tokens is "
+                        "simulated at batch granularity, so smaller batches are more faithful (and slower)")
+    p.add_argument("--calib-ctx", type=int, default=512, help="calibration chunk length (default 512)")
+    p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks (default 8)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("-o", "--output-dir", default="qaq-lab", help="where lab.json/md/png go")
+    p.set_defaults(func=cmd_lab)
 
 
 def parse_size(s: str) -> int:
@@ -393,164 +615,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qaq-gguf", description=DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", action="version", version=f"qaq-gguf {_version()}")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("info", help="versions, the library in use, compiled backends and devices")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
-
-    for name, exe, what in (("server", "llama-server", "the OpenAI-compatible server and web chat"),
-                            ("perplexity", "llama-perplexity", "perplexity / KL-divergence"),
-                            ("bench", "llama-bench", "speed benchmark"),
-                            ("fit-params", "llama-fit-params", "memory estimate / fit with the profile's types"),
-                            ("rpc-server", "ggml-rpc-server", "llama.cpp's RPC server, with qaq-gguf's cache types")):
-        p = sub.add_parser(name, help=f"run the bundled {exe} ({what}); all arguments are passed on",
-                           add_help=False)
-        p.set_defaults(func=lambda a, exe=exe: _exec_binary(exe, a.rest), rest=[])
-    p = sub.add_parser("openai-server", add_help=False,
-                       help="llama-cpp-python's OpenAI-compatible server (python -m llama_cpp.server) with a "
-                            "kv_profile setting per model and per-layer types in /v1/models; arguments passed on")
-    p.set_defaults(func=lambda a: _openai_server(a.rest), rest=[])
-
-    p = sub.add_parser("demo", help="the main job on the bundled Gemma 3 270M: calibrate, evaluate, generate",
-                       description="Calibrate the bundled Gemma 3 270M on WikiText-2 validation text, evaluate "
-                                   "calibrated profiles beside uniform -ctk/-ctv pairs on held-out WikiText-2 test "
-                                   "text (perplexity, KL-divergence, top-1 against the f16 cache), then generate "
-                                   "text with the first profile. Samples of both texts ship with the package.")
-    p.add_argument("--model", help="a GGUF model instead of the bundled one")
-    p.add_argument("--calib-text", help="calibration text (default: the packaged WikiText-2 valid sample)")
-    p.add_argument("--text", help="held-out evaluation text (default: the packaged WikiText-2 test sample)")
-    p.add_argument("--budgets", default="5.5,4.5,3.5",
-                   help="bits per value of the calibrated profiles (default 5.5,4.5,3.5)")
-    p.add_argument("--pairs", default="q5_0/q5_0,q4_0/q4_0,qaq3/qaq3",
-                   help="uniform K/V pairs to compare with (default q5_0/q5_0,q4_0/q4_0,qaq3/qaq3)")
-    p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks of 512 tokens (default 8)")
-    p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
-    p.add_argument("--n-ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("-o", "--output-dir", default="qaq-demo", help="where profiles and results go")
-    p.set_defaults(func=cmd_demo)
-
-    ev = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
-    p = sub.add_parser("eval", help="perplexity, KL-divergence and top-1 against the f16 cache", **ev,
-                       description="""\
-Evaluate KV cache configs against the f16 cache on the same tokens, the llama-perplexity way: chunks of --ctx
-tokens (the first replaced by BOS), the second half of each chunk scored, flash attention on for every config.
-Reports PPL, ΔPPL against f16, mean KL-divergence (and its 99th percentile), top-1 agreement, KV bytes and
-average bits per value.
-
-examples:
-  qaq-gguf eval model.gguf --text wiki.test.raw --profile qaq.gguf
-  qaq-gguf eval model.gguf --text wiki.test.raw -ctk q8_0 -ctv q4_0 --profile qaq.gguf --json out.json
-  qaq-gguf eval model.gguf --text wiki.test.raw --pairs q8_0/q8_0,q4_0/q4_0
-
-long context: score one 32k chunk from position 512 on, KLD reported per position range:
-  qaq-gguf eval --text wiki.test.raw --profile qaq.gguf --ctx 32768 --chunks 1 --score-from 512 \\
-      --position-edges 1024,4096,8192,16384
-
-needle retrieval (--needle niah|passkey): one context per length with a needle at each depth, each needle's
-question answered greedily after it; the f16 cache runs first as the reference. Writes needle-KIND.json/.md/.png:
-  qaq-gguf eval --needle niah --text wiki.test.raw --profile qaq.gguf --pairs q4_0/q4_0 \\
-      --needle-lengths 4096,16384,32768 --needle-depths 8 -o results/""")
-    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
-    p.add_argument("--text", help="held-out text (never the calibration text); the haystack for --needle niah")
-    p.add_argument("--profile", action="append", help="a profile to evaluate (repeatable)")
-    p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPE", help="uniform K cache type (as llama.cpp)")
-    p.add_argument("-ctv", "--cache-type-v", dest="type_v", metavar="TYPE", help="uniform V cache type (as llama.cpp)")
-    p.add_argument("--pairs", help="uniform pairs, e.g. q8_0/q4_0,q4_0/q4_0")
-    p.add_argument("--ctx", type=int, default=1024, help="tokens per chunk (default 1024)")
-    p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
-    p.add_argument("--chunks", type=int, default=8, help="chunks to score (default 8)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", help="also write the results as JSON")
-    p.add_argument("--score-from", type=int, metavar="POS", help="first scored position (default ctx/2)")
-    p.add_argument("--position-edges", metavar="POS,...", help="also report KLD per position range split here")
-    p.add_argument("--needle", choices=("niah", "passkey"), help="retrieval test instead of scoring the text")
-    p.add_argument("--needle-lengths", default="4096,16384,32768", help="context lengths (default 4k,16k,32k)")
-    p.add_argument("--needle-depths", type=int, default=8, help="needles per context, depths 0..100%% (default 8)")
-    p.add_argument("--needle-trials", type=int, default=1, help="contexts per length (default 1)")
-    p.add_argument("-o", "--output-dir", default="qaq-needle", help="where --needle writes its results")
-    p.set_defaults(func=cmd_eval)
-
-    for name, helptext in (("frontier", "uniform pairs vs calibrated profiles across budgets: table, JSON, PNG"),
-                           ("ablate", "one layer's K or V quantized at a time: measured loss vs predicted score")):
-        p = sub.add_parser(name, help=helptext, description=helptext + ". Scores come from a calibrated profile "
-                           "(--scores) or a calibration run (--calib-text).")
-        p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
-        p.add_argument("--text", required=True, help="held-out evaluation text")
-        p.add_argument("--scores", help="a calibrated profile whose stored scores to use")
-        p.add_argument("--calib-text", help="calibration text (when --scores is not given)")
-        p.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks of 512 tokens (default 16)")
-        p.add_argument("--threads", type=int)
-        if name == "frontier":
-            p.add_argument("--budgets", default=",".join(f"{b:g}" for b in (8.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5, 4.0,
-                                                                               3.5, 3.0)))
-            p.add_argument("--pairs", default="q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q5_1/q5_1,q5_0/q5_0,q5_0/q4_0,"
-                                              "q4_1/q4_1,q4_0/q4_0,iq4_nl/iq4_nl,q4_0/qaq3,qaq3/qaq3,q4_0/qaq2,"
-                                              "qaq3/qaq2")
-            p.add_argument("--compare", action="append", metavar="PROFILE",
-                           help="also evaluate this profile (e.g. an earlier calibration) in the same run, as the "
-                                "series 'compared' (repeatable)")
-            p.add_argument("--ctx", type=int, default=1024)
-            p.add_argument("--chunks", type=int, default=8)
-            p.add_argument("-o", "--output-dir", default="qaq-frontier")
-            p.set_defaults(func=cmd_frontier)
-        else:
-            p.add_argument("--type", default="q4_0", help="the type one layer is quantized to (default q4_0)")
-            p.add_argument("--ctx", type=int, default=512)
-            p.add_argument("--chunks", type=int, default=4)
-            p.add_argument("-o", "--output-dir", default="qaq-ablate")
-            p.set_defaults(func=cmd_ablate)
-
-    from .methods import help_lines
-
-    p = sub.add_parser("lab", help="published KV-cache methods (QAQ, AQUA-KV, QJL, CQ, KIVI, KVQuant, TurboQuant) on "
-                                   "your model, through llama.cpp, beside native caches",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
-Fit each method on calibration text, then run it end to end through llama.cpp: in its own context over an f16
-cache, the method's reconstruction of every layer's keys and values (and queries, where it transforms them)
-replaces the real ones as the graph computes them, so attention sees exactly what the method would store. All
-methods, native caches and calibrated profiles are scored in one run against the f16 cache on the same tokens
-(KL-divergence, PPL, top-1), each with its true bits per value (scales, norms, codebooks, outliers and windows
-included). Writes lab.json, lab.md and lab.png (KLD against bits).
-
-methods (a bare name runs its default settings, name:setting one setting):
-""" + "\n".join("  " + line for line in help_lines()) + """
-  native:TK/TV  native:FILE.gguf   a real llama.cpp cache: a uniform pair or a profile
-
-examples:
-  qaq-gguf lab --calib-text wiki.valid.txt --text wiki.test.raw --methods kivi,qjl:3,native:q4_0/q4_0
-  qaq-gguf lab model.gguf --calib-text valid.txt --text test.txt --methods all --frontier 4.5,3.5 -o lab/""")
-    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
-    p.add_argument("--calib-text", required=True, help="text the methods are fitted on (never the evaluation text)")
-    p.add_argument("--text", required=True, help="held-out evaluation text")
-    p.add_argument("--methods", required=True, help="comma-separated method specs (see above), or 'all'")
-    p.add_argument("--frontier", help="also calibrate qaq-gguf profiles at these budgets (bits, comma-separated) "
-                                      "and draw them as a line; a PROFILE.gguf item is a profile calibrated before "
-                                      "(qaq-gguf calibrate, on other text than --text), drawn on the same line")
-    p.add_argument("--ctx", type=int, default=1024, help="evaluation chunk length (default 1024)")
-    p.add_argument("--chunks", type=int, default=4, help="evaluation chunks (default 4)")
-    p.add_argument("-b", "--batch", type=int, default=64,
-                   help="evaluation batch (default 64): a method's full-precision window of recent tokens is "
-                        "simulated at batch granularity, so smaller batches are more faithful (and slower)")
-    p.add_argument("--calib-ctx", type=int, default=512, help="calibration chunk length (default 512)")
-    p.add_argument("--calib-chunks", type=int, default=8, help="calibration chunks (default 8)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
-    p.add_argument("-o", "--output-dir", default="qaq-lab", help="where lab.json/md/png go")
-    p.set_defaults(func=cmd_lab)
-
+def add_calibrate_parser(sub) -> None:
+    """`qaq-gguf calibrate`."""
     p = sub.add_parser(
         "calibrate", help="measure per-layer K/V sensitivity on text and solve the per-layer types for a budget",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -610,36 +676,22 @@ Never calibrate on the text you evaluate on.""")
     p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile")
     p.set_defaults(func=cmd_calibrate)
 
-    prof = sub.add_parser("profile", help="make, inspect and embed KV profiles",
-                          description="Make, inspect and embed KV profiles (docs/profile-format.md).")
-    psub = prof.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
-    p = psub.add_parser("make", help="a profile from per-layer type lists",
-                        description="Write a profile for MODEL from K and V type lists. A single type applies to "
-                                    "every layer; a comma-separated list gives one type per layer. Types: f16, "
-                                    "bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, qaq3, qaq2.")
-    p.add_argument("model", help="the GGUF model the profile is for (it is bound to this file's tensor layout)")
-    p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPES", required=True,
-                   help="K cache type, or one per layer, comma-separated (spelled as llama.cpp's -ctk)")
-    p.add_argument("-ctv", "--cache-type-v", dest="type_v", metavar="TYPES", required=True,
-                   help="V cache type, or one per layer, comma-separated (spelled as llama.cpp's -ctv)")
-    p.add_argument("-o", "--output", required=True, help="profile file to write (e.g. qaq.gguf)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context length for the size column")
-    p.set_defaults(func=cmd_profile_make)
-    p = psub.add_parser("inspect", help="per-layer table, average bits per value and bytes at a context length")
-    p.add_argument("profile", help="a profile file, or a model with an embedded profile")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context length for sizes (sliding-window layers "
-                                                            "hold at most their window)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--rpc", metavar="SERVERS", help="RPC servers (host:port,...) as llama.cpp's --rpc: report the "
-                                                     "KV bytes on each device the layers go to")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, help="layers offloaded (default with --rpc: all)")
-    p.add_argument("--model", help="the model, for the device split (default: the profile, if it is a model file)")
-    p.set_defaults(func=cmd_profile_inspect)
-    p = psub.add_parser("embed", help="copy a model with the profile embedded")
-    p.add_argument("model")
-    p.add_argument("profile")
-    p.add_argument("-o", "--output", required=True)
-    p.set_defaults(func=cmd_profile_embed)
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: each command's options are set by the add_*_parser function beside its cmd_*."""
+    ap = argparse.ArgumentParser(prog="qaq-gguf", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"qaq-gguf {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (add_info_parser, add_passthrough_parsers, add_demo_parser, add_eval_parser, add_frontier_parser,
+                add_ablate_parser, add_lab_parser, add_calibrate_parser, add_profile_parser):
+        add(sub)
     return ap
 
 
