@@ -38,7 +38,8 @@ std::string clip(const std::string & v) {
 // the documented cache types, finest first (qaq_gguf/cachetypes.py holds the same list)
 const ggml_type CACHE_TYPES[] = {
     GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q5_1, GGML_TYPE_Q5_0, GGML_TYPE_Q4_1,
-    GGML_TYPE_Q4_0, GGML_TYPE_IQ4_NL, GGML_TYPE_QAQ4L, GGML_TYPE_QAQ3, GGML_TYPE_QAQ3L, GGML_TYPE_QAQ2, GGML_TYPE_QAQ2L,
+    GGML_TYPE_Q4_0, GGML_TYPE_IQ4_NL, GGML_TYPE_QAQ4H, GGML_TYPE_QAQ4L, GGML_TYPE_QAQ3, GGML_TYPE_QAQ3H, GGML_TYPE_QAQ3L,
+    GGML_TYPE_QAQ2, GGML_TYPE_QAQ2H, GGML_TYPE_QAQ2L,
 };
 
 struct gguf_file {

@@ -3,7 +3,9 @@
 ``qaq3`` and ``qaq2`` store 32 values per block: two ue5m3 scales (the top byte of an fp16 without its sign, one
 per 16 values) and an index per value into a fixed symmetric int8 codebook: 8 levels in 14 bytes (3.5 bits per
 value), 4 levels in 10 bytes (2.5 bits). The lean types ``qaq4l``, ``qaq3l`` and ``qaq2l`` store 128 values per
-block with one fp16 scale and 16, 8 or 4 levels: 66, 50 and 34 bytes (4.125, 3.125, 2.125 bits). The C layouts
+block with one fp16 scale and 16, 8 or 4 levels: 66, 50 and 34 bytes (4.125, 3.125, 2.125 bits). Their head-64
+siblings ``qaq4h``, ``qaq3h`` and ``qaq2h`` are the same with 64 values per block: 34, 26 and 18 bytes (4.25, 3.25,
+2.25 bits), for head sizes that 128 does not divide. The C layouts
 and the quantizer this module ports, operation for operation, are ``native/ggml/ggml-qaq.h`` and ``ggml-qaq.c``;
 the design study behind them is ``docs/cache-types.md``.
 
@@ -22,10 +24,14 @@ UE5M3_MAX = 0xF7  # largest scale byte with a finite value (61440)
 _T4 = np.array([-127, -96, -75, -58, -44, -31, -18, -6, 6, 18, 31, 44, 58, 75, 96, 127], dtype=np.float32)
 _T3 = np.array([-127, -79, -45, -14, 14, 45, 79, 127], dtype=np.float32)
 _T2 = np.array([-127, -38, 38, 127], dtype=np.float32)
-KVALUES = {"qaq3": _T3, "qaq2": _T2, "qaq4l": _T4, "qaq3l": _T3, "qaq2l": _T2}
-BLOCK_BYTES = {"qaq3": 14, "qaq2": 10, "qaq4l": 66, "qaq3l": 50, "qaq2l": 34}
-BLOCK_VALUES = {"qaq3": 32, "qaq2": 32, "qaq4l": 128, "qaq3l": 128, "qaq2l": 128}
+KVALUES = {"qaq3": _T3, "qaq2": _T2, "qaq4l": _T4, "qaq3l": _T3, "qaq2l": _T2, "qaq4h": _T4, "qaq3h": _T3,
+           "qaq2h": _T2}
+BLOCK_BYTES = {"qaq3": 14, "qaq2": 10, "qaq4l": 66, "qaq3l": 50, "qaq2l": 34, "qaq4h": 34, "qaq3h": 26, "qaq2h": 18}
+BLOCK_VALUES = {"qaq3": 32, "qaq2": 32, "qaq4l": 128, "qaq3l": 128, "qaq2l": 128, "qaq4h": 64, "qaq3h": 64,
+                "qaq2h": 64}
 QKL = 128        # values per lean block
+QKH = 64         # values per head-64 block
+LEAN = ("qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h")  # one fp16 scale per block
 
 
 def _midpoints(t: np.ndarray) -> np.ndarray:
@@ -148,8 +154,9 @@ def _pack_high1(idx: np.ndarray) -> np.ndarray:
 
 
 def _quantize_lean(blocks: np.ndarray, name: str) -> np.ndarray:
-    """Port of ``quantize_row_qaq{4,3,2}l_ref``: (nb, 128) float32 -> (nb, block bytes) uint8."""
+    """Port of ``quantize_row_qaq{4,3,2}{l,h}_ref``: (nb, 128 or 64) float32 -> (nb, block bytes) uint8."""
     f32 = np.float32
+    qk = blocks.shape[1]
     mids = MIDS[name]
     nb = blocks.shape[0]
     amax, sumx2, live = _stats(blocks)
@@ -163,14 +170,14 @@ def _quantize_lean(blocks: np.ndarray, name: str) -> np.ndarray:
         idx = _nearest(blocks * inv[:, None], mids)
     izero = int(_nearest(np.zeros(1, f32), mids)[0])
     idx = np.where(ok[:, None], idx, izero).astype(np.uint8)
-    sub = idx.reshape(nb * 4, 32)
-    if name == "qaq4l":
-        codes = (sub[:, :16] | sub[:, 16:] << 4).astype(np.uint8).reshape(nb, 64)
+    sub = idx.reshape(nb * (qk // 32), 32)
+    if name in ("qaq4l", "qaq4h"):
+        codes = (sub[:, :16] | sub[:, 16:] << 4).astype(np.uint8).reshape(nb, qk // 2)
         parts = [codes]
     else:
-        parts = [_pack_low2(sub).reshape(nb, 32)]
-        if name == "qaq3l":
-            parts.append(_pack_high1(sub).reshape(nb, 16))
+        parts = [_pack_low2(sub).reshape(nb, qk // 4)]
+        if name in ("qaq3l", "qaq3h"):
+            parts.append(_pack_high1(sub).reshape(nb, qk // 8))
     return np.concatenate([h.reshape(nb, 1).view(np.uint8)] + parts, axis=1)
 
 
@@ -182,9 +189,9 @@ def quantize(x: np.ndarray, name: str) -> np.ndarray:
     qk = BLOCK_VALUES[name]
     if x.shape[-1] % qk:
         raise ValueError(f"{name}: last dimension {x.shape[-1]} is not a multiple of {qk}")
-    if qk == QKL:
-        out = _quantize_lean(x.reshape(-1, QKL), name)
-        return out.reshape(*x.shape[:-1], x.shape[-1] // QKL * BLOCK_BYTES[name])
+    if name in LEAN:
+        out = _quantize_lean(x.reshape(-1, qk), name)
+        return out.reshape(*x.shape[:-1], x.shape[-1] // qk * BLOCK_BYTES[name])
     blocks = x.reshape(-1, QK)
     nb = blocks.shape[0]
     d, idx = _quantize_halves(blocks.reshape(-1, HALF), name)
@@ -204,21 +211,23 @@ def dequantize(data: np.ndarray, name: str) -> np.ndarray:
     if data.shape[-1] % bb:
         raise ValueError(f"{name}: {data.shape[-1]} bytes is not a whole number of {bb}-byte blocks")
     blk = data.reshape(-1, bb)
-    if BLOCK_VALUES[name] == QKL:
+    if name in LEAN:
+        qk = BLOCK_VALUES[name]
+        ng = qk // 32  # 32-value groups per block
         d = np.ascontiguousarray(blk[:, 0:2]).view(np.float16).astype(np.float32)  # (nb, 1)
         nb = blk.shape[0]
         j = np.arange(32)
-        if name == "qaq4l":
-            qs = blk[:, 2:66].reshape(nb, 4, 16)
+        if name in ("qaq4l", "qaq4h"):
+            qs = blk[:, 2:2 + qk // 2].reshape(nb, ng, 16)
             idx = np.where(j < 16, qs[:, :, j % 16] & 0xF, qs[:, :, j % 16] >> 4)
         else:
-            qs = blk[:, 2:34].reshape(nb, 4, 8)
+            qs = blk[:, 2:2 + qk // 4].reshape(nb, ng, 8)
             idx = (qs[:, :, j % 8] >> (2 * (j // 8))) & 3
-            if name == "qaq3l":
-                qh = blk[:, 34:50].reshape(nb, 4, 4)
+            if name in ("qaq3l", "qaq3h"):
+                qh = blk[:, 2 + qk // 4:2 + qk // 4 + qk // 8].reshape(nb, ng, 4)
                 idx = idx | ((qh[:, :, j // 8] >> (j % 8)) & 1) << 2
-        y = (d[:, :, None] * KVALUES[name][idx]).reshape(nb, QKL)
-        return y.astype(np.float32).reshape(*data.shape[:-1], data.shape[-1] // bb * QKL)
+        y = (d[:, :, None] * KVALUES[name][idx]).reshape(nb, qk)
+        return y.astype(np.float32).reshape(*data.shape[:-1], data.shape[-1] // bb * qk)
     d = ue5m3_to_float(blk[:, 0:2])
     qs = blk[:, 2:10]
     j = np.arange(QK)

@@ -1,5 +1,5 @@
-"""qaq cache types (qaq3, qaq2 and the lean qaq4l, qaq3l, qaq2l): the built ggml (CPU) against the numpy reference
-in qaq_gguf/quants.py.
+"""qaq cache types (qaq3, qaq2, the lean qaq4l, qaq3l, qaq2l and their head-64 siblings qaq4h, qaq3h, qaq2h): the
+built ggml (CPU) against the numpy reference in qaq_gguf/quants.py.
 
 Covers the ops the KV cache uses, run through ggml itself (ctypes, CPU backend): the reference quantizer and
 dequantizer, SET_ROWS (what writes the cache), GET_ROWS, the K.q dot product and FLASH_ATTN_EXT with qaq K and/or V
@@ -16,8 +16,9 @@ import pytest
 from qaq_gguf import cachetypes, ggml_ctypes, quants, scoring
 from qaq_gguf.ggml_ctypes import DOT_FN, F32, I32, I64, Q8_0, ROW_FN, ROWS_FN, Graph
 
-QAQ = ["qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l"]
-LEAN = ["qaq4l", "qaq3l", "qaq2l"]
+QAQ = ["qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h"]
+HEAD64 = ["qaq4h", "qaq3h", "qaq2h"]
+LEAN = ["qaq4l", "qaq3l", "qaq2l"] + HEAD64  # one fp16 scale per block (128 or 64 values)
 
 
 def _row_bytes(name: str, n: int) -> int:
@@ -45,7 +46,7 @@ def _gaussian(shape, seed=0):
 def test_types_are_registered(ggml):
     base, _ = ggml
     for name, size, bits in (("qaq3", 14, 3.5), ("qaq2", 10, 2.5), ("qaq4l", 66, 4.125), ("qaq3l", 50, 3.125),
-                             ("qaq2l", 34, 2.125)):
+                             ("qaq2l", 34, 2.125), ("qaq4h", 34, 4.25), ("qaq3h", 26, 3.25), ("qaq2h", 18, 2.25)):
         assert base.ggml_type_name(_tid(name)).decode() == name
         assert base.ggml_type_size(_tid(name)) == size
         assert cachetypes.bits(name) == bits
@@ -127,12 +128,12 @@ def test_validation_rejects_non_finite_scales(ggml):
 @pytest.mark.parametrize("name", QAQ)
 def test_codebook_points_round_trip_exactly(name):
     """A block that is a representable scale times codebook levels is stored exactly (per 16 values for qaq3/qaq2,
-    per 128 for the lean types)."""
+    per block of 128 or 64 for the lean and head-64 types)."""
     rng = np.random.default_rng(2)
     T = quants.KVALUES[name]
     if name in LEAN:
         scales = rng.uniform(1e-3, 10, (64, 1)).astype(np.float16).astype(np.float32)
-        idx = rng.integers(0, len(T), (64, 128))
+        idx = rng.integers(0, len(T), (64, quants.BLOCK_VALUES[name]))
         idx[:, 0] = len(T) - 1
         x = (scales * T[idx]).astype(np.float32)
     else:
@@ -145,7 +146,8 @@ def test_codebook_points_round_trip_exactly(name):
 
 
 @pytest.mark.parametrize("name,lo,hi", [("qaq3", 2.4, 3.4), ("qaq2", 10.0, 15.0), ("qaq4l", 0.9, 1.2),
-                                       ("qaq3l", 3.7, 4.9), ("qaq2l", 13.0, 18.0)])
+                                       ("qaq3l", 3.7, 4.9), ("qaq2l", 13.0, 18.0), ("qaq4h", 0.8, 1.1),
+                                       ("qaq3h", 3.4, 4.6), ("qaq2h", 12.5, 17.5)])
 def test_error_relative_to_q4_0_and_per_value_bound(name, lo, hi):
     """Gaussian rows (what the Hadamard-rotated cache holds): error in the designed range against q4_0, and every
     value within half the largest level gap (or the clipping distance) of the original."""
@@ -156,7 +158,8 @@ def test_error_relative_to_q4_0_and_per_value_bound(name, lo, hi):
     assert lo < ratio < hi, ratio
     raw = quants.quantize(x, name).reshape(-1, quants.BLOCK_BYTES[name])
     if name in LEAN:
-        d = np.repeat(np.ascontiguousarray(raw[:, :2]).view(np.float16).astype(np.float32), 128, axis=1)
+        d = np.repeat(np.ascontiguousarray(raw[:, :2]).view(np.float16).astype(np.float32), quants.BLOCK_VALUES[name],
+                      axis=1)
     else:
         d = np.repeat(quants.ue5m3_to_float(raw[:, :2]), 16, axis=1)
     d = d.reshape(x.shape)
@@ -170,11 +173,11 @@ def test_error_relative_to_q4_0_and_per_value_bound(name, lo, hi):
 # ggml ops on the CPU backend
 
 
-@pytest.mark.parametrize("name", QAQ)
-def test_set_rows_and_get_rows(ggml, name):
+@pytest.mark.parametrize("name,d", [(t, 128) for t in QAQ] + [(t, 64) for t in QAQ if quants.BLOCK_VALUES[t] <= 64])
+def test_set_rows_and_get_rows(ggml, name, d):
     """SET_ROWS (how llama.cpp writes the cache) stores the reference bytes at the given rows; GET_ROWS reads
-    them back as the reference dequantization."""
-    n_rows, d = 16, 128
+    them back as the reference dequantization (rows of one head: 128 values, and 64 for the types whose blocks fit)."""
+    n_rows = 16
     bb = _row_bytes(name, d)
     src = _gaussian((5, d), seed=4)
     rows = np.array([3, 0, 11, 7, 15], np.int64)
@@ -191,10 +194,9 @@ def test_set_rows_and_get_rows(ggml, name):
         np.testing.assert_array_equal(g.read(got, np.float32, (2, d)), quants.dequantize(stored[sel], name))
 
 
-@pytest.mark.parametrize("name", QAQ)
-def test_cpy_both_ways(ggml, name):
+@pytest.mark.parametrize("name,d", [(t, 256) for t in QAQ] + [(t, 64) for t in HEAD64])
+def test_cpy_both_ways(ggml, name, d):
     """CPY f32 -> qaq and qaq -> f32: the K-shift reads a quantized K as f32, re-ropes it and copies it back."""
-    d = 256
     x = _gaussian((6, d), seed=7)
     bb = _row_bytes(name, d)
     with Graph(ggml) as g:
@@ -226,7 +228,8 @@ def test_vec_dot_against_q8_0(ggml, name):
     assert traits.vec_dot_type == Q8_0
     dot = DOT_FN(traits.vec_dot)
     rng = np.random.default_rng(6)
-    for n in ((128, 256, 512) if name in LEAN else (32, 64, 256, 512)):
+    qk = quants.BLOCK_VALUES[name]
+    for n in (range(qk, 513, qk) if name in LEAN else (32, 64, 256, 512)):
         for _ in range(20):
             k = rng.standard_normal(n).astype(np.float32) * rng.uniform(0.01, 10)
             q = rng.standard_normal(n).astype(np.float32)
@@ -282,14 +285,16 @@ def _cache(x, type_name):
 
 
 _FA_PAIRS = ["qaq3/qaq3", "qaq2/qaq2", "qaq3/qaq2", "q8_0/qaq2", "qaq3/f16", "f16/qaq3", "q4_0/qaq3", "qaq2/q8_0",
-             "q8_0/q8_0", "qaq4l/qaq4l", "qaq3l/qaq2l", "qaq4l/qaq3", "q8_0/qaq3l", "qaq2l/f16"]
+             "q8_0/q8_0", "qaq4l/qaq4l", "qaq3l/qaq2l", "qaq4l/qaq3", "q8_0/qaq3l", "qaq2l/f16", "qaq4h/qaq4h",
+             "qaq3h/qaq2h", "qaq2h/qaq3", "q4_0/qaq3h", "qaq4h/f16", "qaq3l/qaq4h"]
 _FA_SHAPES = [(64, 8, 1), (128, 4, 4), (256, 4, 1), (128, 8, 2)]
 
 
 @pytest.mark.parametrize("kv,d,n_head,n_head_kv", [
     (kv, *shape) for kv in _FA_PAIRS for shape in _FA_SHAPES
-    # the lean types' blocks of 128 need head sizes that are multiples of 128 (a profile refuses them otherwise)
-    if shape[0] % 128 == 0 or not any(t in LEAN for t in kv.split("/"))])
+    # a row holds whole blocks: the lean types need head sizes that are multiples of 128, the head-64 types of 64 (a
+    # profile refuses them otherwise)
+    if all(shape[0] % cachetypes.get(t).block_size == 0 for t in kv.split("/"))])
 @pytest.mark.parametrize("n_q", [1, 64])
 def test_flash_attn_ext(ggml, kv, d, n_head, n_head_kv, n_q):
     """FLASH_ATTN_EXT on the CPU with qaq K and/or V against attention over the dequantized cache: a batch of 64

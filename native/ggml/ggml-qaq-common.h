@@ -118,11 +118,40 @@ typedef struct {
     uint8_t qs[QK_QAQL/4];   // 2-bit indices, 8 bytes per 32 values
 } block_qaq2l;
 
+// The head-64 types (qaq4h, qaq3h, qaq2h): the lean types with 64 values per block, for head sizes that 128 does not
+// divide (64: SmolLM2, most small Llama models). The same fields, half as many indices per scale:
+//
+//   qaq4h: 34 bytes / 64 values = 4.25 bits per value (packing as qaq4l)
+//   qaq3h: 26 bytes / 64 values = 3.25 bits per value (qs[8g..8g+7], qh[4g..4g+3] as one qaq3 block, g = 0, 1)
+//   qaq2h: 18 bytes / 64 values = 2.25 bits per value (qs[8g..8g+7] as one qaq2 block)
+//
+// Their quantizer and dequantizer are the lean types' with QK_QAQH values per block.
+#define QK_QAQH 64
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_QAQH/2];   // 4-bit indices, 16 bytes per 32 values
+} block_qaq4h;
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_QAQH/4];   // low 2 bits of each 3-bit index, 8 bytes per 32 values
+    uint8_t qh[QK_QAQH/8];   // high bit of each index, 4 bytes per 32 values
+} block_qaq3h;
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_QAQH/4];   // 2-bit indices, 8 bytes per 32 values
+} block_qaq2h;
+
 QAQ_STATIC_ASSERT(sizeof(block_qaq3) == 14, "wrong qaq3 block size/padding");
 QAQ_STATIC_ASSERT(sizeof(block_qaq2) == 10, "wrong qaq2 block size/padding");
 QAQ_STATIC_ASSERT(sizeof(block_qaq4l) == 66, "wrong qaq4l block size/padding");
 QAQ_STATIC_ASSERT(sizeof(block_qaq3l) == 50, "wrong qaq3l block size/padding");
 QAQ_STATIC_ASSERT(sizeof(block_qaq2l) == 34, "wrong qaq2l block size/padding");
+QAQ_STATIC_ASSERT(sizeof(block_qaq4h) == 34, "wrong qaq4h block size/padding");
+QAQ_STATIC_ASSERT(sizeof(block_qaq3h) == 26, "wrong qaq3h block size/padding");
+QAQ_STATIC_ASSERT(sizeof(block_qaq2h) == 18, "wrong qaq2h block size/padding");
 
 // ---------------------------------------------------------------------------------------------------------------------
 // codebooks and decision thresholds
@@ -351,7 +380,7 @@ QAQ_FN uint16_t qaq_fp32_to_fp16(const float f) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// levels and thresholds: nlev = 16 (qaq4l), 8 (qaq3, qaq3l), 4 (qaq2, qaq2l)
+// levels and thresholds: nlev = 16 (qaq4l, qaq4h), 8 (qaq3, qaq3l, qaq3h), 4 (qaq2, qaq2l, qaq2h)
 
 #if !QAQ_COMMON_GPU
 QAQ_FN const int8_t * qaq_kvalues(const int nlev) {
@@ -500,19 +529,35 @@ QAQ_FN void qaq_dequantize_block32(const float d0, const float d1, const uint8_t
     }
 }
 
-// 128 values of a qaq4l block with fp16 scale d
-QAQ_FN void qaq_dequantize_block_qaq4l(const block_qaq4l * x, float * y) {
-    const float d = qaq_fp16_to_fp32(x->d);
+// qk values (QK_QAQL: qaq4l, QK_QAQH: qaq4h) of 4-bit indices qs under the fp16 scale h
+QAQ_FN void qaq_dequantize_lean4(const uint16_t h, const uint8_t * qs, const int qk, float * y) {
+    const float d = qaq_fp16_to_fp32(h);
     float tab[16];
     for (int l = 0; l < 16; ++l) {
         tab[l] = qaq_fmul(d, qaq_level(16, l));
     }
-    for (int g = 0; g < QK_QAQL/32; ++g) {
+    for (int g = 0; g < qk/32; ++g) {
         for (int j = 0; j < 16; ++j) {
-            y[32*g + j]      = tab[x->qs[16*g + j] & 0xF];
-            y[32*g + j + 16] = tab[x->qs[16*g + j] >> 4];
+            y[32*g + j]      = tab[qs[16*g + j] & 0xF];
+            y[32*g + j + 16] = tab[qs[16*g + j] >> 4];
         }
     }
+}
+
+// qk values of 3-bit (qh != NULL) or 2-bit indices under the fp16 scale h, each 32 packed as one qaq3 / qaq2 block
+QAQ_FN void qaq_dequantize_lean32s(const uint16_t h, const uint8_t * qs, const uint8_t * qh, const int qk,
+                                   const int nlev, float * y) {
+    const float d = qaq_fp16_to_fp32(h);
+    for (int g = 0; g < qk/32; ++g) {
+        qaq_dequantize_block32(d, d, qs + 8*g, qh ? qh + 4*g : QAQ_NULL, nlev, y + 32*g);
+    }
+}
+
+QAQ_FN void qaq_dequantize_block_qaq4l(const block_qaq4l * x, float * y) {
+    qaq_dequantize_lean4(x->d, x->qs, QK_QAQL, y);
+}
+QAQ_FN void qaq_dequantize_block_qaq4h(const block_qaq4h * x, float * y) {
+    qaq_dequantize_lean4(x->d, x->qs, QK_QAQH, y);
 }
 
 QAQ_FN void qaq_dequantize_block_qaq3(const block_qaq3 * x, float * y) {
@@ -522,20 +567,21 @@ QAQ_FN void qaq_dequantize_block_qaq2(const block_qaq2 * x, float * y) {
     qaq_dequantize_block32(qaq_ue5m3_to_fp32(x->d[0]), qaq_ue5m3_to_fp32(x->d[1]), x->qs, QAQ_NULL, 4, y);
 }
 QAQ_FN void qaq_dequantize_block_qaq3l(const block_qaq3l * x, float * y) {
-    const float d = qaq_fp16_to_fp32(x->d);
-    for (int g = 0; g < QK_QAQL/32; ++g) {
-        qaq_dequantize_block32(d, d, x->qs + 8*g, x->qh + 4*g, 8, y + 32*g);
-    }
+    qaq_dequantize_lean32s(x->d, x->qs, x->qh, QK_QAQL, 8, y);
 }
 QAQ_FN void qaq_dequantize_block_qaq2l(const block_qaq2l * x, float * y) {
-    const float d = qaq_fp16_to_fp32(x->d);
-    for (int g = 0; g < QK_QAQL/32; ++g) {
-        qaq_dequantize_block32(d, d, x->qs + 8*g, QAQ_NULL, 4, y + 32*g);
-    }
+    qaq_dequantize_lean32s(x->d, x->qs, QAQ_NULL, QK_QAQL, 4, y);
+}
+QAQ_FN void qaq_dequantize_block_qaq3h(const block_qaq3h * x, float * y) {
+    qaq_dequantize_lean32s(x->d, x->qs, x->qh, QK_QAQH, 8, y);
+}
+QAQ_FN void qaq_dequantize_block_qaq2h(const block_qaq2h * x, float * y) {
+    qaq_dequantize_lean32s(x->d, x->qs, QAQ_NULL, QK_QAQH, 4, y);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// the quantizer (docs/cache-types.md, "Reference quantizer"): per 16 values (qaq3 / qaq2) or per 128 (lean types)
+// the quantizer (docs/cache-types.md, "Reference quantizer"): per 16 values (qaq3 / qaq2), per 128 (lean types) or
+// per 64 (head-64 types)
 //   1. amax and sum of squares; nothing to quantize (amax 0 or not finite): scale 0, every index the one nearest 0;
 //   2. scale search: 11 candidates d = amax * (0.45 + 0.07 i) / 127, each with its least-squares refit (qaq_fit),
 //      the lowest error wins; one more refit with the winner's assignment;
@@ -764,16 +810,16 @@ QAQ_FN void qaq_quantize_block32(const int nlev, const float * x, uint8_t * d, u
     qaq_pack32(L, qs, qh);
 }
 
-// A lean block (QK_QAQL values): the least-squares scale over all of them, saturated at the largest fp16 and stored
-// as fp16 (*h). Returns 1/d for the indices, or 0 when every index is the one nearest zero (nothing to quantize, or
-// a scale that rounds to fp16 zero; *h is then 0).
-QAQ_FN float qaq_quantize_lean_scale(const int nlev, const float * x, uint16_t * h QAQ_FIT_PARAM) {
+// A lean block (qk values: QK_QAQL, or QK_QAQH for the head-64 types): the least-squares scale over all of them,
+// saturated at the largest fp16 and stored as fp16 (*h). Returns 1/d for the indices, or 0 when every index is the
+// one nearest zero (nothing to quantize, or a scale that rounds to fp16 zero; *h is then 0).
+QAQ_FN float qaq_quantize_lean_scale(const int nlev, const float * x, const int qk, uint16_t * h QAQ_FIT_PARAM) {
     float amax  = 0.0f;
     float sumx2 = 0.0f;
     float d     = 0.0f;
     *h = 0;
-    if (qaq_stats(x, QK_QAQL, &amax, &sumx2)) {
-        const float best_d = qaq_best_scale(nlev, x, QK_QAQL, amax, sumx2 QAQ_FIT_ARG);
+    if (qaq_stats(x, qk, &amax, &sumx2)) {
+        const float best_d = qaq_best_scale(nlev, x, qk, amax, sumx2 QAQ_FIT_ARG);
         *h = qaq_fp32_to_fp16(qaq_fgt(65504.0f, best_d) ? best_d : 65504.0f);  // best_d < 65504 ? best_d : 65504
         d  = qaq_fp16_to_fp32(*h);
     }
@@ -789,14 +835,14 @@ QAQ_FN int qaq_lean_index(const int nlev, const float v, const float id) {
     return qaq_fgt(id, 0.0f) ? qaq_nearest(nlev, qaq_fmul(v, id)) : qaq_nearest(nlev, 0.0f);
 }
 
-// each 32 values of a qaq3l / qaq2l block packed as one qaq3 / qaq2 block
-QAQ_FN void qaq_quantize_lean_block32s(const int nlev, const float * x, uint16_t * d, uint8_t * qs, uint8_t * qh
-                                       QAQ_FIT_PARAM) {
+// each 32 values of a qaq3l / qaq2l (qaq3h / qaq2h) block of qk values packed as one qaq3 / qaq2 block
+QAQ_FN void qaq_quantize_lean_block32s(const int nlev, const float * x, const int qk, uint16_t * d, uint8_t * qs,
+                                       uint8_t * qh QAQ_FIT_PARAM) {
     uint16_t h = 0;
-    const float id = qaq_quantize_lean_scale(nlev, x, &h QAQ_FIT_ARG);
+    const float id = qaq_quantize_lean_scale(nlev, x, qk, &h QAQ_FIT_ARG);
     *d = h;
     QAQ_UNROLL(1)
-    for (int g = 0; g < QK_QAQL/QK_QAQ; ++g) {
+    for (int g = 0; g < qk/QK_QAQ; ++g) {
         uint8_t L[QK_QAQ];
         QAQ_UNROLL_FULL
         for (int j = 0; j < QK_QAQ; ++j) {
@@ -806,7 +852,20 @@ QAQ_FN void qaq_quantize_lean_block32s(const int nlev, const float * x, uint16_t
     }
 }
 
-// the block quantizers of the five types (CUDA: one thread per block)
+// qaq4l / qaq4h: the 4-bit indices of a block of qk values, byte b of each 16 holding values b (low nibble) and
+// b + 16 (high nibble) of its 32
+QAQ_FN void qaq_quantize_lean4(const float * x, const int qk, uint16_t * d, uint8_t * qs QAQ_FIT_PARAM) {
+    uint16_t h = 0;
+    const float id = qaq_quantize_lean_scale(16, x, qk, &h QAQ_FIT_ARG);
+    *d = h;
+    QAQ_UNROLL(4)
+    for (int b = 0; b < qk/2; ++b) {
+        const int j = QK_QAQ*(b / (QK_QAQ/2)) + b % (QK_QAQ/2);
+        qs[b] = (uint8_t) (qaq_lean_index(16, x[j], id) | qaq_lean_index(16, x[j + QK_QAQ/2], id) << 4);
+    }
+}
+
+// the block quantizers of the eight types (CUDA: one thread per block)
 QAQ_FN void qaq_quantize_block_qaq3(const float * x, block_qaq3 * y QAQ_FIT_PARAM) {
     qaq_quantize_block32(8, x, y->d, y->qs, y->qh QAQ_FIT_ARG);
 }
@@ -814,19 +873,20 @@ QAQ_FN void qaq_quantize_block_qaq2(const float * x, block_qaq2 * y QAQ_FIT_PARA
     qaq_quantize_block32(4, x, y->d, y->qs, QAQ_NULL QAQ_FIT_ARG);
 }
 QAQ_FN void qaq_quantize_block_qaq4l(const float * x, block_qaq4l * y QAQ_FIT_PARAM) {
-    uint16_t h = 0;
-    const float id = qaq_quantize_lean_scale(16, x, &h QAQ_FIT_ARG);
-    y->d = h;
-    // byte b of each 16: values b (low nibble) and b + 16 (high nibble) of its 32
-    QAQ_UNROLL(4)
-    for (int b = 0; b < QK_QAQL/2; ++b) {
-        const int j = QK_QAQ*(b / (QK_QAQ/2)) + b % (QK_QAQ/2);
-        y->qs[b] = (uint8_t) (qaq_lean_index(16, x[j], id) | qaq_lean_index(16, x[j + QK_QAQ/2], id) << 4);
-    }
+    qaq_quantize_lean4(x, QK_QAQL, &y->d, y->qs QAQ_FIT_ARG);
 }
 QAQ_FN void qaq_quantize_block_qaq3l(const float * x, block_qaq3l * y QAQ_FIT_PARAM) {
-    qaq_quantize_lean_block32s(8, x, &y->d, y->qs, y->qh QAQ_FIT_ARG);
+    qaq_quantize_lean_block32s(8, x, QK_QAQL, &y->d, y->qs, y->qh QAQ_FIT_ARG);
 }
 QAQ_FN void qaq_quantize_block_qaq2l(const float * x, block_qaq2l * y QAQ_FIT_PARAM) {
-    qaq_quantize_lean_block32s(4, x, &y->d, y->qs, QAQ_NULL QAQ_FIT_ARG);
+    qaq_quantize_lean_block32s(4, x, QK_QAQL, &y->d, y->qs, QAQ_NULL QAQ_FIT_ARG);
+}
+QAQ_FN void qaq_quantize_block_qaq4h(const float * x, block_qaq4h * y QAQ_FIT_PARAM) {
+    qaq_quantize_lean4(x, QK_QAQH, &y->d, y->qs QAQ_FIT_ARG);
+}
+QAQ_FN void qaq_quantize_block_qaq3h(const float * x, block_qaq3h * y QAQ_FIT_PARAM) {
+    qaq_quantize_lean_block32s(8, x, QK_QAQH, &y->d, y->qs, y->qh QAQ_FIT_ARG);
+}
+QAQ_FN void qaq_quantize_block_qaq2h(const float * x, block_qaq2h * y QAQ_FIT_PARAM) {
+    qaq_quantize_lean_block32s(4, x, QK_QAQH, &y->d, y->qs, QAQ_NULL QAQ_FIT_ARG);
 }

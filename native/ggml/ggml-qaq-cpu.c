@@ -1,4 +1,4 @@
-// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, the dot
+// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l / qaq4h / qaq3h / qaq2h CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, the dot
 // product with a q8_0 row that flash attention's vector path uses for K.q (Q rounded to q8_0 blocks of 32 once per
 // query row), and the row dequantization its V accumulation and the tiled path's K/V tiles use.
 
@@ -178,6 +178,18 @@ void quantize_row_qaq2l(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, i
     quantize_row_qaq2l_fit(x, (block_qaq2l *) y, k, QAQ_FIT);
 }
 
+void quantize_row_qaq4h(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq4h_fit(x, (block_qaq4h *) y, k, QAQ_FIT);
+}
+
+void quantize_row_qaq3h(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq3h_fit(x, (block_qaq3h *) y, k, QAQ_FIT);
+}
+
+void quantize_row_qaq2h(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_qaq2h_fit(x, (block_qaq2h *) y, k, QAQ_FIT);
+}
+
 // The dot products of n values of either type with nq q8_0 rows (y, by bytes apart): s[r] = x . y_r, each the same
 // sum as for one row; flash attention's query heads that read one K row share the decoding of its indices. Both
 // blocks start with d[2], qs[8]; a qaq3 block (has_qh) continues with qh[4]. bsize is the block's size in bytes.
@@ -249,17 +261,23 @@ void ggml_vec_dot_qaq2_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const voi
     qaq_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2), false, (const char *) vy, 0, 1);
 }
 
-// The lean types against nq q8_0 rows (as qaq_vec_dot_q8_0): a block of 128 values (one fp16 scale) is four q8_0
-// blocks. qaq3l/qaq2l pack each 32 values as one qaq3/qaq2 block's qs (and qh); qaq4l as q4_0's nibbles (value j and
-// j+16 in byte j).
+// The lean types (qk = QK_QAQL) and the head-64 types (qk = QK_QAQH) against nq q8_0 rows (as qaq_vec_dot_q8_0): a
+// block of qk values (one fp16 scale) is qk/32 q8_0 blocks. qaq3l/qaq2l (qaq3h/qaq2h) pack each 32 values as one
+// qaq3/qaq2 block's qs (and qh); qaq4l (qaq4h) as q4_0's nibbles (value j and j+16 in byte j).
 static inline void qaq_lean_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x, size_t bsize,
-                                         int bits, const char * GGML_RESTRICT y, size_t by, int nq) {
-    assert(n % QK_QAQL == 0);
-    const int nb = n / QK_QAQL;
+                                         int bits, int qk, const char * GGML_RESTRICT y, size_t by, int nq) {
+    assert(n % qk == 0);
+    const int nb = n / qk;
+    const int ng = qk / 32;                   // q8_0 blocks per block
     const size_t o_qs = offsetof(block_qaq3l, qs);
-    const size_t o_qh = offsetof(block_qaq3l, qh);
+    const size_t o_qh = o_qs + (size_t) qk/4;  // qaq3l / qaq3h: qh after qs[qk/4]
     _Static_assert(offsetof(block_qaq2l, qs) == offsetof(block_qaq3l, qs), "qaq2l/qaq3l share the d, qs layout");
     _Static_assert(offsetof(block_qaq4l, qs) == offsetof(block_qaq3l, qs), "qaq4l/qaq3l share the d offset");
+    _Static_assert(offsetof(block_qaq4h, qs) == offsetof(block_qaq3l, qs) && offsetof(block_qaq3h, qs) ==
+                   offsetof(block_qaq3l, qs) && offsetof(block_qaq2h, qs) == offsetof(block_qaq3l, qs),
+                   "the head-64 types share the lean d, qs layout");
+    _Static_assert(offsetof(block_qaq3l, qh) == offsetof(block_qaq3l, qs) + QK_QAQL/4 &&
+                   offsetof(block_qaq3h, qh) == offsetof(block_qaq3h, qs) + QK_QAQH/4, "qh follows qs");
 
 #if defined(__AVX2__)
     const __m256i table = qaq_codebook(bits);
@@ -274,11 +292,11 @@ static inline void qaq_lean_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const u
             uint16_t h;
             memcpy(&h, xb, sizeof(h));
             const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(h));
-            for (int g = 0; g < QK_QAQL/32; ++g) {
+            for (int g = 0; g < ng; ++g) {
                 const __m256i xv = qaq_values32(table, xb + o_qs + (bits == 4 ? 16 : 8)*g,
                                                 bits == 3 ? xb + o_qh + 4*g : NULL, bits);
                 for (int r = 0; r < nr; ++r) {
-                    acc[r] = qaq_block_acc(acc[r], xv, (const block_q8_0 *) (y + (r0 + r)*by) + 4*ib + g, d);
+                    acc[r] = qaq_block_acc(acc[r], xv, (const block_q8_0 *) (y + (r0 + r)*by) + ng*ib + g, d);
                 }
             }
         }
@@ -299,8 +317,8 @@ static inline void qaq_lean_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const u
             uint16_t h;
             memcpy(&h, xb, sizeof(h));
             const float d = GGML_CPU_FP16_TO_FP32(h);
-            for (int g = 0; g < QK_QAQL/32; ++g) {
-                const block_q8_0 * yb = &yr[4*ib + g];
+            for (int g = 0; g < ng; ++g) {
+                const block_q8_0 * yb = &yr[ng*ib + g];
                 int sum[2] = { 0, 0 };
                 for (int j = 0; j < 32; ++j) {
                     int l;
@@ -326,21 +344,42 @@ void ggml_vec_dot_qaq4l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const vo
                              const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4l), 4, (const char *) vy, 0, 1);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4l), 4, QK_QAQL, (const char *) vy, 0, 1);
 }
 
 void ggml_vec_dot_qaq3l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
                              const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3l), 3, (const char *) vy, 0, 1);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3l), 3, QK_QAQL, (const char *) vy, 0, 1);
 }
 
 void ggml_vec_dot_qaq2l_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
                              const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
     (void) nrc; (void) bx; (void) by; (void) bs;
-    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const char *) vy, 0, 1);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2l), 2, QK_QAQL, (const char *) vy, 0, 1);
+}
+
+void ggml_vec_dot_qaq4h_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4h), 4, QK_QAQH, (const char *) vy, 0, 1);
+}
+
+void ggml_vec_dot_qaq3h_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3h), 3, QK_QAQH, (const char *) vy, 0, 1);
+}
+
+void ggml_vec_dot_qaq2h_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                             const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2h), 2, QK_QAQH, (const char *) vy, 0, 1);
 }
 
 // x against nq q8_0 rows by bytes apart, for flash attention's query heads reading one K row
@@ -356,17 +395,32 @@ void ggml_vec_dot_qaq2_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GG
 
 void ggml_vec_dot_qaq4l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
                                   const void * GGML_RESTRICT vy, size_t by, int nq) {
-    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4l), 4, (const char *) vy, by, nq);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4l), 4, QK_QAQL, (const char *) vy, by, nq);
 }
 
 void ggml_vec_dot_qaq3l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
                                   const void * GGML_RESTRICT vy, size_t by, int nq) {
-    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3l), 3, (const char *) vy, by, nq);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3l), 3, QK_QAQL, (const char *) vy, by, nq);
 }
 
 void ggml_vec_dot_qaq2l_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
                                   const void * GGML_RESTRICT vy, size_t by, int nq) {
-    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2l), 2, (const char *) vy, by, nq);
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2l), 2, QK_QAQL, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_qaq4h_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                  const void * GGML_RESTRICT vy, size_t by, int nq) {
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq4h), 4, QK_QAQH, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_qaq3h_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                  const void * GGML_RESTRICT vy, size_t by, int nq) {
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq3h), 3, QK_QAQH, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_qaq2h_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                  const void * GGML_RESTRICT vy, size_t by, int nq) {
+    qaq_lean_vec_dot_q8_0(n, s, (const uint8_t *) vx, sizeof(block_qaq2h), 2, QK_QAQH, (const char *) vy, by, nq);
 }
 
 // Rows as f32. AVX2: the 32 codebook values of each 32 indices by one byte shuffle, times the block's scales (the
@@ -406,32 +460,42 @@ static inline void qaq_dequantize_row_cpu(const void * GGML_RESTRICT vx, float *
 #endif
 }
 
-// qaq4l, qaq3l or qaq2l (bits)
+// qaq4l, qaq3l or qaq2l (bits; qk = QK_QAQL), qaq4h, qaq3h or qaq2h (qk = QK_QAQH)
 static inline void qaq_lean_dequantize_row_cpu(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t k,
-                                               int bits) {
+                                               int bits, int qk) {
 #if defined(__AVX2__)
     const uint8_t * x = (const uint8_t *) vx;
-    const size_t bsize = bits == 4 ? sizeof(block_qaq4l) : bits == 3 ? sizeof(block_qaq3l) : sizeof(block_qaq2l);
+    const size_t bsize = sizeof(uint16_t) + (size_t) qk*bits/8;  // fp16 scale, then qk indices of bits bits
     const size_t o_qs = offsetof(block_qaq3l, qs);
-    const size_t o_qh = offsetof(block_qaq3l, qh);
+    const size_t o_qh = o_qs + (size_t) qk/4;
     const __m256i table = qaq_codebook(bits);
-    for (int64_t ib = 0; ib < k / QK_QAQL; ++ib, x += bsize) {
+    for (int64_t ib = 0; ib < k / qk; ++ib, x += bsize) {
         uint16_t h;
         memcpy(&h, x, sizeof(h));
         const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(h));
-        for (int g = 0; g < QK_QAQL/32; ++g) {
+        for (int g = 0; g < qk/32; ++g) {
             const uint8_t * qh = bits == 3 ? x + o_qh + 4*g : NULL;
             const __m256i v = qaq_values32(table, x + o_qs + (bits == 4 ? 16 : 8)*g, qh, bits);
-            qaq_store_32(v, d, y + ib*QK_QAQL + 32*g);
+            qaq_store_32(v, d, y + ib*qk + 32*g);
         }
     }
 #else
-    if (bits == 4) {
-        dequantize_row_qaq4l((const block_qaq4l *) vx, y, k);
-    } else if (bits == 3) {
-        dequantize_row_qaq3l((const block_qaq3l *) vx, y, k);
+    if (qk == QK_QAQL) {
+        if (bits == 4) {
+            dequantize_row_qaq4l((const block_qaq4l *) vx, y, k);
+        } else if (bits == 3) {
+            dequantize_row_qaq3l((const block_qaq3l *) vx, y, k);
+        } else {
+            dequantize_row_qaq2l((const block_qaq2l *) vx, y, k);
+        }
     } else {
-        dequantize_row_qaq2l((const block_qaq2l *) vx, y, k);
+        if (bits == 4) {
+            dequantize_row_qaq4h((const block_qaq4h *) vx, y, k);
+        } else if (bits == 3) {
+            dequantize_row_qaq3h((const block_qaq3h *) vx, y, k);
+        } else {
+            dequantize_row_qaq2h((const block_qaq2h *) vx, y, k);
+        }
     }
 #endif
 }
@@ -445,13 +509,25 @@ void dequantize_row_qaq2_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT
 }
 
 void dequantize_row_qaq4l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-    qaq_lean_dequantize_row_cpu(x, y, k, 4);
+    qaq_lean_dequantize_row_cpu(x, y, k, 4, QK_QAQL);
 }
 
 void dequantize_row_qaq3l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-    qaq_lean_dequantize_row_cpu(x, y, k, 3);
+    qaq_lean_dequantize_row_cpu(x, y, k, 3, QK_QAQL);
 }
 
 void dequantize_row_qaq2l_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-    qaq_lean_dequantize_row_cpu(x, y, k, 2);
+    qaq_lean_dequantize_row_cpu(x, y, k, 2, QK_QAQL);
+}
+
+void dequantize_row_qaq4h_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    qaq_lean_dequantize_row_cpu(x, y, k, 4, QK_QAQH);
+}
+
+void dequantize_row_qaq3h_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    qaq_lean_dequantize_row_cpu(x, y, k, 3, QK_QAQH);
+}
+
+void dequantize_row_qaq2h_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    qaq_lean_dequantize_row_cpu(x, y, k, 2, QK_QAQH);
 }

@@ -1,5 +1,6 @@
-// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l reference quantizers and dequantizers (compiled into ggml-base). The per-block
-// math, layouts and codebooks are in ggml-qaq-common.h, shared with the CUDA kernels; this file runs it over rows.
+// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l / qaq4h / qaq3h / qaq2h reference quantizers and dequantizers (compiled into
+// ggml-base). The per-block math, layouts and codebooks are in ggml-qaq-common.h, shared with the CUDA kernels; this
+// file runs it over rows.
 //
 // Built with -ffp-contract=off: the float operations happen in the order written, so the numpy port
 // (qaq_gguf/quants.py) and the CUDA quantizer produce the same bytes.
@@ -52,3 +53,6 @@ QAQ_ROW_FUNCS(qaq2,  QK_QAQ)
 QAQ_ROW_FUNCS(qaq4l, QK_QAQL)
 QAQ_ROW_FUNCS(qaq3l, QK_QAQL)
 QAQ_ROW_FUNCS(qaq2l, QK_QAQL)
+QAQ_ROW_FUNCS(qaq4h, QK_QAQH)
+QAQ_ROW_FUNCS(qaq3h, QK_QAQH)
+QAQ_ROW_FUNCS(qaq2h, QK_QAQH)
