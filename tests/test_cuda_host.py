@@ -72,7 +72,7 @@ def test_cuda_host_matches_c_reference(tools, ref_obj, tmp_path):
     run = _build_and_run(nvcc, ref_obj, tmp_path / "qaq-cuda-host")
     print(run.stdout)
     assert run.returncode == 0 and "PASS" in run.stdout, run.stdout + run.stderr
-    for t in ("qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l"):
+    for t in ("qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h"):
         assert f"{t} quantize: gaussian" in run.stdout and f"{t} dequantize (get_rows/cpy)" in run.stdout
 
 
@@ -93,4 +93,4 @@ def test_cuda_host_detects_a_drifted_codebook(tools, ref_obj, tmp_path):
     assert run.returncode == 1 and "FAIL" in run.stdout, run.stdout + run.stderr
     assert "qaq3 quantize: gaussian" in run.stdout and "qaq2 quantize: gaussian" in run.stdout
     failed = [ln for ln in run.stdout.splitlines() if ln.rstrip().endswith("differ)") and "FAIL" in ln]
-    assert failed and all(ln.startswith(("qaq3 ", "qaq3l ")) for ln in failed), failed
+    assert failed and all(ln.startswith(("qaq3 ", "qaq3l ", "qaq3h ")) for ln in failed), failed

@@ -1,10 +1,10 @@
-// qaq3 / qaq2 and qaq4l / qaq3l / qaq2l CUDA device code (design in docs/cache-types.md).
+// qaq3 / qaq2, qaq4l / qaq3l / qaq2l and qaq4h / qaq3h / qaq2h CUDA device code (design in docs/cache-types.md).
 //
 // The per-block math (layouts, codebooks, ue5m3 and fp16 scales, the block quantizers and dequantizers, the index
 // decoders) is in ggml-qaq-common.h, shared with the C reference; this file holds what is CUDA's own:
-//   - dequantize_qaq{3,2}, dequantize_qaq{4,3,2}l: the dequantize_kernel_t of convert.cu / getrows.cu / cpy.cu (2 values
-//     at a time);
-//   - quantize_f32_qaq{3,2}_block, quantize_f32_qaq{4,3,2}l_block: the set_rows / cpy block quantizers (the shared
+//   - dequantize_qaq{3,2}, dequantize_qaq{4,3,2}{l,h}: the dequantize_kernel_t of convert.cu / getrows.cu / cpy.cu (2
+//     values at a time);
+//   - quantize_f32_qaq{3,2}_block, quantize_f32_qaq{4,3,2}{l,h}_block: the set_rows / cpy block quantizers (the shared
 //     qaq_quantize_block_*, bit-exact with quantize_row_qaq*_ref);
 //   - vec_dot_fattn_vec_KQ_qaq* and dequantize_V_qaq* for the flash-attention vector kernel.
 // The functions other than the flash-attention K.Q products are __host__ __device__, so that
@@ -22,7 +22,8 @@ static __device__ __forceinline__ half qaq_ue5m3_to_f16(const uint8_t b) {
     return __ushort_as_half((unsigned short) (b << 7));
 }
 
-// per block: iqs = 0..7 (qaq3 / qaq2, one block is 32 values), iqs = 0..31 (the lean types, 32 values per 8 ints)
+// per block: iqs = 0..7 (qaq3 / qaq2, one block is 32 values), iqs = 0..31 (the lean types, 32 values per 8 ints),
+// iqs = 0..15 (the head-64 types)
 static __host__ __device__ __forceinline__ int qaq3_get_int(const block_qaq3 * __restrict__ x, const int iqs) {
     return qaq3_get_int32(x->qs, x->qh, iqs);
 }
@@ -38,9 +39,18 @@ static __host__ __device__ __forceinline__ int qaq3l_get_int(const block_qaq3l *
 static __host__ __device__ __forceinline__ int qaq2l_get_int(const block_qaq2l * __restrict__ x, const int iqs) {
     return qaq2_get_int32(x->qs + (QK_QAQ/4)*(iqs / QI8_1), iqs % QI8_1);
 }
+static __host__ __device__ __forceinline__ int qaq4h_get_int(const block_qaq4h * __restrict__ x, const int iqs) {
+    return qaq4_get_int32(x->qs + (QK_QAQ/2)*(iqs / QI8_1), iqs % QI8_1);
+}
+static __host__ __device__ __forceinline__ int qaq3h_get_int(const block_qaq3h * __restrict__ x, const int iqs) {
+    return qaq3_get_int32(x->qs + (QK_QAQ/4)*(iqs / QI8_1), x->qh + (QK_QAQ/8)*(iqs / QI8_1), iqs % QI8_1);
+}
+static __host__ __device__ __forceinline__ int qaq2h_get_int(const block_qaq2h * __restrict__ x, const int iqs) {
+    return qaq2_get_int32(x->qs + (QK_QAQ/4)*(iqs / QI8_1), iqs % QI8_1);
+}
 
 // ---------------------------------------------------------------------------------------------------------------------
-// dequantize_kernel_t (qk = QK_QAQ or QK_QAQL, qr = 1): values iqs and iqs + 1 of block ib (iqs even)
+// dequantize_kernel_t (qk = QK_QAQ, QK_QAQL or QK_QAQH, qr = 1): values iqs and iqs + 1 of block ib (iqs even)
 
 // values j and j + 1 (j even) of 32 values packed as one qaq3 (qh != nullptr) or qaq2 block, scale d
 template <int nlev>
@@ -67,15 +77,24 @@ static __host__ __device__ __forceinline__ void dequantize_qaq2(const void * vx,
     qaq_dequantize2_32<4>(qaq_ue5m3_to_fp32(x->d[iqs / (QK_QAQ/2)]), x->qs, nullptr, iqs, v);
 }
 
-static __host__ __device__ __forceinline__ void dequantize_qaq4l(const void * vx, const int64_t ib, const int iqs, float2 & v) {
-    const block_qaq4l * x = (const block_qaq4l *) vx + ib;
-
-    const float     d = qaq_fp16_to_fp32(x->d);
-    const uint8_t * q = x->qs + (QK_QAQ/2)*(iqs / QK_QAQ);
+// values j and j + 1 (j even) of a qaq4l / qaq4h block: d, 4-bit indices qs
+static __host__ __device__ __forceinline__ void qaq_dequantize2_lean4(const float d, const uint8_t * __restrict__ qs,
+                                                                      const int iqs, float2 & v) {
+    const uint8_t * q = qs + (QK_QAQ/2)*(iqs / QK_QAQ);
     const int       j = iqs % QK_QAQ;                       // j even: j and j + 1 share the nibble half
 
     v.x = d * qaq_level(16, qaq4_index(q, j + 0));
     v.y = d * qaq_level(16, qaq4_index(q, j + 1));
+}
+
+static __host__ __device__ __forceinline__ void dequantize_qaq4l(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const block_qaq4l * x = (const block_qaq4l *) vx + ib;
+    qaq_dequantize2_lean4(qaq_fp16_to_fp32(x->d), x->qs, iqs, v);
+}
+
+static __host__ __device__ __forceinline__ void dequantize_qaq4h(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const block_qaq4h * x = (const block_qaq4h *) vx + ib;
+    qaq_dequantize2_lean4(qaq_fp16_to_fp32(x->d), x->qs, iqs, v);
 }
 
 static __host__ __device__ __forceinline__ void dequantize_qaq3l(const void * vx, const int64_t ib, const int iqs, float2 & v) {
@@ -86,6 +105,18 @@ static __host__ __device__ __forceinline__ void dequantize_qaq3l(const void * vx
 
 static __host__ __device__ __forceinline__ void dequantize_qaq2l(const void * vx, const int64_t ib, const int iqs, float2 & v) {
     const block_qaq2l * x = (const block_qaq2l *) vx + ib;
+    const int g = iqs / QK_QAQ;
+    qaq_dequantize2_32<4>(qaq_fp16_to_fp32(x->d), x->qs + (QK_QAQ/4)*g, nullptr, iqs % QK_QAQ, v);
+}
+
+static __host__ __device__ __forceinline__ void dequantize_qaq3h(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const block_qaq3h * x = (const block_qaq3h *) vx + ib;
+    const int g = iqs / QK_QAQ;
+    qaq_dequantize2_32<8>(qaq_fp16_to_fp32(x->d), x->qs + (QK_QAQ/4)*g, x->qh + (QK_QAQ/8)*g, iqs % QK_QAQ, v);
+}
+
+static __host__ __device__ __forceinline__ void dequantize_qaq2h(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const block_qaq2h * x = (const block_qaq2h *) vx + ib;
     const int g = iqs / QK_QAQ;
     qaq_dequantize2_32<4>(qaq_fp16_to_fp32(x->d), x->qs + (QK_QAQ/4)*g, nullptr, iqs % QK_QAQ, v);
 }
@@ -116,10 +147,22 @@ static __host__ __device__ void quantize_f32_qaq2l_block(const float * __restric
     qaq_quantize_block_qaq2l(x, y);
 }
 
+static __host__ __device__ void quantize_f32_qaq4h_block(const float * __restrict__ x, block_qaq4h * __restrict__ y) {
+    qaq_quantize_block_qaq4h(x, y);
+}
+
+static __host__ __device__ void quantize_f32_qaq3h_block(const float * __restrict__ x, block_qaq3h * __restrict__ y) {
+    qaq_quantize_block_qaq3h(x, y);
+}
+
+static __host__ __device__ void quantize_f32_qaq2h_block(const float * __restrict__ x, block_qaq2h * __restrict__ y) {
+    qaq_quantize_block_qaq2h(x, y);
+}
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Flash attention, vector kernel (fattn-vec.cuh): K.Q against Q as q8_1 (one int of 4 values per k_KQ, QI8_1 ints per
 // block of q8_1), and V rows. A block of qaq3/qaq2 is one block of q8_1 and each int lies inside one half, i.e. one
-// scale; a lean block is four blocks of q8_1 under one scale.
+// scale; a lean (head-64) block is four (two) blocks of q8_1 under one scale.
 
 template <int D, int nthreads, typename block_t, int (*get_int)(const block_t *, int)>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq(
@@ -147,11 +190,11 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq(
     return sum;
 }
 
-template <int D, int nthreads, typename block_t, int (*get_int)(const block_t *, int)>
+template <int D, int nthreads, typename block_t, int (*get_int)(const block_t *, int), int qk = QK_QAQL>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq_lean(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
 
-    static_assert(D % QK_QAQL == 0, "lean K types need a head size that is a multiple of 128");
+    static_assert(D % qk == 0, "lean (head-64) K types need a head size that is a multiple of 128 (64)");
     const block_t * K = (const block_t *) K_c;
     GGML_UNUSED(Q_v);
 
@@ -161,8 +204,8 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq_lean(
     for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
         const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
 
-        const int ib  = k_KQ / (QK_QAQL/sizeof(int));
-        const int iqs = k_KQ % (QK_QAQL/sizeof(int));
+        const int ib  = k_KQ / (qk/sizeof(int));
+        const int iqs = k_KQ % (qk/sizeof(int));
 
         const int v    = get_int(K + ib, iqs);
         const int sumi = ggml_cuda_dp4a(v, Q_q8[k_KQ_0/nthreads], 0);
@@ -204,8 +247,26 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq2l(
     return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq2l, qaq2l_get_int>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
+template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq4h(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq4h, qaq4h_get_int, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
+}
+
+template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq3h(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq3h, qaq3h_get_int, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
+}
+
+template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq2h(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq2h, qaq2h_get_int, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
+}
+
 // ne (2 or 4) consecutive values of a V row from element i0 (a multiple of ne), as half or float; qk values per block
-// (QK_QAQ: two ue5m3 scales, QK_QAQL: one fp16 scale)
+// (QK_QAQ: two ue5m3 scales, QK_QAQL or QK_QAQH: one fp16 scale)
 template <typename T, int ne, typename block_t, int (*get_int)(const block_t *, int), int qk>
 static __host__ __device__ __forceinline__ void dequantize_V_qaq_impl(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
     const block_t * x = (const block_t *) vx;
@@ -276,4 +337,19 @@ static __host__ __device__ __forceinline__ void dequantize_V_qaq3l(const void * 
 template <typename T, int ne>
 static __host__ __device__ __forceinline__ void dequantize_V_qaq2l(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
     dequantize_V_qaq_impl<T, ne, block_qaq2l, qaq2l_get_int, QK_QAQL>(vx, dst, i0);
+}
+
+template <typename T, int ne>
+static __host__ __device__ __forceinline__ void dequantize_V_qaq4h(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    dequantize_V_qaq_impl<T, ne, block_qaq4h, qaq4h_get_int, QK_QAQH>(vx, dst, i0);
+}
+
+template <typename T, int ne>
+static __host__ __device__ __forceinline__ void dequantize_V_qaq3h(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    dequantize_V_qaq_impl<T, ne, block_qaq3h, qaq3h_get_int, QK_QAQH>(vx, dst, i0);
+}
+
+template <typename T, int ne>
+static __host__ __device__ __forceinline__ void dequantize_V_qaq2h(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    dequantize_V_qaq_impl<T, ne, block_qaq2h, qaq2h_get_int, QK_QAQH>(vx, dst, i0);
 }

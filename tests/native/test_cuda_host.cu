@@ -36,11 +36,17 @@ void quantize_row_qaq2_ref (const float * x, block_qaq2  * y, int64_t k);
 void quantize_row_qaq4l_ref(const float * x, block_qaq4l * y, int64_t k);
 void quantize_row_qaq3l_ref(const float * x, block_qaq3l * y, int64_t k);
 void quantize_row_qaq2l_ref(const float * x, block_qaq2l * y, int64_t k);
+void quantize_row_qaq4h_ref(const float * x, block_qaq4h * y, int64_t k);
+void quantize_row_qaq3h_ref(const float * x, block_qaq3h * y, int64_t k);
+void quantize_row_qaq2h_ref(const float * x, block_qaq2h * y, int64_t k);
 void dequantize_row_qaq3 (const block_qaq3  * x, float * y, int64_t k);
 void dequantize_row_qaq2 (const block_qaq2  * x, float * y, int64_t k);
 void dequantize_row_qaq4l(const block_qaq4l * x, float * y, int64_t k);
 void dequantize_row_qaq3l(const block_qaq3l * x, float * y, int64_t k);
 void dequantize_row_qaq2l(const block_qaq2l * x, float * y, int64_t k);
+void dequantize_row_qaq4h(const block_qaq4h * x, float * y, int64_t k);
+void dequantize_row_qaq3h(const block_qaq3h * x, float * y, int64_t k);
+void dequantize_row_qaq2h(const block_qaq2h * x, float * y, int64_t k);
 }
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -220,6 +226,9 @@ int main(int argc, char ** argv) {
     fails += CHECK(qaq4l, QK_QAQL);
     fails += CHECK(qaq3l, QK_QAQL);
     fails += CHECK(qaq2l, QK_QAQL);
+    fails += CHECK(qaq4h, QK_QAQH);
+    fails += CHECK(qaq3h, QK_QAQH);
+    fails += CHECK(qaq2h, QK_QAQH);
     printf("%s: %d check(s) failed\n", fails ? "FAIL" : "PASS", fails);
     return fails ? 1 : 0;
 }
