@@ -67,6 +67,8 @@ class Rewriter:
         self._probing = False
         self._seen: dict[tuple[str, int], int] = {}
         self._pos: np.ndarray | None = None
+        self._final: set[tuple[str, int]] = set()  # (kind, il) whose final tensor this batch has rewritten
+        self._deferred_v: dict[int, int] = {}  # il -> Vcur tensor waiting for the layer's queries and keys
         self.error: BaseException | None = None
         self.callback = llama.llama_cpp_module().ggml_backend_sched_eval_callback(self._on_tensor)
 
@@ -89,23 +91,41 @@ class Rewriter:
             self._seen[key] = n + 1
             if self._probe.final.get(key) != n:
                 return True
-            x = read(self.lib, t)
-            shape = x.shape
-            x = x.reshape(shape[-3:])  # (n_tokens, n_head, head_dim)
-            if self._pos is None or len(self._pos) != x.shape[0]:
-                raise RewriteError(f"{name}: {x.shape[0]} tokens, but the batch has "
-                                   f"{0 if self._pos is None else len(self._pos)} positions")
-            y = self.method.apply(key[1], key[0], x, self._pos)
-            if key[0] in self.method.rewrites:
-                y = np.asarray(y, np.float32)
-                if y.shape != x.shape or not np.all(np.isfinite(y)):
-                    raise RewriteError(f"{self.method.label}: {name}: the method returned "
-                                       f"{'shape ' + str(y.shape) if y.shape != x.shape else 'non-finite values'}")
-                write(self.lib, t, y.reshape(shape))
+            kind, il = key
+            if kind == "v" and self._v_waits(il):
+                self._deferred_v[il] = t  # its consumers (the cache write, attention) have not run yet
+                return True
+            self._rewrite(t, name, kind, il)
+            self._final.add(key)
+            if il in self._deferred_v and not self._v_waits(il):
+                self._rewrite(self._deferred_v.pop(il), f"Vcur-{il}", "v", il)
+                self._final.add(("v", il))
             return True
         except BaseException as e:  # an exception must not cross the C callback: stop the graph, re-raise later
             self.error = e
             return False
+
+    def _v_waits(self, il: int) -> bool:
+        """Whether layer il's values must wait for the batch's queries and keys: methods whose value rule needs
+        this batch's attention (``values_need_attention``) on graphs that compute V first (Llama's does)."""
+        if not getattr(self.method, "values_need_attention", False):
+            return False
+        return any((k, il) in self._probe.final and (k, il) not in self._final for k in ("q", "k"))
+
+    def _rewrite(self, t, name: str, kind: str, il: int) -> None:
+        x = read(self.lib, t)
+        shape = x.shape
+        x = x.reshape(shape[-3:])  # (n_tokens, n_head, head_dim)
+        if self._pos is None or len(self._pos) != x.shape[0]:
+            raise RewriteError(f"{name}: {x.shape[0]} tokens, but the batch has "
+                               f"{0 if self._pos is None else len(self._pos)} positions")
+        y = self.method.apply(il, kind, x, self._pos)
+        if kind in self.method.rewrites:
+            y = np.asarray(y, np.float32)
+            if y.shape != x.shape or not np.all(np.isfinite(y)):
+                raise RewriteError(f"{self.method.label}: {name}: the method returned "
+                                   f"{'shape ' + str(y.shape) if y.shape != x.shape else 'non-finite values'}")
+            write(self.lib, t, y.reshape(shape))
 
     def _on_probe(self, t, name: str, ask: bool) -> bool:
         m = _NAME.match(name)
@@ -165,6 +185,10 @@ class Rewriter:
         """The next decode holds these positions; write the method's cache updates first."""
         self._pos = np.asarray(pos, dtype=np.int64)
         self._seen = {}
+        if self._deferred_v:
+            raise RewriteError(f"layers {sorted(self._deferred_v)}: values waited for queries and keys that the "
+                               "graph never computed")
+        self._final = set()
         refresh = getattr(self.method, "refresh", None)
         if refresh is None:
             return

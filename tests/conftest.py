@@ -21,6 +21,12 @@ def gemma() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct: Llama architecture, GQA (9 query heads over 3 KV heads of 64), no BOS, chat template."""
+    return models.smollm2_135m()
+
+
+@pytest.fixture(scope="session")
 def gemma_ident(gemma):
     return profile.model_identity(gemma)
 

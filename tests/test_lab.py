@@ -193,6 +193,16 @@ def test_every_method_runs_end_to_end(gemma, calib_text, eval_text):
     assert set(methods.PUBLISHED) == {r["family"] for r in res["results"] if r["family"] != "native"}
 
 
+def test_qaq_runs_on_a_graph_that_computes_values_first(smollm2, calib_text, eval_text):
+    """Llama's graph computes V before the roped Q and K; QAQ's value rule needs the batch's attention, so the
+    rewriter hands V over after them (it stopped with 'values before the batch's queries and keys' before)."""
+    res = lab.run(smollm2, calib_text, eval_text, ["qaq:3", "native:q4_0/q4_0"], n_ctx=256, n_chunks=1, n_batch=64,
+                  calib_ctx=256, calib_chunks=2, n_threads=2, progress=False)
+    rows = {r["label"]: r for r in res["results"]}
+    assert np.isfinite(rows["qaq:3"]["kld"]) and rows["qaq:3"]["kld"] > 0
+    assert 2.0 < rows["qaq:3"]["avg_bits"] < 16.0
+
+
 def test_frontier_takes_profiles_calibrated_before(gemma, calib_text, eval_text, tmp_path):
     """--frontier PROFILE.gguf: a profile calibrated beforehand is scored in the same run and drawn as the frontier;
     no calibration runs (no methods either: nothing is fitted)."""

@@ -9,7 +9,8 @@ The interface (a structural protocol: a module's class needs no base class):
 
 - ``name``: the family (``"kivi"``); ``label``: this setting (``"kivi-2 r128"``); ``paper``: the citation;
 - ``rewrites``: the kinds it replaces, a subset of ``{"q", "k", "v"}``; ``observes``: the kinds it reads
-  (defaults to all three);
+  (defaults to all three); ``values_need_attention`` (optional, default False): ``apply(il, "v", ...)`` comes
+  after the batch's queries and keys of that layer even on graphs that compute V first (Llama's does);
 - ``fit(calib)``: learn what the method learns (codebooks, predictors, thresholds) from calibration activations,
   never from evaluation text; records the model's fingerprint;
 - ``begin(n_ctx)``: a new sequence starts at position 0 (per-sequence state is reset);

@@ -273,6 +273,7 @@ class QAQ:
                 "MathQA 7.48x; zero-shot)")
     rewrites = frozenset({"k", "v"})
     observes = frozenset({"q", "k", "v"})
+    values_need_attention = True  # the value rule reads this batch's attention: the rewriter hands V over last
 
     def __init__(self, setting: str):
         self.setting = setting
