@@ -110,7 +110,7 @@ class Rewriter:
         this batch's attention (``values_need_attention``) on graphs that compute V first (Llama's does)."""
         if not getattr(self.method, "values_need_attention", False):
             return False
-        return any((k, il) in self._probe.final and (k, il) not in self._final for k in ("q", "k"))
+        return any((k, il) in self._probe.final and (k, il) not in self._final for k in ("q", "k") if k in self.kinds)
 
     def _rewrite(self, t, name: str, kind: str, il: int) -> None:
         x = read(self.lib, t)

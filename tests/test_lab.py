@@ -213,3 +213,18 @@ def test_frontier_takes_profiles_calibrated_before(gemma, calib_text, eval_text,
     assert rows["calibrated:p"]["family"] == "frontier" and rows["native:q8_0/q8_0"]["family"] == "native"
     assert rows["calibrated:p"]["kld"] > rows["native:q8_0/q8_0"]["kld"] > 0  # q4_0 values cost more than q8_0
     assert not (tmp_path / "work").exists() and res["lab"]["calib_chunks"] == 0
+
+
+def test_values_handed_over_late_still_reach_the_cache(smollm2, eval_text):
+    """The deferred V is written into Vcur before the cache copy and attention read it: a method that rewrites V
+    the same way gives the same KL-divergence whether it takes V first or last."""
+    from qaq_gguf.methods import ggml as ggml_method
+
+    first, last = ggml_method.make("f16/qaq2"), ggml_method.make("f16/qaq2")
+    last.values_need_attention = True
+    res = evaluate.evaluate(smollm2, eval_text, [evaluate.CacheConfig("first", method=first),
+                                                 evaluate.CacheConfig("last", method=last)],
+                            n_ctx=128, n_chunks=1, n_batch=64, n_threads=2, progress=False)
+    a, b = res["results"]
+    assert a["kld"] > 1e-3  # 2-bit values do cost something
+    assert b["kld"] == pytest.approx(a["kld"], rel=1e-6, abs=1e-9)
