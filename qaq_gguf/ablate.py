@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from . import calibrate, evaluate, profile
+from .progress import progress_bar
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -59,7 +60,7 @@ def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, type_nam
             items.append({"layer": il, "part": part.upper(), "type": type_name, "predicted": pred,
                           "config": evaluate.CacheConfig(f"{part.upper()}{il}={type_name}", profile=str(f))})
     results, settings = [], None
-    bar = calibrate.progress_bar(progress, len(items), "ablating", unit="layer")
+    bar = progress_bar(progress, len(items), "ablating", unit="layer")
     for g in range(0, len(items), group):
         chunk = items[g:g + group]
         res = evaluate.evaluate(model_path, text, [it["config"] for it in chunk], n_ctx=n_ctx, n_batch=n_batch,

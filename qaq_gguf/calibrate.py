@@ -12,14 +12,17 @@ of the chosen scores under the size budget.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from . import _native, cachetypes, collect, profile, scoring, solver, transforms
+from . import _native, cachetypes, chat, collect, llama, profile, scoring, solver, transforms
+from .progress import progress_bar
 
 
 @dataclass
@@ -47,13 +50,46 @@ class Scores:
 NO_CUDA_FA = ("iq4_nl",)
 
 
+# the score of a (layer, type) the type cannot hold: finite, so that a profile stores it, and never chosen
+UNFIT = 1e30
+
+
 def default_candidates() -> list[str]:
     """The cache types calibration chooses from: f16 and every quantized type this build's cache accepts; with a
     CUDA backend, only those its flash attention has kernels for (a profile using another is refused there)."""
     cands = list(cachetypes.DEFAULT_CANDIDATES)
     if "CUDA" in _native.backend_names():
+        left = [c for c in cands if c in NO_CUDA_FA]
+        if left:
+            print(f"qaq-gguf: candidates left out: {', '.join(left)} (no CUDA flash-attention kernel)",
+                  file=sys.stderr)
         cands = [c for c in cands if c not in NO_CUDA_FA]
     return cands
+
+
+def fitting_candidates(ident: profile.ModelIdentity, cands: Sequence[str], *,
+                       quiet: bool = False) -> tuple[list[str], dict[int, list[str]]]:
+    """(kept, per_layer): the candidates that can hold some layer's K and V rows (whole blocks of the head size),
+    and for each layer with a cache those that can hold both of its rows. A type no layer can hold is left out,
+    with one line saying which and why; a layer no quantized candidate fits is refused by name (ValueError)."""
+    layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
+    per_layer = {il: [c for c in cands if cachetypes.fits(c, ident.head_dim_k[il])
+                      and cachetypes.fits(c, ident.head_dim_v[il])] for il in layers}
+    kept = [c for c in cands if any(c in per_layer[il] for il in layers)]
+    left = [c for c in cands if c not in kept]
+    if left and not quiet:
+        heads = sorted({ident.head_dim_k[il] for il in layers} | {ident.head_dim_v[il] for il in layers})
+        why = ", ".join(f"{c} (blocks of {cachetypes.get(c).block_size})" for c in left)
+        print(f"qaq-gguf: candidates left out: {why}: no whole block in a head of "
+              f"{'/'.join(map(str, heads))} values", file=sys.stderr)
+    for il in layers:
+        if not any(cachetypes.get(c).is_quantized for c in per_layer[il]):
+            blocks = sorted({cachetypes.get(c).block_size for c in cands if cachetypes.get(c).is_quantized})
+            raise ValueError(
+                f"{ident.name or ident.architecture}: no quantized cache type fits layer {il} (head size K "
+                f"{ident.head_dim_k[il]}, V {ident.head_dim_v[il]}; the candidates' blocks are "
+                f"{', '.join(map(str, blocks))} values): llama.cpp can only store this model's cache as f16/bf16/f32")
+    return kept, per_layer
 
 
 @dataclass
@@ -70,9 +106,13 @@ class _Moments:
     v_first: np.ndarray | None = None
     first_varies: bool = False
 
-    def add(self, act: collect.LayerActivations, skip_first: bool) -> None:
+    def add(self, act: collect.LayerActivations, skip_first: bool, track_first: bool = True) -> None:
+        """One chunk's activations; ``skip_first`` leaves its first token out of the statistics, ``track_first``
+        also compares it with the first chunk's (a chunk whose first token is not the usual one passes False)."""
         k, v, q = (a.astype(np.float64) for a in (act.k, act.v, act.q))
-        if skip_first:
+        if skip_first and not track_first:
+            k, v = k[1:], v[1:]
+        elif skip_first:
             if self.k_first is None:
                 self.k_first, self.v_first = act.k[0].copy(), act.v[0].copy()
             elif not (np.allclose(act.k[0], self.k_first, rtol=1e-3, atol=1e-4)
@@ -102,11 +142,15 @@ class _Moments:
 
 
 def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = 8,
-              candidates: Sequence[str] | None = None, method: str = "measured", max_queries: int | None = 128,
-              window: int = 5, n_threads: int | None = None, progress: bool = True, seed: int = 0,
-              center_keys: bool = True, rebalance_keys: bool = True, center_values: bool = True,
+              chat_chunks: int | None = None, candidates: Sequence[str] | None = None, method: str = "measured",
+              max_queries: int | None = 128, window: int = 5, n_threads: int | None = None, progress: bool = True,
+              seed: int = 0, center_keys: bool = True, rebalance_keys: bool = True, center_values: bool = True,
               exact_first: bool = True) -> Scores:
     """Score every layer's K and V under every candidate type on ``text`` (see the module docstring).
+
+    ``chat_chunks``: chunks of chat in the model's own template (chat.py: the packaged calibration prompts answered
+    by the model on the f16 cache), scored beside the text's ``n_chunks``; default a quarter of ``n_chunks`` (at
+    least one) when the model has a chat template, 0 for plain text only.
 
     ``method``: ``"measured"`` pushes the real quantization error of each type through the layer's real
     attention (first order in the key error); ``"qaq"`` uses QAQ's closed-form bounds (query-norm percentile for
@@ -114,10 +158,11 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
 
     The profile's K/V transforms (transforms.py, each exact for attention): ``center_keys`` stores keys minus
     each layer's mean key, ``rebalance_keys`` scales each RoPE pair of the keys against the queries,
-    ``center_values`` stores values minus their mean, ``exact_first`` puts the first token's (BOS's) K and V on
-    the cache types' grids so that it is stored exactly. Statistics are running sums over the chunks seen so far
-    (the first chunk's own for chunk 0), so every chunk is scored with transforms it did not fully determine; the
-    final statistics are what the profile stores. The first token is left out of them."""
+    ``center_values`` stores values minus their mean, ``exact_first`` puts the first token's K and V on the cache
+    types' grids so that it is stored exactly: BOS where the model adds one, else the chat template's first token
+    (what position 0 holds in every chat). Statistics are running sums over the chunks seen so far (the first
+    chunk's own for chunk 0), so every chunk is scored with transforms it did not fully determine; the final
+    statistics are what the profile stores. The first token is left out of them."""
     cands = list(candidates) if candidates else default_candidates()
     for c in cands:
         cachetypes.get(c)  # unknown names fail here, before the model runs
@@ -125,69 +170,125 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
         print(f"qaq-gguf: keys and values stored as they are: {why}", file=sys.stderr)
         center_keys = center_values = False
     ident = profile.model_identity(model_path)
-    layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
-    partner = {il: transforms.pair_partner(ident.head_dim_k[il], min(ident.n_rot, ident.head_dim_k[il]),
-                                           bool(ident.rope_neox)) if ident.rope_neox is not None
-               else np.arange(ident.head_dim_k[il]) for il in layers}
-    sk = np.zeros((ident.n_layer, len(cands)))
-    sv = np.zeros((ident.n_layer, len(cands)))
-    mom = {il: _Moments() for il in layers}
-    n_done = 0
-    bar = progress_bar(progress, n_chunks, "calibrating")
+    cands, fit = fitting_candidates(ident, cands)
+    if chat_chunks is None:
+        chat_chunks = max(1, (n_chunks or 8) // 4)
+    docs = chat.calibration_documents(model_path, chat_chunks, n_ctx, n_threads=n_threads, progress=progress) \
+        if chat_chunks else []
+    bos = _adds_bos(model_path)
+    if exact_first and not bos and not docs:
+        print("qaq-gguf: the model adds no BOS and has no chat template: the first token is not kept exact",
+              file=sys.stderr)
+        exact_first = False
+    run = _Run(ident, cands, fit, method=method, max_queries=max_queries, window=window, seed=seed,
+               center_keys=center_keys, rebalance_keys=rebalance_keys, center_values=center_values,
+               exact_first=exact_first, workers=n_threads or os.cpu_count() or 1)
+    bar = progress_bar(progress, (n_chunks or 0) + len(docs) or None, "calibrating")
     try:
-        for c, chunk in enumerate(collect.iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks,
-                                                      layers=layers, n_threads=n_threads)):
-            for il, act in chunk.items():
-                m = mom[il]
-                m.add(act, skip_first=exact_first or center_keys or rebalance_keys or center_values)
-                res = scoring.score_layer(
-                    act.q, act.k, act.v, act.attn, cands, method=method, kq_scale=collect.estimate_kq_scale(act),
-                    window=window, max_queries=max_queries, seed=seed + c,
-                    k_mean=m.k_mean() if center_keys else None,
-                    k_scale=m.scales(partner[il]) if rebalance_keys else None,
-                    v_mean=m.v_mean() if center_values else None,
-                    exact_rows=np.array([0]) if exact_first else None)
-                for j, name in enumerate(cands):
-                    sk[il, j] += res[name][0]
-                    sv[il, j] += res[name][1]
-            n_done += 1
-            if bar is not None:
-                bar.update(1)
+        for src, tracked in ((docs, True), (text, bos)):  # chats first: their first token is the one kept exact
+            if src:
+                for chunk in collect.iter_chunks(model_path, src, n_ctx=n_ctx, n_chunks=None if src is docs
+                                                 else n_chunks, layers=run.layers, n_threads=n_threads):
+                    run.add(chunk, track_first=tracked)
+                    if bar is not None:
+                        bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    sk /= n_done  # layers without a cache were never scored: they stay 0, no choice to make
-    sv /= n_done
-    if exact_first and any(mom[il].first_varies for il in layers):
-        print("qaq-gguf: the first token's K/V differ between chunks (no BOS?): it is not kept exact",
-              file=sys.stderr)
-        exact_first = False
-    settings = {"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx, "n_chunks": n_done,
-                "n_tokens": n_done * n_ctx, "method": method, "max_queries": max_queries or 0,
-                "window": window, "candidates": cands, "center_keys": center_keys, "rebalance_keys": rebalance_keys,
-                "center_values": center_values, "exact_first": exact_first}
-
-    def flat(get, size) -> np.ndarray:
-        return np.concatenate([np.asarray(get(il, mom[il]), np.float32).ravel() if il in mom
-                               else np.zeros(size(il), np.float32) for il in range(ident.n_layer)])
-
-    nk, nv = ident.n_embd_k, ident.n_embd_v
-    on = n_done > 0
-    return Scores(ident, cands, sk, sv, settings,
-                  k_mean=flat(lambda il, m: m.k_mean(), nk) if center_keys and on else None,
-                  k_scale=flat(lambda il, m: m.scales(partner[il]), nk) if rebalance_keys and on else None,
-                  v_mean=flat(lambda il, m: m.v_mean(), nv) if center_values and on else None,
-                  k_first=flat(lambda il, m: m.k_first, nk) if exact_first and on else None,
-                  v_first=flat(lambda il, m: m.v_first, nv) if exact_first and on else None)
+    return run.scores(settings={"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx,
+                                "chat_chunks": len(docs), "n_tokens": run.n_done * n_ctx, "method": method,
+                                "max_queries": max_queries or 0, "window": window, "candidates": cands,
+                                "exact_first_token": "bos" if bos else "chat"})
 
 
-def progress_bar(progress: bool, total: int | None, desc: str, unit: str = "chunk"):
-    """A tqdm bar, or None when progress is off."""
-    if not progress:
-        return None
-    from tqdm import tqdm
+def _adds_bos(model_path: str | Path) -> bool:
+    """Whether llama.cpp starts the model's prompts with a BOS token."""
+    lc = llama.llama_cpp_module()
+    lc.llama_backend_init()
+    mp = lc.llama_model_default_params()
+    mp.vocab_only = True
+    with llama.quiet_llama_log():
+        model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {model_path}")
+    try:
+        return bool(lc.llama_vocab_get_add_bos(lc.llama_model_get_vocab(model)))
+    finally:
+        lc.llama_model_free(model)
 
-    return tqdm(total=total, desc=desc, unit=unit)
+
+class _Run:
+    """The scores and statistics of one calibration, chunk by chunk."""
+
+    def __init__(self, ident: profile.ModelIdentity, cands: list[str], fit: dict[int, list[str]], *, method: str,
+                 max_queries: int | None, window: int, seed: int, center_keys: bool, rebalance_keys: bool,
+                 center_values: bool, exact_first: bool, workers: int = 1):
+        self.ident, self.cands, self.fit = ident, cands, fit
+        self.opts = dict(method=method, max_queries=max_queries, window=window)
+        self.seed = seed
+        self.center_keys, self.rebalance_keys, self.center_values = center_keys, rebalance_keys, center_values
+        self.exact_first = exact_first
+        self.layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
+        self.partner = {il: transforms.pair_partner(ident.head_dim_k[il], min(ident.n_rot, ident.head_dim_k[il]),
+                                                    bool(ident.rope_neox)) if ident.rope_neox is not None
+                        else np.arange(ident.head_dim_k[il]) for il in self.layers}
+        self.sk = np.zeros((ident.n_layer, len(cands)))
+        self.sv = np.zeros((ident.n_layer, len(cands)))
+        self.mom = {il: _Moments() for il in self.layers}
+        self.n_done = 0
+        self.workers = workers
+
+    def add(self, chunk: dict[int, collect.LayerActivations], track_first: bool) -> None:
+        """One chunk: the running statistics first, then every layer scored (layers in parallel threads: numpy
+        releases the GIL in its array work, and llama.cpp waits meanwhile)."""
+        skip_first = self.exact_first or self.center_keys or self.rebalance_keys or self.center_values
+        for il, act in chunk.items():
+            self.mom[il].add(act, skip_first=skip_first, track_first=track_first)
+
+        def score(item) -> tuple[int, dict]:
+            il, act = item
+            m = self.mom[il]
+            return il, scoring.score_layer(
+                act.q, act.k, act.v, act.attn, self.fit[il], kq_scale=collect.estimate_kq_scale(act),
+                seed=self.seed + self.n_done, **self.opts,
+                k_mean=m.k_mean() if self.center_keys else None,
+                k_scale=m.scales(self.partner[il]) if self.rebalance_keys else None,
+                v_mean=m.v_mean() if self.center_values else None,
+                exact_rows=np.array([0]) if self.exact_first and track_first else None)
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            for il, res in pool.map(score, chunk.items()):
+                for j, name in enumerate(self.cands):
+                    self.sk[il, j] += res[name][0] if name in res else UNFIT
+                    self.sv[il, j] += res[name][1] if name in res else UNFIT
+        self.n_done += 1
+
+    def scores(self, settings: dict) -> Scores:
+        ident, mom = self.ident, self.mom
+        sk, sv = self.sk / max(self.n_done, 1), self.sv / max(self.n_done, 1)  # layers without a cache stay 0
+        exact_first = self.exact_first
+        if exact_first and any(mom[il].first_varies or mom[il].k_first is None for il in self.layers):
+            print("qaq-gguf: the first token's K/V differ between chunks: it is not kept exact", file=sys.stderr)
+            exact_first = False
+        settings = dict(settings, n_chunks=self.n_done, center_keys=self.center_keys,
+                        rebalance_keys=self.rebalance_keys, center_values=self.center_values,
+                        exact_first=exact_first)
+        if not exact_first:
+            settings.pop("exact_first_token", None)
+
+        def flat(get, size) -> np.ndarray:
+            return np.concatenate([np.asarray(get(il, mom[il]), np.float32).ravel() if il in mom
+                                   else np.zeros(size(il), np.float32) for il in range(ident.n_layer)])
+
+        nk, nv = ident.n_embd_k, ident.n_embd_v
+        on = self.n_done > 0
+        return Scores(ident, self.cands, sk, sv, settings,
+                      k_mean=flat(lambda il, m: m.k_mean(), nk) if self.center_keys and on else None,
+                      k_scale=flat(lambda il, m: m.scales(self.partner[il]), nk) if self.rebalance_keys and on
+                      else None,
+                      v_mean=flat(lambda il, m: m.v_mean(), nv) if self.center_values and on else None,
+                      k_first=flat(lambda il, m: m.k_first, nk) if exact_first and on else None,
+                      v_first=flat(lambda il, m: m.v_first, nv) if exact_first and on else None)
 
 
 def _weights(ident: profile.ModelIdentity, n_ctx: int | None) -> tuple[list[int], list[int]]:

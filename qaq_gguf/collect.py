@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import runtime, tensors
+from . import llama, runtime, tensors
 
 WANTED = ("Qcur", "Kcur", "Vcur", "kq_soft_max")
 _NAME = re.compile(r"^(Qcur|Kcur|Vcur|kq_soft_max)-(\d+)$")
@@ -39,14 +39,15 @@ class LayerActivations:
     attn: np.ndarray
 
 
-def iter_chunks(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: int | None = None,
-                layers: Sequence[int] | None = None, n_threads: int | None = None, verbose: bool = False,
-                ) -> Iterator[dict[int, LayerActivations]]:
+def iter_chunks(model_path: str | Path, text: str | Sequence[str], *, n_ctx: int = 512,
+                n_chunks: int | None = None, layers: Sequence[int] | None = None, n_threads: int | None = None,
+                verbose: bool = False) -> Iterator[dict[int, LayerActivations]]:
     """Run ``model_path`` over ``text`` in chunks of ``n_ctx`` tokens (the first replaced by BOS when the model
-    adds one) and yield, per chunk, ``{layer: LayerActivations}`` for ``layers`` (default: all with a KV cache).
+    adds one; a list of documents gives one chunk each, from its start) and yield, per chunk,
+    ``{layer: LayerActivations}`` for ``layers`` (default: all with a KV cache).
 
     The cache is f16, flash attention off (so ``kq_soft_max`` exists), one micro-batch per chunk."""
-    with runtime.quiet_llama_log(verbose):
+    with llama.quiet_llama_log(verbose):
         yield from _iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks, layers=layers,
                                 n_threads=n_threads)
 
@@ -66,12 +67,8 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
     ctx = None
     try:
         vocab = lc.llama_model_get_vocab(model)
-        tokens = runtime.tokenize(model, text, add_special=False, parse_special=True)
-        n_avail = len(tokens) // n_ctx
-        if n_avail < 1:
-            raise ValueError(f"the calibration text has {len(tokens)} tokens; one chunk needs {n_ctx} "
-                             f"(give more text or a smaller n_ctx)")
-        n = n_avail if n_chunks is None else min(n_chunks, n_avail)
+        chunks = _chunk_tokens(model, vocab, text, n_ctx, n_chunks)
+        n = len(chunks)
         want_layers = set(layers) if layers is not None else None
         got: dict[tuple[str, int], np.ndarray] = {}
         ggml = tensors.ggml_lib()
@@ -102,13 +99,9 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
         ctx = lc.llama_init_from_model(model, cp)
         if not ctx:
             raise RuntimeError("llama.cpp could not create the calibration context")
-        bos = lc.llama_vocab_bos(vocab) if lc.llama_vocab_get_add_bos(vocab) else None
         batch = lc.llama_batch_init(n_ctx, 0, 1)
         try:
-            for c in range(n):
-                chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
-                if bos is not None:
-                    chunk[0] = bos
+            for c, chunk in enumerate(chunks):
                 batch.n_tokens = n_ctx
                 for i, tok in enumerate(chunk):
                     batch.token[i] = tok
@@ -130,6 +123,33 @@ def _iter_chunks(model_path, text, *, n_ctx, n_chunks, layers, n_threads):
         if ctx:
             lc.llama_free(ctx)
         lc.llama_model_free(model)
+
+
+def _chunk_tokens(model, vocab, text: str | Sequence[str], n_ctx: int, n_chunks: int | None) -> list[list[int]]:
+    """The chunks' tokens: consecutive slices of one text (the first token replaced by BOS when the model adds
+    one), or the first n_ctx tokens of each document of a list (tokenized as the model would be prompted: BOS
+    when the model adds one, special tokens parsed), e.g. chats that start where a chat starts."""
+    import llama_cpp as lc
+
+    if isinstance(text, str):
+        tokens = llama.tokenize(model, text, add_special=False, parse_special=True)
+        n_avail = len(tokens) // n_ctx
+        if n_avail < 1:
+            raise ValueError(f"the calibration text has {len(tokens)} tokens; one chunk needs {n_ctx} "
+                             f"(give more text or a smaller n_ctx)")
+        n = n_avail if n_chunks is None else min(n_chunks, n_avail)
+        chunks = [tokens[c * n_ctx:(c + 1) * n_ctx] for c in range(n)]
+        if lc.llama_vocab_get_add_bos(vocab):
+            for chunk in chunks:
+                chunk[0] = lc.llama_vocab_bos(vocab)
+        return chunks
+    chunks = []
+    for doc in text:
+        tokens = llama.tokenize(model, doc, add_special=True, parse_special=True)
+        if len(tokens) < n_ctx:
+            raise ValueError(f"a calibration document has {len(tokens)} tokens; a chunk needs {n_ctx}")
+        chunks.append(tokens[:n_ctx])
+    return chunks if n_chunks is None else chunks[:n_chunks]
 
 
 def _assemble(got: dict[tuple[str, int], np.ndarray], n_tok: int) -> dict[int, LayerActivations]:

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from . import calibrate, collect, evaluate, methods, profile, rope
+from .progress import progress_bar
 from .methods import Calibration, CalibLayer, MethodError
 
 
@@ -66,7 +67,7 @@ def collect_calibration(model_path: str | Path, text: str, *, n_ctx: int = 512, 
     layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
     parts: dict[int, dict[str, list]] = {il: {} for il in layers}
     scales: dict[int, list[float]] = {il: [] for il in layers}
-    bar = calibrate.progress_bar(progress, n_chunks, "lab: calibration activations")
+    bar = progress_bar(progress, n_chunks, "lab: calibration activations")
     done = 0
     try:
         for chunk in collect.iter_chunks(model_path, text, n_ctx=n_ctx, n_chunks=n_chunks, layers=layers,

@@ -1,0 +1,11 @@
+"""Progress bars on long work (tqdm), one way for every command."""
+from __future__ import annotations
+
+
+def progress_bar(progress: bool, total: int | None, desc: str, unit: str = "chunk"):
+    """A tqdm bar on stderr, or None when progress is off."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit)
