@@ -43,6 +43,8 @@ examples:
 """
 
 
+MODEL_HELP = "GGUF model, or a bundled one by name: gemma3-270m (the default), smollm2-135m"
+
 def _native():
     import qaq_gguf  # binds llama-cpp-python to our library
     from qaq_gguf import _native
@@ -256,7 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import calibrate, evaluate, frontier, models, profile
 
     t0 = time.time()
-    model = Path(args.model) if args.model else models.gemma3_270m()
+    model = models.resolve(args.model)
     calib = args.calib_text or str(DATA / "wikitext-2-valid-sample.txt")
     held_out = args.text or str(DATA / "wikitext-2-test-sample.txt")
     out = Path(args.output_dir)
@@ -329,18 +331,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _native()
     from . import evaluate, models
 
-    model = args.model or str(models.gemma3_270m())
+    model = str(models.resolve(args.model))
     cfgs = _configs(args)
     if not cfgs:
         raise SystemExit("qaq-gguf eval: nothing to evaluate: give --profile P, -ctk/-ctv, or --pairs")
     if args.needle:
         return _eval_needle(args, model, cfgs)
+    if args.chat:
+        return _eval_chat(args, model, cfgs)
     if not args.text:
-        raise SystemExit("qaq-gguf eval: give --text FILE (held-out text to score)")
+        raise SystemExit("qaq-gguf eval: give --text FILE (held-out text to score), or --chat")
     edges = [int(x) for x in args.position_edges.split(",")] if args.position_edges else []
     res = evaluate.evaluate(model, evaluate.read_text_file(args.text), cfgs, n_ctx=args.ctx, n_batch=args.batch,
                             n_chunks=args.chunks, n_threads=args.threads, text_name=Path(args.text).name,
                             score_from=args.score_from, position_edges=edges)
+    print(evaluate.format_table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _eval_chat(args: argparse.Namespace, model: str, cfgs: list) -> int:
+    from . import evaluate
+
+    res = evaluate.evaluate_chat(model, cfgs, max_tokens=args.chat_max_tokens, n_batch=args.batch,
+                                 n_threads=args.threads)
     print(evaluate.format_table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
@@ -387,11 +403,15 @@ long context: score one 32k chunk from position 512 on, KLD reported per positio
   qaq-gguf eval --text wiki.test.raw --profile qaq.gguf --ctx 32768 --chunks 1 --score-from 512 \\
       --position-edges 1024,4096,8192,16384
 
+chat (--chat): the packaged evaluation prompts answered greedily by the model on the f16 cache in its own chat
+template, then every config scored teacher-forced along those answers (KLD against f16 on the answers' tokens):
+  qaq-gguf eval smollm2-135m --chat --profile qaq.gguf --pairs q4_0/q4_0
+
 needle retrieval (--needle niah|passkey): one context per length with a needle at each depth, each needle's
 question answered greedily after it; the f16 cache runs first as the reference. Writes needle-KIND.json/.md/.png:
   qaq-gguf eval --needle niah --text wiki.test.raw --profile qaq.gguf --pairs q4_0/q4_0 \\
       --needle-lengths 4096,16384,32768 --needle-depths 8 -o results/""")
-    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--text", help="held-out text (never the calibration text); the haystack for --needle niah")
     p.add_argument("--profile", action="append", help="a profile to evaluate (repeatable)")
     p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPE", help="uniform K cache type (as llama.cpp)")
@@ -404,6 +424,8 @@ question answered greedily after it; the f16 cache runs first as the reference. 
     p.add_argument("--json", help="also write the results as JSON")
     p.add_argument("--score-from", type=int, metavar="POS", help="first scored position (default ctx/2)")
     p.add_argument("--position-edges", metavar="POS,...", help="also report KLD per position range split here")
+    p.add_argument("--chat", action="store_true", help="score chats in the model's template instead of a text")
+    p.add_argument("--chat-max-tokens", type=int, default=128, help="longest answer with --chat (default 128)")
     p.add_argument("--needle", choices=("niah", "passkey"), help="retrieval test instead of scoring the text")
     p.add_argument("--needle-lengths", default="4096,16384,32768", help="context lengths (default 4k,16k,32k)")
     p.add_argument("--needle-depths", type=int, default=8, help="needles per context, depths 0..100%% (default 8)")
@@ -426,7 +448,7 @@ def _add_scores_command(sub, name: str, helptext: str) -> argparse.ArgumentParse
     """A command that needs per-layer scores (frontier, ablate): its parser with the options both take."""
     p = sub.add_parser(name, help=helptext, description=helptext + ". Scores come from a calibrated profile "
                        "(--scores) or a calibration run (--calib-text).")
-    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--text", required=True, help="held-out evaluation text")
     p.add_argument("--scores", help="a calibrated profile whose stored scores to use")
     p.add_argument("--calib-text", help="calibration text (when --scores is not given)")
@@ -439,13 +461,13 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     _native()
     from . import evaluate, frontier, models
 
-    model = args.model or str(models.gemma3_270m())
+    model = str(models.resolve(args.model))
     scores = _scores(args, model)
     out = Path(args.output_dir)
     res = frontier.run(model, scores, evaluate.read_text_file(args.text),
                        budgets=[float(b) for b in args.budgets.split(",")], pairs=frontier.pairs_from_arg(args.pairs),
                        work_dir=out, n_ctx=args.ctx, n_chunks=args.chunks, n_threads=args.threads,
-                       text_name=Path(args.text).name, compare=args.compare or [])
+                       text_name=Path(args.text).name, compare=args.compare or [], chat=args.chat)
     frontier.save(res, out / "frontier.json")
     png = frontier.plot(res, out / "frontier.png")
     print(evaluate.format_table(res))
@@ -459,6 +481,9 @@ def add_frontier_parser(sub) -> None:
     """`qaq-gguf frontier`."""
     p = _add_scores_command(sub, "frontier",
                             "uniform pairs vs calibrated profiles across budgets: table, JSON, PNG")
+    p.add_argument("--chat", action="store_true",
+                   help="also score every config on chats in the model's own template (eval --chat): a third panel "
+                        "and a second summary")
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in (8.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5, 4.0,
                                                                        3.5, 3.0)))
     p.add_argument("--pairs", default="q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q5_1/q5_1,q5_0/q5_0,q5_0/q4_0,"
@@ -477,7 +502,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     _native()
     from . import ablate, models
 
-    model = args.model or str(models.gemma3_270m())
+    model = str(models.resolve(args.model))
     scores = _scores(args, model)
     out = Path(args.output_dir)
     res = ablate.run(model, scores, _read_text(args.text), type_name=args.type, work_dir=out, n_ctx=args.ctx,
@@ -504,7 +529,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     _native()
     from . import evaluate, lab, models
 
-    model = args.model or str(models.gemma3_270m())
+    model = str(models.resolve(args.model))
     specs = [x for x in args.methods.split(",") if x.strip()]
     frontier = [b if b.endswith(".gguf") else float(b) for b in args.frontier.split(",")] if args.frontier else []
     res = lab.run(model, _read_text(args.calib_text), evaluate.read_text_file(args.text), specs, n_ctx=args.ctx,
@@ -539,7 +564,7 @@ methods (a bare name runs its default settings, name:setting one setting):
 examples:
   qaq-gguf lab --calib-text wiki.valid.txt --text wiki.test.raw --methods kivi,qjl:3,native:q4_0/q4_0
   qaq-gguf lab model.gguf --calib-text valid.txt --text test.txt --methods all --frontier 4.5,3.5 -o lab/""")
-    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--calib-text", required=True, help="text the methods are fitted on (never the evaluation text)")
     p.add_argument("--text", required=True, help="held-out evaluation text")
     p.add_argument("--methods", required=True, help="comma-separated method specs (see above), or 'all'")
@@ -579,7 +604,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _native()
     from . import calibrate, models, profile
 
-    model = args.model or str(models.gemma3_270m())
+    model = str(models.resolve(args.model))
     if args.budget is None and args.max_kv_bytes is None and not args.frontier:
         raise SystemExit("qaq-gguf calibrate: give a budget: --budget BITS, or --max-kv-bytes SIZE --n-ctx N "
                          "(or --frontier DIR)")
@@ -593,7 +618,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"scores from {args.scores} (no model run)", file=sys.stderr)
     else:
         scores = calibrate.calibrate(model, _read_text(args.text), n_ctx=args.ctx, n_chunks=args.chunks,
-                                     candidates=cands, method=args.method, max_queries=args.max_queries,
+                                     chat_chunks=args.chat_chunks, candidates=cands, method=args.method, max_queries=args.max_queries,
                                      n_threads=args.threads, center_keys=not args.no_center_keys,
                                      rebalance_keys=not args.no_rebalance_keys,
                                      center_values=not args.no_center_values, exact_first=not args.no_exact_first)
@@ -642,7 +667,7 @@ examples:
   qaq-gguf calibrate model.gguf --scores qaq.gguf --budget 4.5 -o qaq45.gguf   re-solve, no model run
 
 Never calibrate on the text you evaluate on.""")
-    p.add_argument("model", nargs="?", help="GGUF model (default: the bundled Gemma 3 270M)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--text", help="calibration text file (plain UTF-8)")
     p.add_argument("--budget", type=float, metavar="BITS", help="average bits per cached value")
     p.add_argument("--max-kv-bytes", type=parse_size, metavar="SIZE", help="cache size bound at --n-ctx")
@@ -652,6 +677,10 @@ Never calibrate on the text you evaluate on.""")
                                                      "predicted quality/size frontier into DIR")
     p.add_argument("--chunks", type=int, default=8, help="chunks of calibration text to run (default 8)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    p.add_argument("--chat-chunks", type=int, metavar="N",
+                   help="chunks of chat in the model's own template scored beside the text: the packaged "
+                        "calibration prompts answered by the model on the f16 cache (default: a quarter of --chunks "
+                        "when the model has a chat template; 0: plain text only)")
     p.add_argument("--method", choices=("measured", "qaq"), default="measured",
                    help="measured: real quantization error through the layer's real attention (default); "
                         "qaq: QAQ's closed-form bounds")
@@ -669,9 +698,10 @@ Never calibrate on the text you evaluate on.""")
                    help="store values as they are; by default the cache stores v - mean and attention adds the "
                         "mean back (exact: attention weights sum to one)")
     p.add_argument("--no-exact-first", action="store_true",
-                   help="let the first token (BOS) be quantized like the others; by default the centring vectors "
-                        "put its K and V on each layer type's grid, so the cache holds them exactly (it receives up "
-                        "to half of the attention in some layers)")
+                   help="let the first token be quantized like the others; by default the centring vectors put "
+                        "its K and V on each layer type's grid, so the cache holds them exactly (it receives up to "
+                        "half of the attention in some layers): BOS, or for a model without BOS the first token of "
+                        "its chat template")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile")
     p.set_defaults(func=cmd_calibrate)

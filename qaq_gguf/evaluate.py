@@ -323,6 +323,43 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     """
     configs = list(configs)
     n_batch, first, edges = _check_arguments(configs, n_ctx, n_batch, n_chunks, score_from, position_edges)
+    res = _score(model_path, configs, lambda base: _tokenize_chunks(base, text, n_ctx, n_chunks), n_ctx=n_ctx,
+                 n_batch=n_batch, first=first, edges=edges, n_threads=n_threads, progress=progress, verbose=verbose,
+                 swa_full=swa_full)
+    res["settings"] = {"model": str(model_path), "text": text_name,
+                       "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **res["settings"]}
+    return res
+
+
+def evaluate_chat(model_path: str | Path, configs: Sequence[CacheConfig], *, prompts: Sequence[str] | None = None,
+                  max_tokens: int = 128, n_batch: int = 256, n_threads: int | None = None, progress: bool = True,
+                  verbose: bool = False) -> dict:
+    """evaluate()'s statistics on chats: each prompt (default the packaged evaluation prompts, never used for
+    calibration) answered greedily by the model on the f16 cache in its own chat template, then every config
+    scored teacher-forced along that answer (the answer's tokens only), KLD against the f16 cache. Each
+    conversation starts from an empty cache. ValueError for a model without a chat template."""
+    from . import chat
+
+    configs = list(configs)
+    _check_arguments(configs, 1024, n_batch, None, None, ())
+    convs = chat.conversations(model_path, prompts or chat.prompts("evaluation"), max_tokens=max_tokens,
+                               n_threads=n_threads, progress=progress)
+    if not convs:
+        raise ValueError(f"{model_path} has no chat template: no chats to score")
+    n_ctx = max(len(c.tokens) for c in convs)
+    res = _score(model_path, configs, lambda base: _conversation_chunks(base, convs), n_ctx=n_ctx,
+                 n_batch=min(n_batch, n_ctx), first=0, edges=[], n_threads=n_threads, progress=progress,
+                 verbose=verbose, swa_full=False)
+    text = "".join(c.text for c in convs)
+    res["settings"] = {"model": str(model_path), "text": f"chat ({len(convs)} conversations)",
+                       "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **res["settings"],
+                       "chat_max_tokens": max_tokens}
+    return res
+
+
+def _score(model_path, configs: list[CacheConfig], tokens, *, n_ctx: int, n_batch: int, first: int,
+           edges: list[int], n_threads: int | None, progress: bool, verbose: bool, swa_full: bool) -> dict:
+    """The reference and each config in lockstep over the chunks ``tokens(model)`` gives; their statistics."""
     n_threads = n_threads or os.cpu_count() or 1
     swa_full = swa_full or any(c.method is not None for c in configs)
     ref_cfg = CacheConfig("reference (f16)", None, REFERENCE_TYPE, REFERENCE_TYPE)
@@ -331,7 +368,7 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
     with llama.quiet_llama_log(verbose) as errors:
         try:
             base = held.model(_load_model(model_path, errors=errors))
-            tok = _tokenize_chunks(base, text, n_ctx, n_chunks)
+            tok = tokens(base)
             reference = _Run(ref_cfg, held.context(_new_context(base, ref_cfg, n_ctx, n_batch, n_threads, errors,
                                                                 swa_full)), base)
             runs = [_config_run(model_path, base, c, tok, held, n_ctx, n_batch, n_threads, errors, swa_full)
@@ -342,10 +379,8 @@ def evaluate(model_path: str | Path, text: str, configs: Sequence[CacheConfig], 
             ref_result, results = scores.statistics(edges)
         finally:
             held.free()
-
     settings = {
-        "model": str(model_path), "text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "n_tokens": int(len(tok.tokens)), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_batch,
+        "n_tokens": tok.n_tokens(), "n_ctx": n_ctx, "n_batch": n_batch, "n_ubatch": n_batch,
         "n_chunks": tok.n_chunk, "first": first, "position_edges": edges, "n_tokens_scored": int(len(scores.ref_nll)),
         "add_bos": tok.add_bos, "n_vocab": tok.n_vocab,
         "flash_attn": True, "reference": f"{REFERENCE_TYPE}/{REFERENCE_TYPE}", "n_threads": n_threads,
@@ -418,13 +453,36 @@ class _Tokens:
     n_vocab: int
     add_bos: bool
     bos: int
+    # chats instead of one text: each conversation's tokens and the first position scored (its answer's start - 1)
+    seqs: list[tuple[np.ndarray, int]] | None = None
 
     def chunk(self, i: int, n_ctx: int) -> np.ndarray:
-        """Chunk i, its first token replaced by BOS when the vocabulary adds one (as llama-perplexity)."""
+        """Chunk i, its first token replaced by BOS when the vocabulary adds one (as llama-perplexity); a chat
+        as it was tokenized."""
+        if self.seqs is not None:
+            return self.seqs[i][0]
         chunk = self.tokens[i * n_ctx:(i + 1) * n_ctx].copy()
         if self.add_bos:
             chunk[0] = self.bos
         return chunk
+
+    def scored(self, i: int, n_ctx: int, first: int) -> tuple[int, int]:
+        """(first, last) positions of chunk i whose next token is scored."""
+        if self.seqs is not None:
+            return self.seqs[i][1], len(self.seqs[i][0]) - 2
+        return first, n_ctx - 2
+
+    def n_tokens(self) -> int:
+        return int(sum(len(t) for t, _ in self.seqs)) if self.seqs is not None else int(len(self.tokens))
+
+
+def _conversation_chunks(model, convs) -> _Tokens:
+    """Step 1 for chats: each conversation one chunk, scored along its answer."""
+    lc = llama.llama_cpp_module()
+    vocab = lc.llama_model_get_vocab(model)
+    seqs = [(np.asarray(c.tokens, dtype=np.int64), c.answer_from - 1) for c in convs]
+    return _Tokens(np.concatenate([t for t, _ in seqs]), len(seqs), int(lc.llama_vocab_n_tokens(vocab)),
+                   bool(lc.llama_vocab_get_add_bos(vocab)), int(lc.llama_vocab_bos(vocab)), seqs)
 
 
 def _tokenize_chunks(model, text: str, n_ctx: int, n_chunks: int | None) -> _Tokens:
@@ -476,7 +534,7 @@ class _Lockstep:
                  first: int, errors: list[str]):
         self.reference, self.runs, self.batch, self.tok, self.errors = reference, runs, batch, tok, errors
         self.n_ctx, self.n_batch, self.first, self.last = n_ctx, n_batch, first, n_ctx - 2
-        n_rows = tok.n_chunk * (self.last - first + 1)
+        n_rows = sum(b - a + 1 for a, b in (tok.scored(i, n_ctx, first) for i in range(tok.n_chunk)))
         self.ref_nll = np.empty(n_rows)
         self.nll = np.empty((len(runs), n_rows))
         self.kld = np.empty_like(self.nll)
@@ -497,28 +555,28 @@ class _Lockstep:
         """Chunk i from an empty cache in every context, batch after batch."""
         lc = llama.llama_cpp_module()
         chunk = self.tok.chunk(i, self.n_ctx)
+        first, last = self.tok.scored(i, self.n_ctx, self.first)
         for r in [self.reference, *self.runs]:
             lc.llama_memory_clear(lc.llama_get_memory(r.ctx), True)
         for r in self.runs:
             if r.rewriter is not None:
                 r.rewriter.begin(self.n_ctx)
-        for pos0 in range(0, self.n_ctx, self.n_batch):
+        for pos0 in range(0, len(chunk), self.n_batch):
             part = chunk[pos0:pos0 + self.n_batch]
-            n_out = _fill_batch(self.batch, part.tolist(), pos0, self.first, self.last)
+            n_out = _fill_batch(self.batch, part.tolist(), pos0, first, last)
             pos = np.arange(pos0, pos0 + len(part))
-            ref, targets = self._reference_pass(i * self.n_ctx, pos0, n_out)
+            ref, targets = self._reference_pass(chunk, max(first, pos0), n_out)
             self._config_passes(ref, targets, n_out, pos)
             self.row += n_out
 
-    def _reference_pass(self, start: int, pos0: int, n_out: int) -> tuple[dict | None, np.ndarray | None]:
+    def _reference_pass(self, chunk: np.ndarray, p_first: int, n_out: int) -> tuple[dict | None, np.ndarray | None]:
         """The batch in the reference context: its scored rows (log-probabilities, top-1, nll) and their targets,
         (None, None) for a batch without scored rows."""
         r = self.reference
         logits = _decode(r.ctx, self.batch, n_out, self.tok.n_vocab, r.cfg.label, self.errors)
         if logits is None:
             return None, None
-        p_first = max(self.first, pos0)
-        targets = self.tok.tokens[start + p_first + 1:start + p_first + 1 + n_out]
+        targets = chunk[p_first + 1:p_first + 1 + n_out]  # never position 0 (the BOS it may have replaced)
         ref = _reference_rows(logits, targets)
         self.ref_nll[self.row:self.row + n_out] = ref["nll"]
         return ref, targets

@@ -30,9 +30,10 @@ def uniform_bits(tk: str, tv: str, ident: profile.ModelIdentity) -> float:
 def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets: Sequence[float] = DEFAULT_BUDGETS,
         pairs: Sequence[tuple[str, str]] = UNIFORM_PAIRS, work_dir: str | Path = "qaq-frontier", n_ctx: int = 1024,
         n_batch: int = 256, n_chunks: int | None = 8, n_threads: int | None = None, progress: bool = True,
-        text_name: str | None = None, compare: Sequence[str | Path] = ()) -> dict:
+        text_name: str | None = None, compare: Sequence[str | Path] = (), chat: bool = False) -> dict:
     """Evaluate ``pairs`` and one calibrated profile per budget (written to ``work_dir``) in one run; ``compare``:
-    other profiles (an earlier calibration, say) evaluated in the same run as the series "compared"."""
+    other profiles (an earlier calibration, say) evaluated in the same run as the series "compared". ``chat``: the
+    same configs also scored on chats in the model's template (evaluate.evaluate_chat), as ``res["chat"]``."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     configs, meta = [], []
@@ -55,6 +56,11 @@ def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets:
     for r, m in zip(res["results"], meta):
         r.update(m)
     res["calibration"] = scores.settings
+    if chat:
+        res["chat"] = evaluate.evaluate_chat(model_path, configs, n_batch=n_batch, n_threads=n_threads,
+                                             progress=progress)
+        for r, m in zip(res["chat"]["results"], meta):
+            r.update(m)
     return res
 
 
@@ -67,12 +73,15 @@ def plot(res: dict, path: str | Path, *, title: str | None = None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install matplotlib (or qaq-gguf[demo])") from None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in ((axes[0], "dppl_pct", "PPL vs f16 cache (%)"), (axes[1], "kld", "KL-divergence vs f16")):
+    panels = [(res, "dppl_pct", "PPL vs f16 cache (%)"), (res, "kld", "KL-divergence vs f16")]
+    if "chat" in res:
+        panels.append((res["chat"], "kld", "KL-divergence vs f16, chats"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8))
+    for ax, (part, key, label) in zip(axes, panels):
         for series, style in (("uniform", dict(marker="o", ls="none", color="tab:gray")),
                               ("compared", dict(marker="^", ls="--", color="tab:blue")),
                               ("calibrated", dict(marker="s", ls="-", color="tab:red"))):
-            rows = sorted((r for r in res["results"] if r.get("series") == series), key=lambda r: r["avg_bits"])
+            rows = sorted((r for r in part["results"] if r.get("series") == series), key=lambda r: r["avg_bits"])
             if not rows:
                 continue
             ax.plot([r["avg_bits"] for r in rows], [r[key] for r in rows], label=f"{series}", **style)
@@ -95,7 +104,15 @@ def plot(res: dict, path: str | Path, *, title: str | None = None) -> Path:
 
 
 def summary(res: dict) -> str:
-    """For each calibrated profile: the best uniform pair at no more bits, and whether the profile beats it."""
+    """For each calibrated profile: the best uniform pair at no more bits, and whether the profile beats it; the
+    same on chats when the run scored them."""
+    out = _summary(res)
+    if "chat" in res:
+        out += "\n\non chats (" + res["chat"]["settings"]["text"] + "):\n" + _summary(res["chat"])
+    return out
+
+
+def _summary(res: dict) -> str:
     uni = [r for r in res["results"] if r.get("series") == "uniform"]
     lines = [f"{'profile':<10} {'bits':>6} {'ΔPPL %':>8} {'KLD':>9}   best uniform at ≤ bits"]
     width = max([10] + [len(r["label"]) for r in res["results"] if r.get("series") in ("calibrated", "compared")])

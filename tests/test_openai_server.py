@@ -64,3 +64,21 @@ def test_plain_llama_cpp_server_runs_an_embedded_profile(gemma, gemma_mixed, tmp
         assert _streamed_text(s).strip()
     log = s.log.read_text()
     assert "qaq-gguf: KV cache profile embedded in the model applied" in log, log[-3000:]  # the one line logged
+
+
+def test_an_instruct_model_answers_through_its_own_chat_template(smollm2, tmp_path):
+    """SmolLM2-135M-Instruct (Llama, GQA, head 64, no BOS) with a per-layer profile of our head-64 types: the
+    OpenAI server formats the chat with the template in the GGUF and the model answers."""
+    ident = profile.model_identity(smollm2)
+    n = ident.n_layer
+    p = profile.make_profile(ident, ["q8_0" if i % 2 else "qaq3" for i in range(n)], ["q4_0"] * n, {"method": "test"})
+    path = profile.write_profile(p, tmp_path / "smol.gguf")
+    args = ["--model", str(smollm2), "--kv_profile", str(path), "--n_ctx", "1024", "--n_threads", "2"]
+    chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24,
+            "temperature": 0}
+    with Server.python_openai(args, tmp_path / "oai-smol.log") as s:
+        s.wait_ready(180)
+        answer = s.post("/v1/chat/completions", chat)["choices"][0]["message"]["content"]
+        assert "Paris" in answer, answer
+        kv = s.get("/v1/models")[2]["data"][0]["kv_cache"]
+        assert [(r["type_k"], r["type_v"]) for r in kv["layers"]] == list(zip(p.type_k, p.type_v))
