@@ -2,7 +2,8 @@
 
 A module that imports a package nobody declared works on a machine that happens to have it and fails for a user
 (scipy did, in the lab's TurboQuant): the scan below reads every import statement, function-level ones included,
-and checks each third-party name against the distributions pyproject.toml declares (and what those require).
+and checks each third-party name against the distributions pyproject.toml declares (and what an extra of theirs
+that we ask for brings).
 """
 from __future__ import annotations
 
@@ -48,26 +49,23 @@ def _name(req: str) -> tuple[str, set[str], str]:
 
 
 def _closure(reqs: list[str]) -> set[str]:
-    """The declared distributions and everything they require, as installed (extras followed as requested)."""
-    seen: set[str] = set()
-    todo = [_name(r)[:2] for r in reqs]
-    while todo:
-        dist, extras = todo.pop()
-        key = dist + "[" + ",".join(sorted(extras)) + "]"
-        if key in seen:
+    """The declared distributions, and what they bring through an extra we ask for (llama-cpp-python[server] brings
+    fastapi): a package used directly is declared directly, not left to another package's requirements."""
+    allowed: set[str] = set()
+    for r in reqs:
+        dist, extras, _ = _name(r)
+        allowed.add(dist)
+        if not extras:
             continue
-        seen.add(key)
         try:
             requires = md.requires(dist) or []
         except md.PackageNotFoundError:
             continue  # reported by test_declared_distributions_are_installed
-        for r in requires:
-            name, sub, marker = _name(r)
-            wanted = re.findall(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-            if wanted and not set(wanted) & extras:
-                continue
-            todo.append((name, sub))
-    return {k.split("[")[0] for k in seen}
+        for sub in requires:
+            name, _, marker = _name(sub)
+            if set(re.findall(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)) & extras:
+                allowed.add(name)
+    return allowed
 
 
 def _project() -> dict:
