@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from . import cachetypes, llama, profile, rewrite, runtime
+from .progress import progress_bar
 
 REFERENCE_TYPE = "f16"
 _ROW_BLOCK = 32  # rows of n_vocab processed at once when comparing log-probabilities (bounds temporaries)
@@ -542,13 +543,13 @@ class _Lockstep:
         self.row = 0
 
     def run(self, progress: bool) -> None:
-        chunks = range(self.tok.n_chunk)
-        if progress:
-            from tqdm import tqdm
-
-            chunks = tqdm(chunks, desc="chunks", unit="chunk", dynamic_ncols=True)
-        for i in chunks:
+        bar = progress_bar(progress, self.tok.n_chunk, "chunks")
+        for i in range(self.tok.n_chunk):
             self._chunk(i)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         assert self.row == len(self.ref_nll)
 
     def _chunk(self, i: int) -> None:

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from . import evaluate, llama, runtime
+from .progress import progress_bar
 from .evaluate import CacheConfig
 
 KINDS = ("niah", "passkey")
@@ -292,9 +293,7 @@ class _Vocab:
 
 
 def _progress_bar(kind: str, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"{kind} prefill", unit="tok", unit_scale=True, dynamic_ncols=True)
+    return progress_bar(True, total, f"{kind} prefill", unit="tok", unit_scale=True)
 
 
 def _run_config(model_path, base, cfg: CacheConfig, cases: list[Case], vocab: _Vocab, n_ctx: int, n_batch: int,

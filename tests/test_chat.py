@@ -73,3 +73,20 @@ def test_calibrated_profile_does_not_loop_in_chat(smollm2, tmp_path):
     for p, a, b in zip(prompts, ref, got):
         assert chat.repetition(b) <= chat.repetition(a) + 0.25, (p, chat.repetition(a), chat.repetition(b))
     assert profile.average_bits(profile.read_profile(f)) <= 4.5 + 1e-9
+
+
+def test_llama_server_chats_through_the_models_template(smollm2, server_factory, tmp_path):
+    """llama-server with --kv-profile on the instruct model: /v1/chat/completions applies the GGUF's chat template
+    and the model answers; /props lists the per-layer types."""
+    ident = profile.model_identity(smollm2)
+    n = ident.n_layer
+    p = profile.make_profile(ident, ["qaq4h" if i % 2 else "q8_0" for i in range(n)], ["qaq4h"] * n,
+                             {"method": "test"})
+    path = profile.write_profile(p, tmp_path / "smol.gguf")
+    s = server_factory(["-m", str(smollm2), "-c", "1024", "-t", "2", "-np", "1", "--kv-profile", str(path)])
+    s.wait_ready()
+    res = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                                          "max_tokens": 24, "temperature": 0})
+    assert "Paris" in res["choices"][0]["message"]["content"], res
+    layers = s.get("/props")[2]["kv_cache"]["layers"]
+    assert [(r["type_k"], r["type_v"]) for r in layers] == list(zip(p.type_k, p.type_v))
