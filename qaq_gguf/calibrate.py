@@ -313,10 +313,9 @@ def _costs(scores: Scores, cands: list[str]) -> tuple[np.ndarray, np.ndarray, li
         if not scores.ident.has_kv(il):
             continue
         for j, c in enumerate(cands):
-            bs = cachetypes.get(c).block_size
-            if scores.ident.head_dim_k[il] % bs:
+            if not cachetypes.fits(c, scores.ident.head_dim_k[il]):
                 ck[il, j] = np.inf
-            if scores.ident.head_dim_v[il] % bs:
+            if not cachetypes.fits(c, scores.ident.head_dim_v[il]):
                 cv[il, j] = np.inf
     return ck, cv, [cachetypes.bits(c) for c in cands]
 

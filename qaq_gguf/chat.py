@@ -36,6 +36,7 @@ class Conversation:
     tokens: list[int]
     answer_from: int
     text: str  # the whole conversation as text, special tokens included
+    n_answer: int = 0  # the answer's tokens, the end of turn left out
 
 
 def prompts(kind: str) -> list[str]:
@@ -95,26 +96,28 @@ class _Answerer:
         head = format_chat(self.tmpl, [("user", prompt)], add_assistant=True)
         toks = llama.tokenize(self.llm.model, head, add_special=True, parse_special=True)
         answer: list[int] = []
+        ended = False
         for t in self.llm.generate(toks, temp=0.0, top_k=1, reset=True):
             answer.append(int(t))
-            if self.is_eog(self.vocab, t) or len(answer) >= self.max_tokens:
+            ended = bool(self.is_eog(self.vocab, t))
+            if ended or len(answer) >= self.max_tokens:
                 break
         text = head + self.llm.detokenize(answer, special=True).decode(errors="replace")
-        return Conversation(prompt, toks + answer, len(toks), text)
+        return Conversation(prompt, toks + answer, len(toks), text, len(answer) - ended)
 
     def close(self) -> None:
         self.llm.close()
 
 
 def conversations(model_path: str | Path, prompt_list: Sequence[str], *, max_tokens: int = 128,
-                  n_threads: int | None = None, progress: bool = True) -> list[Conversation]:
-    """Each prompt answered greedily by the model on the f16 cache (no profile), in the model's chat template.
-    Empty when the model has no chat template."""
-    ans = _Answerer(model_path, max_tokens, n_threads)
+                  n_threads: int | None = None, progress: bool = True, **llama_kw) -> list[Conversation]:
+    """Each prompt answered greedily by the model in its chat template, on the f16 cache (no profile) unless
+    ``llama_kw`` asks for another cache. Empty when the model has no chat template."""
+    ans = _Answerer(model_path, max_tokens, n_threads, **llama_kw)
     try:
         if ans.tmpl is None:
             return []
-        bar = progress_bar(progress, len(prompt_list), "chat answers (f16)", unit="prompt")
+        bar = progress_bar(progress, len(prompt_list), "chat answers", unit="prompt")
         out = []
         for p in prompt_list:
             out.append(ans(p))
@@ -181,17 +184,7 @@ def greedy_answers(model_path: str | Path, prompt_list: Sequence[str], *, kv_pro
     if type_k or type_v:
         kw.update(type_k=cachetypes.get(type_k or "f16").type_id, type_v=cachetypes.get(type_v or "f16").type_id,
                   flash_attn=True)
-    ans = _Answerer(model_path, max_tokens, n_threads, **kw)
-    try:
-        if ans.tmpl is None:
-            raise ValueError(f"{model_path} has no chat template")
-        out = []
-        for p in prompt_list:
-            c = ans(p)
-            answer = c.tokens[c.answer_from:]
-            if answer and ans.is_eog(ans.vocab, answer[-1]):
-                answer = answer[:-1]
-            out.append(answer)
-        return out
-    finally:
-        ans.close()
+    convs = conversations(model_path, prompt_list, max_tokens=max_tokens, n_threads=n_threads, progress=False, **kw)
+    if not convs:
+        raise ValueError(f"{model_path} has no chat template")
+    return [c.tokens[c.answer_from:c.answer_from + c.n_answer] for c in convs]

@@ -342,7 +342,9 @@ def evaluate_chat(model_path: str | Path, configs: Sequence[CacheConfig], *, pro
     from . import chat
 
     configs = list(configs)
-    _check_arguments(configs, 1024, n_batch, None, None, ())
+    _check_configs(configs)
+    if n_batch < 1:
+        raise ValueError(f"n_batch must be positive, got {n_batch}")
     convs = chat.conversations(model_path, prompts or chat.prompts("evaluation"), max_tokens=max_tokens,
                                n_threads=n_threads, progress=progress)
     if not convs:
@@ -351,7 +353,7 @@ def evaluate_chat(model_path: str | Path, configs: Sequence[CacheConfig], *, pro
     res = _score(model_path, configs, lambda base: _conversation_chunks(base, convs), n_ctx=n_ctx,
                  n_batch=min(n_batch, n_ctx), first=0, edges=[], n_threads=n_threads, progress=progress,
                  verbose=verbose, swa_full=False)
-    text = "".join(c.text for c in convs)
+    text = chat.chat_text(convs)
     res["settings"] = {"model": str(model_path), "text": f"chat ({len(convs)} conversations)",
                        "text_sha256": hashlib.sha256(text.encode()).hexdigest(), **res["settings"],
                        "chat_max_tokens": max_tokens}
@@ -402,6 +404,18 @@ def _check_arguments(configs: list[CacheConfig], n_ctx: int, n_batch: int, n_chu
     n_batch = min(n_batch, n_ctx)
     if n_chunks is not None and n_chunks < 1:
         raise ValueError(f"n_chunks must be positive, got {n_chunks}")
+    _check_configs(configs)
+    if score_from is not None and not 0 <= score_from <= n_ctx - 2:
+        raise ValueError(f"score_from must be in [0, n_ctx-2] = [0, {n_ctx - 2}], got {score_from}")
+    first = n_ctx // 2 if score_from is None else score_from
+    edges = [int(e) for e in position_edges]
+    if edges and (edges != sorted(set(edges)) or edges[0] <= first or edges[-1] > n_ctx - 2):
+        raise ValueError(f"position edges must ascend within ({first}, {n_ctx - 2}], got {edges}")
+    return n_batch, first, edges
+
+
+def _check_configs(configs: list[CacheConfig]) -> None:
+    """Distinct labels, every type name known, methods only over the f16 cache: checked before anything loads."""
     labels = [c.label for c in configs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"config labels must be distinct: {labels}")
@@ -411,13 +425,6 @@ def _check_arguments(configs: list[CacheConfig], n_ctx: int, n_batch: int, n_chu
         if c.profile is None:
             _cache_type(c, c.type_k)
             _cache_type(c, c.type_v)
-    if score_from is not None and not 0 <= score_from <= n_ctx - 2:
-        raise ValueError(f"score_from must be in [0, n_ctx-2] = [0, {n_ctx - 2}], got {score_from}")
-    first = n_ctx // 2 if score_from is None else score_from
-    edges = [int(e) for e in position_edges]
-    if edges and (edges != sorted(set(edges)) or edges[0] <= first or edges[-1] > n_ctx - 2):
-        raise ValueError(f"position edges must ascend within ({first}, {n_ctx - 2}], got {edges}")
-    return n_batch, first, edges
 
 
 class _Held:
