@@ -256,7 +256,7 @@ class _Run:
                 v_mean=m.v_mean() if self.center_values else None,
                 exact_rows=np.array([0]) if self.exact_first and track_first else None)
 
-        with ThreadPoolExecutor(self.workers) as pool:
+        with scoring.single_thread_blas(), ThreadPoolExecutor(self.workers) as pool:  # parallel over layers only
             for il, res in pool.map(score, chunk.items()):
                 for j, name in enumerate(self.cands):
                     self.sk[il, j] += res[name][0] if name in res else UNFIT

@@ -61,61 +61,124 @@ def _nearest(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
     return (v[..., None] > mids).sum(axis=-1)
 
 
+class _Grid:
+    """Nearest-level lookup for one codebook whose midpoints are multiples of 1/2 (every table here): with
+    ``c = ceil(2 v)``, a midpoint ``k / 2`` lies strictly below v exactly when ``k < c``, so the index
+    :func:`_nearest` counts is a table entry of c clipped to the midpoints' range (NaN counts none, as in C's
+    comparisons). Same indices as :func:`_nearest`, a few array passes instead of one per midpoint."""
+
+    def __init__(self, table: np.ndarray, mids: np.ndarray):
+        k = mids.astype(np.float64) * 2
+        assert np.array_equal(k, np.round(k)), "midpoints must be multiples of 1/2"
+        k = k.astype(np.int64)
+        self.lo, self.hi = np.float32(k.min()), np.float32(k.max() + 1)
+        idx = np.array([(k < c).sum() for c in range(int(k.min()), int(k.max()) + 2)])
+        self.idx = idx.astype(np.uint8)
+        self.level = table[idx].astype(np.float32)
+        self.level2 = (self.level * self.level).astype(np.float32)
+
+    def cell(self, v: np.ndarray) -> np.ndarray:
+        """Table positions of v (float32, consumed): ceil(2 v) clipped to [lo, hi], minus lo."""
+        np.multiply(v, np.float32(2), out=v)  # exact: doubling
+        np.ceil(v, out=v)
+        np.fmax(v, self.lo, out=v)  # NaN -> lo: no midpoint below
+        np.fmin(v, self.hi, out=v)
+        np.subtract(v, self.lo, out=v)
+        return v.astype(np.intp)
+
+
+GRIDS = {name: _Grid(KVALUES[name], MIDS[name]) for name in KVALUES}
+
+_CHUNK = 1 << 16  # values per slice of the vectorised searches (keeps the temporaries in cache)
+
+
+def _seqsum(p: np.ndarray) -> np.ndarray:
+    """Sequential float32 sum over axis 0, from 0.0 in index order (the C loop's ``s += p[j]``)."""
+    s = np.zeros(p.shape[1:], np.float32)
+    for j in range(p.shape[0]):
+        s += p[j]
+    return s
+
+
 def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """amax, sequential float32 sum of squares and liveness of rows of x (n, m), as qaq_stats."""
     f32 = np.float32
     n = x.shape[0]
     amax = np.abs(x).max(axis=1) if n else np.zeros(0, f32)
-    sumx2 = np.zeros(n, f32)
-    for j in range(x.shape[1]):  # sequential float32 sums, as the C loop
-        sumx2 = sumx2 + x[:, j] * x[:, j]
+    xt = np.ascontiguousarray(x.T)
+    sumx2 = _seqsum(xt * xt)  # sequential float32 sums, as the C loop
     return amax, sumx2, (amax > 0) & np.isfinite(amax)
+
+
+def _fit(xt: np.ndarray, inv_d: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+    """sum_j x_j t_j and sum_j t_j^2 (sequential float32) for rows xt (m, n) (one per column) under each
+    inverse scale of inv_d (K, n), t_j the level nearest x_j * inv_d: two (K, n) arrays."""
+    v = xt[:, None, :] * inv_d[None, :, :]  # (m, K, n), float32 products as C's x[j] * id
+    c = grid.cell(v)
+    t = grid.level[c]
+    np.multiply(t, xt[:, None, :], out=v)
+    return _seqsum(v), _seqsum(grid.level2[c])
 
 
 def _best_scale(x: np.ndarray, name: str, amax: np.ndarray, sumx2: np.ndarray, live: np.ndarray) -> np.ndarray:
     """Port of ``qaq_best_scale`` for rows of x (n, m): the least-squares scale after the candidate search and one
-    refit (rows that are not live get garbage, masked by the caller)."""
-    T, mids = KVALUES[name], MIDS[name]
+    refit (rows that are not live get garbage, masked by the caller). All candidate scales of a slice of rows are
+    evaluated at once; the sums and the choice (first best on ties) are the C loop's, value for value."""
+    n, m = x.shape
+    out = np.empty(n, np.float32)
+    step = max(1, _CHUNK // (m * NTRY))
+    for s0 in range(0, n, step):
+        sl = slice(s0, min(n, s0 + step))
+        out[sl] = _best_scale_rows(np.ascontiguousarray(x[sl].T), GRIDS[name], amax[sl], sumx2[sl], live[sl])
+    return out
+
+
+_TRY = np.array([np.float32(0.45) + np.float32(0.07) * np.float32(i) for i in range(NTRY)], np.float32)
+
+
+def _best_scale_rows(xt: np.ndarray, grid: _Grid, amax: np.ndarray, sumx2: np.ndarray,
+                     live: np.ndarray) -> np.ndarray:
     f32 = np.float32
-    n = x.shape[0]
     a = np.where(live, amax, f32(1)).astype(f32)
 
     def fit(inv_d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        sqx = np.zeros(n, f32)
-        sq2 = np.zeros(n, f32)
-        for j in range(x.shape[1]):
-            t = T[_nearest(x[:, j] * inv_d, mids)]
-            sqx = sqx + x[:, j] * t
-            sq2 = sq2 + t * t
+        sqx, sq2 = _fit(xt, inv_d, grid)
         ok = (sqx > 0) & (sq2 > 0)
         ds = (sqx / np.where(ok, sq2, f32(1))).astype(f32)
         err = (sumx2 - ds * sqx).astype(f32)
         return ok, ds, err
 
-    best_err = np.full(n, np.inf, f32)
+    best_err = np.full(a.shape, np.inf, f32)
     best_d = (a / f32(127)).astype(f32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for i in range(NTRY):
-            g = f32(0.45) + f32(0.07) * f32(i)
-            d = (a * g / f32(127)).astype(f32)
-            ok, ds, err = fit((f32(1) / d).astype(f32))
-            upd = ok & (err < best_err)
-            best_err = np.where(upd, err, best_err)
-            best_d = np.where(upd, ds, best_d)
-        ok, ds, err = fit((f32(1) / best_d).astype(f32))
-        best_d = np.where(ok & (err < best_err), ds, best_d).astype(f32)
+        d = (a[None, :] * _TRY[:, None] / f32(127)).astype(f32)  # (NTRY, n): a * g / 127, as C
+        ok, ds, err = fit((f32(1) / d).astype(f32))
+        for i in range(NTRY):  # the C loop's updates, in its order
+            upd = ok[i] & (err[i] < best_err)
+            best_err = np.where(upd, err[i], best_err)
+            best_d = np.where(upd, ds[i], best_d)
+        ok, ds, err = fit((f32(1) / best_d).astype(f32)[None, :])
+        best_d = np.where(ok[0] & (err[0] < best_err), ds[0], best_d).astype(f32)
     return best_d
+
+
+def _nearest_index(x: np.ndarray, inv: np.ndarray, name: str) -> np.ndarray:
+    """:func:`_nearest` of x * inv[:, None] for rows x (n, m): uint8 (n, m)."""
+    g = GRIDS[name]
+    return g.idx[g.cell((x * inv[:, None]).astype(np.float32))]
 
 
 def _quantize_halves(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Port of ``qaq_quantize_half`` for many 16-value halves at once: x (n, 16) float32 ->
     (scale bytes (n,), indices (n, 16))."""
-    T, mids = KVALUES[name], MIDS[name]
+    mids = MIDS[name]
+    grid = GRIDS[name]
     f32 = np.float32
     n = x.shape[0]
     amax, sumx2, live = _stats(x)
     izero = int(_nearest(np.zeros(1, f32), mids)[0])
     best_d = _best_scale(x, name, amax, sumx2, live)
+    xt = np.ascontiguousarray(x.T)  # (16, n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         b0 = ue5m3_floor(best_d)
         best_b = b0.copy()
@@ -125,17 +188,18 @@ def _quantize_halves(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
             valid = b <= UE5M3_MAX
             d = _UE5M3[np.minimum(b, UE5M3_MAX)]
             inv = np.where(d > 0, f32(1) / np.where(d > 0, d, f32(1)), f32(0)).astype(f32)
-            e = np.zeros(n, f32)
-            for j in range(HALF):
-                r = x[:, j] - d * T[_nearest(x[:, j] * inv, mids)]
-                e = e + r * r
+            r = grid.level[grid.cell(xt * inv)]  # t_j
+            r *= d
+            np.subtract(xt, r, out=r)  # x_j - d * t_j
+            r *= r
+            e = _seqsum(r)
             e = np.where(d > 0, e, sumx2)
             upd = valid & (e < best_e)
             best_e = np.where(upd, e, best_e)
             best_b = np.where(upd, b, best_b)
         d = _UE5M3[best_b]
         inv = np.where(d > 0, f32(1) / np.where(d > 0, d, f32(1)), f32(0)).astype(f32)
-        idx = _nearest(x * inv[:, None], mids)
+        idx = _nearest_index(x, inv, name)
     idx = np.where((d > 0)[:, None] & live[:, None], idx, izero)
     best_b = np.where(live, best_b, 0)
     return best_b.astype(np.uint8), idx.astype(np.uint8)
@@ -167,7 +231,7 @@ def _quantize_lean(blocks: np.ndarray, name: str) -> np.ndarray:
         ok = (d > 0) & np.isfinite(d)
         h = np.where(ok, h, np.float16(0))
         inv = np.where(ok, f32(1) / np.where(ok, d, f32(1)), f32(0)).astype(f32)
-        idx = _nearest(blocks * inv[:, None], mids)
+        idx = _nearest_index(blocks, inv, name)
     izero = int(_nearest(np.zeros(1, f32), mids)[0])
     idx = np.where(ok[:, None], idx, izero).astype(np.uint8)
     sub = idx.reshape(nb * (qk // 32), 32)

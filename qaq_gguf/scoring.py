@@ -38,6 +38,67 @@ except ImportError:  # loaded as a top-level module
 
 
 # ---------------------------------------------------------------------------
+# BLAS threads
+
+
+def _openblas_thread_calls() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """(get, set) of the thread count of the OpenBLAS numpy uses, or None (another BLAS, or not found)."""
+    import ctypes
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(np.__file__))
+    libs = []
+    try:  # the libraries this process has loaded (Linux)
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
+    except OSError:
+        pass
+    libs += sorted(glob.glob(os.path.join(root, "numpy.libs", "*openblas*"))
+                   + glob.glob(os.path.join(root, "numpy", ".dylibs", "*openblas*")))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
+                               ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.restype, put.argtypes = ctypes.c_int, None, [ctypes.c_int]
+                return get, put
+    return None
+
+
+_BLAS_CALLS: list = []
+
+
+class single_thread_blas:
+    """Context manager: numpy's OpenBLAS runs its matrix products on the calling thread only, then gets its thread
+    count back. For work already spread over threads (calibration scores layers in parallel), where BLAS's own
+    threads only compete for the same cores: on 2 busy cores they made the scoring's small products ~40x slower.
+    A BLAS that is not OpenBLAS is left as it is. The results are the same: OpenBLAS splits a product's rows and
+    columns among its threads, never a dot product's sum."""
+
+    def __enter__(self):
+        if not _BLAS_CALLS:
+            try:
+                _BLAS_CALLS.append(_openblas_thread_calls())
+            except Exception:
+                _BLAS_CALLS.append(None)
+        self.calls, self.saved = _BLAS_CALLS[0], None
+        if self.calls is not None:
+            self.saved = self.calls[0]()
+            self.calls[1](1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.calls is not None and self.saved:
+            self.calls[1](self.saved)
+
+
+# ---------------------------------------------------------------------------
 # Hadamard rotation (llama.cpp attn_rot_k / attn_rot_v)
 
 
@@ -150,9 +211,15 @@ def _roundtrip_plain(x: np.ndarray, ct: cachetypes.CacheType) -> np.ndarray:
     except ValueError:
         raise NotImplementedError(f"gguf-py does not know cache type {ct.name} (ggml type {ct.type_id})") from None
     local = _LOCAL_QUANTIZERS.get(ct.name)
+    traits = getattr(gguf.quants, "_type_traits", {}).get(qtype)
     try:
-        data = local(x) if local else gguf.quants.quantize(x, qtype)
-        y = gguf.quants.dequantize(data, qtype)
+        if traits is not None and not local:  # all rows in one call: gguf.quants.quantize goes 16 rows at a time
+            rows = x.reshape(-1, x.shape[-1])  # through the same per-block functions
+            traits.init_grid()
+            y = traits.dequantize_rows(traits.quantize_rows(rows))
+        else:
+            data = local(x) if local else gguf.quants.quantize(x, qtype)
+            y = gguf.quants.dequantize(data, qtype)
     except NotImplementedError:
         raise NotImplementedError(f"gguf.quants has no numpy quantize/dequantize for cache type {ct.name}") from None
     return np.asarray(y, dtype=np.float32).reshape(x.shape)
@@ -218,6 +285,23 @@ class _Layer:
     x_norm: float  # mean ||X_i||^2 over sampled rows and heads
     group: int
     kq_scale: float
+    _rows_cache: dict = None  # per-head sampled rows of attn and q, shared by all candidates
+
+    def attn_rows(self, h: int) -> np.ndarray:
+        """``attn[h][rows]`` (computed once)."""
+        return self._rows(("attn", h), lambda: self.attn[h][self.rows])
+
+    def q_rows(self, h: int) -> np.ndarray:
+        """``q[rows, h, :]`` (computed once)."""
+        return self._rows(("q", h), lambda: self.q[self.rows, h, :])
+
+    def _rows(self, key, make) -> np.ndarray:
+        if self._rows_cache is None:
+            self._rows_cache = {}
+        out = self._rows_cache.get(key)
+        if out is None:
+            out = self._rows_cache[key] = make()
+        return out
 
 
 def _prepare(q, k, v, attn, *, kq_scale: float, max_queries: int | None, seed: int, n_swa: int | None) -> _Layer:
@@ -277,18 +361,26 @@ def query_roundtrip(q: np.ndarray, k_type: str, *, rotate: bool | None = None) -
 def _key_measured(layer: _Layer, dk: np.ndarray, dq: np.ndarray | None = None,
                   k_hat: np.ndarray | None = None) -> float:
     """First-order output error: dX_i = sum_t S_it e_it (v_t - X_i), e_it = s (q_hat_i . k_hat_t - q_i . k_t),
-    where q_hat = q + dq is Q as the kernel rounds it (``dq`` None: Q exact, e_it = s q_i . dk_t)."""
+    where q_hat = q + dq is Q as the kernel rounds it (``dq`` None: Q exact, e_it = s q_i . dk_t). ``dq`` is
+    ``(n_q, n_head, D)``, or already the sampled rows per head (:func:`_dq_rows`)."""
+    if dq is not None and not isinstance(dq, list):
+        dq = _dq_rows(layer, dq)
     total = 0.0
     for h in range(layer.q.shape[1]):
         g = h // layer.group
-        s = layer.attn[h][layer.rows]
-        e = layer.kq_scale * (layer.q[layer.rows, h, :] @ dk[:, g, :].T)
+        s = layer.attn_rows(h)
+        e = layer.kq_scale * (layer.q_rows(h) @ dk[:, g, :].T)
         if dq is not None:
-            e += layer.kq_scale * (dq[layer.rows, h, :] @ k_hat[:, g, :].T)
+            e += layer.kq_scale * (dq[h] @ k_hat[:, g, :].T)
         p = s * e
         dx = p @ layer.v[:, g, :] - p.sum(axis=1, keepdims=True) * layer.x[h]
         total += float(np.sum(dx.astype(np.float64) ** 2))
     return _relative(total, layer.x.shape[0] * layer.x.shape[1], layer)
+
+
+def _dq_rows(layer: _Layer, dq: np.ndarray) -> list[np.ndarray]:
+    """``dq[rows, h, :]`` for each query head."""
+    return [dq[layer.rows, h, :] for h in range(dq.shape[1])]
 
 
 def _key_qaq(layer: _Layer, dk: np.ndarray) -> float:
@@ -316,7 +408,7 @@ def _value_measured(layer: _Layer, dv: np.ndarray) -> float:
     """dX_i = sum_t S_it (v_hat_t - v_t) with the real attention."""
     total = 0.0
     for h in range(layer.x.shape[0]):
-        dx = layer.attn[h][layer.rows] @ dv[:, h // layer.group, :]
+        dx = layer.attn_rows(h) @ dv[:, h // layer.group, :]
         total += float(np.sum(dx.astype(np.float64) ** 2))
     return _relative(total, layer.x.shape[0] * layer.x.shape[1], layer)
 
@@ -451,18 +543,53 @@ def score_layer(
     else:
         v_stored = v
     layer = _prepare(q, k, v, attn, kq_scale=kq_scale, max_queries=max_queries, seed=seed, n_swa=n_swa)
+    k_rt, v_rt = _Roundtrips(k, rotate, False), _Roundtrips(v_stored, rotate, True)
+    dq_cache: dict = {}
     scores: dict[str, tuple[float, float]] = {}
     for name in candidates:
-        k_hat = quant_roundtrip(k, name, rotate=rotate)
+        k_hat = k_rt(name)
         dk = k_hat - k
-        dv = quant_roundtrip(v_stored, name, is_v=True, rotate=rotate) - v_stored
+        dv = v_rt(name) - v_stored
         if exact_rows is not None and len(exact_rows):
             k_hat[exact_rows] = k[exact_rows]
             dk[exact_rows] = 0.0
             dv[exact_rows] = 0.0
         if method == "measured":
-            dq = query_roundtrip(layer.q, name, rotate=rotate) - layer.q if round_q else None
+            dq = None
+            if round_q:  # the same for every candidate with the same dot type and rotation: computed once
+                key = (query_dot_type(name), _rotation_of(q.shape[-1], name, rotate, False))
+                if key not in dq_cache:
+                    dq_cache[key] = _dq_rows(layer, query_roundtrip(layer.q, name, rotate=rotate) - layer.q)
+                dq = dq_cache[key]
             scores[name] = (_key_measured(layer, dk, dq, k_hat), _value_measured(layer, dv))
         else:
             scores[name] = (_key_qaq(layer, dk), _value_qaq(layer, dv, window))
     return scores
+
+
+def _rotation_of(d: int, type_name: str, rotate: bool | None, is_v: bool) -> int | None:
+    """The rotation block :func:`quant_roundtrip` uses for rows of ``d`` values in ``type_name`` (None: none)."""
+    ct = cachetypes.get(type_name)
+    n = rotation_size(d, is_v)
+    if rotate is None:
+        rotate = ct.is_quantized and n is not None
+    if rotate and n is None:
+        raise ValueError(f"cannot rotate rows of length {d}: not a multiple of 64")
+    return n if rotate else None
+
+
+class _Roundtrips:
+    """:func:`quant_roundtrip` of one array under many types, the rotated input computed once per rotation."""
+
+    def __init__(self, x: np.ndarray, rotate: bool | None, is_v: bool):
+        self.x, self.rotate, self.is_v = x, rotate, is_v
+        self.rotated: dict[int, np.ndarray] = {}
+
+    def __call__(self, type_name: str) -> np.ndarray:
+        ct = cachetypes.get(type_name)
+        n = _rotation_of(self.x.shape[-1], type_name, self.rotate, self.is_v)
+        if n is None:
+            return _roundtrip_plain(self.x, ct)
+        if n not in self.rotated:
+            self.rotated[n] = _rotate(self.x, n)
+        return _rotate(_roundtrip_plain(self.rotated[n], ct), n)
