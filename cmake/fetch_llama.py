@@ -11,6 +11,8 @@ Steps, each failing with a message that names its cause:
      unchanged tree keeps one stable path (compiler caches hit across clean checkouts);
   4. apply patches/*.patch in name order; a patch that does not apply stops here with its name;
   5. optionally provide the llama-server web UI (built with npm from the sdist's tools/ui, cached by content).
+CMake runs steps 1-4 at configure time (`--no-ui`) and step 5 as a build step (`--ui-only`), so that npm's UI build
+runs beside the compile rather than before it.
 
 Environment: QAQ_GGUF_CACHE (cache root, default ~/.cache/qaq-gguf), QAQ_LLAMA_SDIST (a local sdist),
 QAQ_BUILD_UI (auto|on|off; auto builds the UI when npm is on PATH).
@@ -244,15 +246,23 @@ def provide_ui(tree: Path, cache: Path, mode: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patches", type=Path, required=True, help="folder of NNNN-*.patch files")
+    ap.add_argument("--patches", type=Path, help="folder of NNNN-*.patch files (needed but with --ui-only)")
     ap.add_argument("--ui", default=os.environ.get("QAQ_BUILD_UI", "auto"), choices=["auto", "on", "off"])
+    step = ap.add_mutually_exclusive_group()
+    step.add_argument("--no-ui", action="store_true", help="prepare the tree only (steps 1-4)")
+    step.add_argument("--ui-only", type=Path, metavar="TREE", help="provide the web UI to a prepared tree (step 5)")
     args = ap.parse_args(argv)
+    if not args.ui_only and args.patches is None:
+        ap.error("--patches is required")
     try:
         cache = cache_root()
+        if args.ui_only:
+            log(f"llama-server web UI: {provide_ui(args.ui_only, cache, args.ui)}")
+            return 0
         patches = patch_list(args.patches)
         sdist = find_sdist(cache)
         tree = prepare_tree(sdist, patches, cache)
-        ui = provide_ui(tree, cache, args.ui)
+        ui = "left to the build" if args.no_ui else provide_ui(tree, cache, args.ui)
         log(f"llama.cpp {LLAMA_COMMIT} with {len(patches)} patches at {tree}; web UI: {ui}")
     except BuildError as e:
         print(f"qaq-gguf build error: {e}", file=sys.stderr)

@@ -144,3 +144,25 @@ def test_missing_or_corrupt_sdist_is_named(tmp_path):
     bad.write_bytes(b"not a tarball")
     r = _fetch(tmp_path, ROOT / "patches", str(bad))
     assert r.returncode != 0 and "expected 832db069" in r.stderr and "corrupt" in r.stderr
+
+
+def test_web_ui_is_a_build_step_of_its_own(tmp_path):
+    """CMake prepares the tree without the web UI (`--no-ui`) and provides it as a build step (`--ui-only`), so the
+    npm build runs beside the compile; a tree that has its UI keeps it."""
+    tree = tmp_path / "tree"
+    (tree / "tools" / "ui" / "src").mkdir(parents=True)
+    (tree / "tools" / "ui" / "src" / "app.ts").write_text("export {}\n")
+    env = dict(os.environ, QAQ_GGUF_CACHE=str(tmp_path / "cache"))
+    run = lambda *a: subprocess.run([sys.executable, str(FETCH), *a], env=env, capture_output=True, text=True,
+                                    timeout=60)
+    r = run("--ui-only", str(tree), "--ui", "off")
+    assert r.returncode == 0 and "web UI: skipped (QAQ_BUILD_UI=off)" in r.stderr
+    assert not (tree / "tools" / "ui" / "dist").exists()
+    (tree / "tools" / "ui" / "dist").mkdir()
+    (tree / "tools" / "ui" / "dist" / "index.html").write_text("<html></html>")
+    r = run("--ui-only", str(tree), "--ui", "on")
+    assert r.returncode == 0 and "web UI: present" in r.stderr
+    r = run("--no-ui")
+    assert r.returncode == 2 and "--patches is required" in r.stderr
+    r = run("--ui-only", str(tree), "--no-ui", "--patches", "x")
+    assert r.returncode == 2 and "not allowed with" in r.stderr
