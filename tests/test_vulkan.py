@@ -1,0 +1,100 @@
+"""The qaq cache types on llama.cpp's Vulkan backend, checked against the CPU backend (issue 23).
+
+Runs on any Vulkan device, including Mesa's software driver (lavapipe, package mesa-vulkan-drivers), which makes the
+GPU code path testable on a CPU-only machine. Needs a build with `-DGGML_VULKAN=on -DQAQ_BUILD_TEST_BACKEND_OPS=ON`
+(test-backend-ops and qaq-test-backend-quant next to the other tools, or in $QAQ_VULKAN_BIN_DIR, e.g. a separate
+build folder); skipped by name where the binaries, the Vulkan backend or a device are missing.
+
+Environment: llama.cpp ignores CPU-type Vulkan devices unless GGML_VK_VISIBLE_DEVICES names them (set to 0 here
+unless already set); Mesa's compiled shaders are kept in $MESA_SHADER_CACHE_DIR (default: a folder in the qaq-gguf
+cache), which makes reruns much faster on lavapipe.
+
+Run: pytest -m vulkan tests/test_vulkan.py
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vulkan
+
+QAQ_TYPES = ["qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h"]
+LEAN = {"qaq4l", "qaq3l", "qaq2l"}
+
+
+def _bin_dir() -> Path:
+    explicit = os.environ.get("QAQ_VULKAN_BIN_DIR")
+    if explicit:
+        return Path(explicit)
+    from qaq_gguf import _native
+
+    return _native.bin_dir()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GGML_VK_VISIBLE_DEVICES", "0")
+    cache = Path(os.environ.get("QAQ_GGUF_CACHE", Path.home() / ".cache" / "qaq-gguf")) / "mesa-shader-cache"
+    env.setdefault("MESA_SHADER_CACHE_DIR", str(cache))
+    return env
+
+
+def _exe(name: str) -> Path:
+    exe = _bin_dir() / name
+    if not exe.is_file():
+        pytest.skip(f"{name} not found in {_bin_dir()}: build with -DGGML_VULKAN=on -DQAQ_BUILD_TEST_BACKEND_OPS=ON "
+                    "(or point QAQ_VULKAN_BIN_DIR at such a build)")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def quant_run() -> subprocess.CompletedProcess:
+    """qaq-test-backend-quant on Vulkan0, once: it also tells whether there is a Vulkan device at all (exit 77)."""
+    exe = _exe("qaq-test-backend-quant")
+    r = subprocess.run([str(exe), "Vulkan0", "128"], capture_output=True, text=True, timeout=1800, env=_env())
+    if r.returncode == 77:
+        pytest.skip(f"no Vulkan device: {r.stdout.strip()[-300:]} (on Debian: apt install mesa-vulkan-drivers; "
+                    "a build without -DGGML_VULKAN=on has no Vulkan backend)")
+    return r
+
+
+def test_quantizer_bytes_match_the_c_reference(quant_run):
+    """SET_ROWS/CPY into every qaq type writes the C reference's bytes; CPY back to f32 gives its values bit for bit."""
+    out = quant_run.stdout + quant_run.stderr
+    assert quant_run.returncode == 0, out[-4000:]
+    assert "ALL OK" in out
+    for t in QAQ_TYPES:
+        assert f"{t:<6}  quantize: 0/" in out, out[-4000:]
+
+
+def _backend_ops(op: str, params: str, timeout: int) -> str:
+    exe = _exe("test-backend-ops")
+    r = subprocess.run([str(exe), "-b", "Vulkan0", "-o", op, "-p", params], capture_output=True, text=True,
+                       timeout=timeout, env=_env())
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "FAIL" not in r.stdout and "not supported" not in r.stdout, out[-4000:]
+    assert " OK" in r.stdout, out[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("op", ["SET_ROWS", "GET_ROWS", "CPY"])
+def test_backend_ops_qaq_types_match_cpu(quant_run, op):
+    """llama.cpp's test-backend-ops qaq cases (patches/0009, 0016, 0026): Vulkan against the CPU backend."""
+    _backend_ops(op, "qaq", timeout=1800)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tk,tv", [(t, t) for t in QAQ_TYPES] + [("f16", "qaq3"), ("q8_0", "qaq2h"),
+                                                                  ("qaq4l", "q4_0"), ("qaq3h", "qaq4h")])
+def test_flash_attention_qaq_decode_matches_cpu(quant_run, tk, tv):
+    """FLASH_ATTN_EXT on the scalar path with qaq K and/or V: decode (one token) at head size 128 (and 64 where
+    the types allow it), GQA 1 and 4, padded and unpadded caches. Prefill shapes compile large shader variants,
+    minutes each on bookworm's Mesa 22.3 lavapipe: left to the GPU machines."""
+    hs = "128" if {tk, tv} & LEAN else "(64|128)"
+    params = (rf"hsk={hs},hsv={hs},nh=2,nr23=\[(1|4),1\],kv=(512|113),nb=1,mask=1,sinks=0,max_bias=0\.000000,"
+              rf"logit_softcap=0\.000000,prec=f32,type_K={tk},type_V={tv},")
+    _backend_ops("FLASH_ATTN_EXT", params, timeout=1800)
