@@ -14,6 +14,7 @@ Run: pytest -m vulkan tests/test_vulkan.py
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def _backend_ops(op: str, params: str, timeout: int) -> str:
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "FAIL" not in r.stdout and "not supported" not in r.stdout, out[-4000:]
-    assert " OK" in r.stdout, out[-4000:]
+    m = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0, out[-4000:]  # some cases ran, all passed
     return out
 
 
