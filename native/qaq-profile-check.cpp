@@ -159,7 +159,8 @@ bool known_key(const std::string & k) {
     static const std::set<std::string> keys = {
         "qaq.schema_version", "qaq.model.architecture", "qaq.model.name", "qaq.model.n_layer", "qaq.model.n_head_kv",
         "qaq.model.head_dim_k", "qaq.model.head_dim_v", "qaq.model.is_swa", "qaq.model.n_swa", "qaq.model.fingerprint",
-        "qaq.kv.type_k", "qaq.kv.type_v", "qaq.kv.k_mean", "qaq.kv.k_scale", "qaq.kv.v_mean", "qaq.stats.candidates",
+        "qaq.kv.type_k", "qaq.kv.type_v", "qaq.kv.k_mean", "qaq.kv.k_scale", "qaq.kv.v_mean", "qaq.kv.exact_cells",
+        "qaq.stats.candidates",
         "qaq.stats.score_k", "qaq.stats.score_v", "qaq.stats.k_mean", "qaq.stats.v_mean", "qaq.stats.k_first",
         "qaq.stats.v_first",
     };
@@ -202,8 +203,8 @@ profile_data check_profile(const std::string & path, bool embedded, const model_
             : path + " is a GGUF file but not a qaq KV profile (no qaq.schema_version key)");
     }
     res.schema = prof.u32("qaq.schema_version");
-    if (res.schema < 1 || res.schema > 2) {
-        throw profile_error(strfmt("%s: profile schema version %u, this build reads versions 1 to 2; upgrade qaq-gguf "
+    if (res.schema < 1 || res.schema > 3) {
+        throw profile_error(strfmt("%s: profile schema version %u, this build reads versions 1 to 3; upgrade qaq-gguf "
             "or recalibrate", path.c_str(), res.schema));
     }
 
@@ -309,6 +310,23 @@ profile_data check_profile(const std::string & path, bool embedded, const model_
             }
         }
         off += (size_t) (shape.n_head_kv[il] * head);
+    }
+
+    // exact cells: the first KV cells kept in f16 (schema 3)
+    if (prof.find("qaq.kv.exact_cells", false) >= 0) {
+        if (res.schema < 3) {
+            throw profile_error(strfmt("%s: qaq.kv.exact_cells needs schema version 3, the profile says %u "
+                "(a hand-edited profile?)", path.c_str(), res.schema));
+        }
+        res.exact_cells = prof.u32("qaq.kv.exact_cells");
+        if (res.exact_cells < 1 || res.exact_cells > EXACT_CELLS_MAX) {
+            throw profile_error(strfmt("%s: qaq.kv.exact_cells is %u, outside [1, %u]", path.c_str(), res.exact_cells,
+                EXACT_CELLS_MAX));
+        }
+        if (shape.mla) {
+            throw profile_error(path + ": the profile keeps the first KV cells exact (qaq.kv.exact_cells), which MLA "
+                "models cannot take: recalibrate with `qaq-gguf calibrate --exact-cells 0`");
+        }
     }
 
     // the statistics are read by qaq-gguf's Python side only; untrusted all the same

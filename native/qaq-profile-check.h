@@ -38,6 +38,7 @@ struct profile_data {
     uint32_t schema = 0;
     std::vector<int32_t> types_k, types_v;      // ggml types; -1 for a layer without KV cache
     std::vector<float> k_mean, k_scale, v_mean;  // empty when absent; else one value per cached dimension
+    uint32_t exact_cells = 0;                    // the first KV cells kept exact (qaq.kv.exact_cells, schema 3); 0: none
     std::vector<std::string> warnings;           // unknown qaq.* keys
 };
 
@@ -59,5 +60,6 @@ std::string profile_fingerprint(const std::string & path);
 constexpr float MEAN_LIMIT = 65504.0f;       // |k_mean|, |v_mean|: the cache stores k - mean (an f16 range)
 constexpr float SCALE_MIN  = 1.0f/256.0f;    // k_scale
 constexpr float SCALE_MAX  = 256.0f;
+constexpr uint32_t EXACT_CELLS_MAX = 1024;   // qaq.kv.exact_cells (LLAMA_KV_EXACT_CELLS_MAX)
 
 } // namespace qaq

@@ -143,6 +143,7 @@ void clear_transforms(llama_model * model) {
     llama_model_set_kv_layer_k_mean (model, -1, nullptr, 0);
     llama_model_set_kv_layer_k_scale(model, -1, nullptr, 0);
     llama_model_set_kv_layer_v_mean (model, -1, nullptr, 0);
+    llama_model_set_kv_exact_cells  (model, 0);
 }
 
 void apply(llama_model * model, const char * model_path, const char * profile_path) {
@@ -170,6 +171,11 @@ void apply(llama_model * model, const char * model_path, const char * profile_pa
         }
         off_k += nk;
         off_v += nv;
+    }
+
+    if (llama_model_set_kv_exact_cells(model, prof.exact_cells) != 0) {
+        clear_transforms(model);
+        throw profile_error(strfmt("%s: llama.cpp refused %u exact KV cells", prof.path.c_str(), prof.exact_cells));
     }
 
     if (llama_model_set_kv_layer_types(model, prof.types_k.data(), prof.types_v.data(), n_layer) != 0) {

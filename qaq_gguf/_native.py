@@ -86,6 +86,7 @@ bool llama_model_layer_kv_shape(const void * model, int32_t il, int32_t * n_head
                                 int32_t * n_embd_head_v, bool * is_swa);
 int32_t llama_model_set_kv_layer_types(void * model, const int32_t * types_k, const int32_t * types_v, int32_t n);
 int32_t llama_model_kv_layer_type(const void * model, int32_t il, bool is_v);
+uint32_t llama_model_kv_exact_cells(const void * model);
 bool llama_kv_layer_info(const void * ctx, int32_t il, int32_t * type_k, int32_t * type_v, size_t * size_k,
                          size_t * size_v, uint32_t * n_cells);
 size_t ggml_backend_dev_count(void);

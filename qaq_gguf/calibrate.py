@@ -40,6 +40,7 @@ class Scores:
     v_mean: np.ndarray | None = None   # mean value (first token left out) when values are stored centred
     k_first: np.ndarray | None = None  # the first token's key and value (position 0, BOS) when it is kept exact
     v_first: np.ndarray | None = None
+    exact_cells: int = 0               # the first KV cells kept exact in f16 (attention sinks, any token); 0: none
 
     def layers(self) -> list[int]:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
@@ -52,6 +53,30 @@ NO_CUDA_FA = ("iq4_nl",)
 
 # the score of a (layer, type) the type cannot hold: finite, so that a profile stores it, and never chosen
 UNFIT = 1e30
+
+# exact cells chosen from the attention mass: the leading positions that each draw at least SINK_MASS of the attention
+# of the queries at least SINK_DISTANCE positions after them (averaged over layers, heads, queries and chunks;
+# a position of a 512-token chunk drawing its uniform share gets ~0.003), at most SINK_MAX
+SINK_MASS = 0.02
+SINK_DISTANCE = 128
+SINK_MAX = 16
+
+
+def sink_mass(act: collect.LayerActivations, n: int = SINK_MAX, distance: int = SINK_DISTANCE) -> np.ndarray | None:
+    """The mean attention each of the first ``n`` positions draws from the queries ``distance`` or more positions
+    after it (None when the chunk is too short)."""
+    a = act.attn
+    if a.shape[1] <= distance + n:
+        return None
+    return a[:, distance + n:, :n].mean(axis=(0, 1))
+
+
+def choose_exact_cells(mass: np.ndarray | None) -> int:
+    """The exact cells a profile keeps: 1 + the last leading position drawing at least SINK_MASS (0: none)."""
+    if mass is None:
+        return 0
+    hot = np.nonzero(np.asarray(mass) >= SINK_MASS)[0]
+    return int(hot[-1]) + 1 if len(hot) else 0
 
 
 def default_candidates() -> list[str]:
@@ -145,7 +170,7 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
               chat_chunks: int | None = None, candidates: Sequence[str] | None = None, method: str = "measured",
               max_queries: int | None = 128, window: int = 5, n_threads: int | None = None, progress: bool = True,
               seed: int = 0, center_keys: bool = True, rebalance_keys: bool = True, center_values: bool = True,
-              exact_first: bool = True) -> Scores:
+              exact_first: bool = True, exact_cells: int | None = 0) -> Scores:
     """Score every layer's K and V under every candidate type on ``text`` (see the module docstring).
 
     ``chat_chunks``: chunks of chat in the model's own template (chat.py: the packaged calibration prompts answered
@@ -162,7 +187,11 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     types' grids so that it is stored exactly: BOS where the model adds one, else the chat template's first token
     (what position 0 holds in every chat). Statistics are running sums over the chunks seen so far (the first
     chunk's own for chunk 0), so every chunk is scored with transforms it did not fully determine; the final
-    statistics are what the profile stores. The first token is left out of them."""
+    statistics are what the profile stores. The first token is left out of them.
+
+    ``exact_cells``: the first cells of every layer's cache kept exact in f16 (attention sinks, whatever tokens they
+    hold; llama.cpp's CPU backend): N, 0 for none, or None to choose them from the attention the first positions
+    draw (choose_exact_cells); they are scored as exact."""
     cands = list(candidates) if candidates else default_candidates()
     for c in cands:
         cachetypes.get(c)  # unknown names fail here, before the model runs
@@ -180,9 +209,11 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
         print("qaq-gguf: the model adds no BOS and has no chat template: the first token is not kept exact",
               file=sys.stderr)
         exact_first = False
+    if exact_cells is not None and not 0 <= exact_cells <= profile.EXACT_CELLS_MAX:
+        raise ValueError(f"exact_cells is {exact_cells}, outside [0, {profile.EXACT_CELLS_MAX}]")
     run = _Run(ident, cands, fit, method=method, max_queries=max_queries, window=window, seed=seed,
                center_keys=center_keys, rebalance_keys=rebalance_keys, center_values=center_values,
-               exact_first=exact_first, workers=n_threads or os.cpu_count() or 1)
+               exact_first=exact_first, exact_cells=exact_cells, workers=n_threads or os.cpu_count() or 1)
     bar = progress_bar(progress, (n_chunks or 0) + len(docs) or None, "calibrating")
     try:
         for src, tracked in ((docs, True), (text, bos)):  # chats first: their first token is the one kept exact
@@ -222,12 +253,14 @@ class _Run:
 
     def __init__(self, ident: profile.ModelIdentity, cands: list[str], fit: dict[int, list[str]], *, method: str,
                  max_queries: int | None, window: int, seed: int, center_keys: bool, rebalance_keys: bool,
-                 center_values: bool, exact_first: bool, workers: int = 1):
+                 center_values: bool, exact_first: bool, exact_cells: int | None = 0, workers: int = 1):
         self.ident, self.cands, self.fit = ident, cands, fit
         self.opts = dict(method=method, max_queries=max_queries, window=window)
         self.seed = seed
         self.center_keys, self.rebalance_keys, self.center_values = center_keys, rebalance_keys, center_values
         self.exact_first = exact_first
+        self.exact_cells = exact_cells  # None: chosen from the attention mass seen so far
+        self.mass, self.n_mass = np.zeros(SINK_MAX), 0
         self.layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
         self.partner = {il: transforms.pair_partner(ident.head_dim_k[il], min(ident.n_rot, ident.head_dim_k[il]),
                                                     bool(ident.rope_neox)) if ident.rope_neox is not None
@@ -244,6 +277,12 @@ class _Run:
         skip_first = self.exact_first or self.center_keys or self.rebalance_keys or self.center_values
         for il, act in chunk.items():
             self.mom[il].add(act, skip_first=skip_first, track_first=track_first)
+            m = sink_mass(act)
+            if m is not None:
+                self.mass += m
+                self.n_mass += 1
+        n_exact = self.n_exact()
+        exact = np.arange(n_exact) if n_exact else np.array([0]) if self.exact_first and track_first else None
 
         def score(item) -> tuple[int, dict]:
             il, act = item
@@ -254,7 +293,7 @@ class _Run:
                 k_mean=m.k_mean() if self.center_keys else None,
                 k_scale=m.scales(self.partner[il]) if self.rebalance_keys else None,
                 v_mean=m.v_mean() if self.center_values else None,
-                exact_rows=np.array([0]) if self.exact_first and track_first else None)
+                exact_rows=exact)
 
         with scoring.single_thread_blas(), ThreadPoolExecutor(self.workers) as pool:  # parallel over layers only
             for il, res in pool.map(score, chunk.items()):
@@ -263,6 +302,12 @@ class _Run:
                     self.sv[il, j] += res[name][1] if name in res else UNFIT
         self.n_done += 1
 
+    def n_exact(self) -> int:
+        """The exact cells: as asked, or chosen from the attention mass seen so far."""
+        if self.exact_cells is not None:
+            return self.exact_cells
+        return choose_exact_cells(self.mass / self.n_mass if self.n_mass else None)
+
     def scores(self, settings: dict) -> Scores:
         ident, mom = self.ident, self.mom
         sk, sv = self.sk / max(self.n_done, 1), self.sv / max(self.n_done, 1)  # layers without a cache stay 0
@@ -270,9 +315,13 @@ class _Run:
         if exact_first and any(mom[il].first_varies or mom[il].k_first is None for il in self.layers):
             print("qaq-gguf: the first token's K/V differ between chunks: it is not kept exact", file=sys.stderr)
             exact_first = False
+        n_exact = self.n_exact()
         settings = dict(settings, n_chunks=self.n_done, center_keys=self.center_keys,
                         rebalance_keys=self.rebalance_keys, center_values=self.center_values,
-                        exact_first=exact_first)
+                        exact_first=exact_first, exact_cells=n_exact,
+                        exact_cells_chosen=self.exact_cells is None)
+        if self.n_mass:
+            settings["sink_mass"] = [round(float(x), 5) for x in self.mass / self.n_mass]
         if not exact_first:
             settings.pop("exact_first_token", None)
 
@@ -288,7 +337,8 @@ class _Run:
                       else None,
                       v_mean=flat(lambda il, m: m.v_mean(), nv) if self.center_values and on else None,
                       k_first=flat(lambda il, m: m.k_first, nk) if exact_first and on else None,
-                      v_first=flat(lambda il, m: m.v_first, nv) if exact_first and on else None)
+                      v_first=flat(lambda il, m: m.v_first, nv) if exact_first and on else None,
+                      exact_cells=n_exact)
 
 
 def _weights(ident: profile.ModelIdentity, n_ctx: int | None) -> tuple[list[int], list[int]]:
@@ -371,6 +421,7 @@ def _profile_from(scores: Scores, cands: list[str], sol: solver.Allocation, *, a
     p.k_mean, p.k_scale, p.v_mean = centring_for(scores, tk, tv)
     p.stats = {k: getattr(scores, k) for k in ("k_mean", "v_mean", "k_first", "v_first")
                if getattr(scores, k) is not None}
+    p.exact_cells = scores.exact_cells
     return p
 
 
@@ -381,7 +432,7 @@ def centring_for(scores: Scores, type_k: Sequence[str], type_v: Sequence[str]):
     ident = scores.ident
     k_mean = None if scores.k_mean is None else scores.k_mean.copy()
     v_mean = None if scores.v_mean is None else scores.v_mean.copy()
-    if scores.k_first is not None:
+    if scores.k_first is not None and not scores.exact_cells:  # exact cells hold the first token themselves
         k_mean = np.zeros(ident.n_key_mean(), np.float32) if k_mean is None else k_mean
         v_mean = np.zeros(ident.n_value_mean(), np.float32) if v_mean is None else v_mean
         ok, ov = 0, 0
@@ -428,4 +479,4 @@ def scores_from_profile(p: profile.Profile) -> Scores:
     return Scores(p.model, list(p.candidates), np.asarray(p.score_k, float).reshape(n, c),
                   np.asarray(p.score_v, float).reshape(n, c), settings,
                   k_mean=st.get("k_mean", p.k_mean), k_scale=p.k_scale, v_mean=st.get("v_mean"),
-                  k_first=st.get("k_first"), v_first=st.get("v_first"))
+                  k_first=st.get("k_first"), v_first=st.get("v_first"), exact_cells=p.exact_cells)

@@ -593,6 +593,18 @@ def parse_size(s: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
+def _exact_cells_arg(s: str) -> int | None:
+    if s == "auto":
+        return None
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of cells or 'auto': {s!r}") from None
+    if not 0 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"{n} exact cells: give 0 to 1024, or 'auto'")
+    return n
+
+
 def _read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
@@ -621,7 +633,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                      chat_chunks=args.chat_chunks, candidates=cands, method=args.method, max_queries=args.max_queries,
                                      n_threads=args.threads, center_keys=not args.no_center_keys,
                                      rebalance_keys=not args.no_rebalance_keys,
-                                     center_values=not args.no_center_values, exact_first=not args.no_exact_first)
+                                     center_values=not args.no_center_values, exact_first=not args.no_exact_first,
+                                     exact_cells=args.exact_cells)
     prov = {"tool_version": _version(), "calib_text": Path(args.text).name if args.text else ""}
     if args.frontier:
         out_dir = Path(args.frontier)
@@ -702,6 +715,12 @@ Never calibrate on the text you evaluate on.""")
                         "its K and V on each layer type's grid, so the cache holds them exactly (it receives up to "
                         "half of the attention in some layers): BOS, or for a model without BOS the first token of "
                         "its chat template")
+    p.add_argument("--exact-cells", type=_exact_cells_arg, default=0, metavar="N|auto",
+                   help="keep the first N cells of every layer's cache exact in f16, whatever tokens they hold "
+                        "(attention sinks; read by llama.cpp's CPU flash attention: a profile with them is refused "
+                        "where the KV cache is on a GPU); 'auto' chooses N from the attention the first positions "
+                        "draw during calibration (up to 16); default 0 (none). Their bytes count in the bits "
+                        "at a context length (`qaq-gguf profile show`)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile")
     p.set_defaults(func=cmd_calibrate)

@@ -27,6 +27,11 @@ def uniform_bits(tk: str, tv: str, ident: profile.ModelIdentity) -> float:
     return profile.average_bits(profile.make_profile(ident, tk, tv))
 
 
+def _bits(p: profile.Profile, n_ctx: int) -> float:
+    """A profile's bits per value: its one figure (profile.average_bits), at n_ctx where exact cells add to it."""
+    return profile.bits_at(p, n_ctx) if p.exact_cells else profile.average_bits(p)
+
+
 def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets: Sequence[float] = DEFAULT_BUDGETS,
         pairs: Sequence[tuple[str, str]] = UNIFORM_PAIRS, work_dir: str | Path = "qaq-frontier", n_ctx: int = 1024,
         n_batch: int = 256, n_chunks: int | None = 8, n_threads: int | None = None, progress: bool = True,
@@ -40,16 +45,20 @@ def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets:
     for tk, tv in pairs:
         configs.append(evaluate.CacheConfig(f"{tk}/{tv}", type_k=tk, type_v=tv))
         meta.append({"series": "uniform", "bits": uniform_bits(tk, tv, scores.ident), "budget": None})
+    # exact cells cost bits at the evaluated context: the types get the budget less that, so that each profile's
+    # bits at n_ctx, everything counted, are its budget
+    extra = profile.exact_cells_bits(scores.ident, scores.exact_cells, n_ctx)
     for b in budgets:
-        p = calibrate.allocate(scores, avg_bits=b)
+        p = calibrate.allocate(scores, avg_bits=b - extra)
         f = profile.write_profile(p, work / f"qaq-{b:g}bits.gguf")
         configs.append(evaluate.CacheConfig(f"qaq@{b:g}", profile=str(f)))
-        meta.append({"series": "calibrated", "bits": profile.average_bits(p), "budget": b,
-                     "layer_type_k": p.type_k, "layer_type_v": p.type_v})
+        meta.append({"series": "calibrated", "bits": _bits(p, n_ctx), "budget": b,
+                     "layer_type_k": p.type_k, "layer_type_v": p.type_v, "exact_cells": p.exact_cells})
     for f in compare:
         p = profile.read_profile(f)
         configs.append(evaluate.CacheConfig(f"compared:{Path(f).stem}", profile=str(f)))
-        meta.append({"series": "compared", "bits": profile.average_bits(p), "budget": p.provenance.get(
+        meta.append({"series": "compared", "bits": _bits(p, n_ctx), "exact_cells": p.exact_cells,
+                     "budget": p.provenance.get(
             "budget_avg_bits"), "layer_type_k": p.type_k, "layer_type_v": p.type_v})
     res = evaluate.evaluate(model_path, text, configs, n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks,
                             n_threads=n_threads, progress=progress, text_name=text_name)

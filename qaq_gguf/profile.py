@@ -20,7 +20,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from . import cachetypes
 from .errors import ProfileError  # noqa: F401 - profile.ProfileError, the name callers use
 
-SCHEMA_VERSION = 2  # the newest version written and read; a profile is written with the oldest that holds it
+SCHEMA_VERSION = 3  # the newest version written and read; a profile is written with the oldest that holds it
 PROFILE_TYPE = "qaq-profile"
 NO_KV = "none"  # type name of a layer that has no KV cache of its own
 
@@ -77,13 +77,18 @@ class Profile:
     k_mean: np.ndarray | None = None
     k_scale: np.ndarray | None = None
     v_mean: np.ndarray | None = None
+    # the first KV cells of every layer kept exact in f16 beside the cache's types (attention sinks, whatever tokens
+    # they hold; qaq.kv.exact_cells, schema 3); 0: none
+    exact_cells: int = 0
 
     # calibration statistics the transforms are made from (qaq.stats.<name>, flat like k_mean): k_mean, v_mean (plain
     # means), k_first, v_first (the first token's K and V); a re-solve for other types recomputes the transforms
     stats: dict = field(default_factory=dict)
 
     def schema_version(self) -> int:
-        """The oldest schema that holds this profile: 2 when it has key scales or value means, else 1."""
+        """The oldest schema that holds this profile: 3 with exact cells, 2 with key scales or value means, else 1."""
+        if self.exact_cells:
+            return 3
         return 2 if self.k_scale is not None or self.v_mean is not None else 1
 
 
@@ -213,27 +218,51 @@ def average_bits(profile: Profile) -> float:
     return tot_bits / tot_vals if tot_vals else 0.0
 
 
+def _layer_bytes(profile: Profile, il: int, n_ctx: int, **kw) -> int:
+    """Bytes of layer il's K/V cache at context n_ctx: its rows, and the f16 rows of its exact cells (plus the scratch
+    row llama.cpp keeps beside them)."""
+    nk, nv = layer_values(profile.model, il, n_ctx, **kw)
+    b = cachetypes.row_bytes(profile.type_k[il], nk) + cachetypes.row_bytes(profile.type_v[il], nv)
+    if profile.exact_cells:
+        rows = min(profile.exact_cells, layer_cells(profile.model, il, n_ctx, **kw)) + 1
+        b += 2 * rows * (profile.model.n_embd_k(il) + profile.model.n_embd_v(il))
+    return b
+
+
 def kv_bytes_by_device(profile: Profile, devices: Sequence[str], n_ctx: int, **kw) -> dict[str, int]:
     """Bytes of the K/V cache at context n_ctx on each device, given each layer's device (runtime.layer_devices)."""
     out: dict[str, int] = {}
     for il in range(profile.model.n_layer):
-        if not profile.model.has_kv(il):
-            continue
-        nk, nv = layer_values(profile.model, il, n_ctx, **kw)
-        b = cachetypes.row_bytes(profile.type_k[il], nk) + cachetypes.row_bytes(profile.type_v[il], nv)
-        out[devices[il]] = out.get(devices[il], 0) + b
+        if profile.model.has_kv(il):
+            out[devices[il]] = out.get(devices[il], 0) + _layer_bytes(profile, il, n_ctx, **kw)
     return out
+
+
+def exact_cells_bits(ident: ModelIdentity, exact_cells: int, n_ctx: int, **kw) -> float:
+    """What exact cells add to the bits per value at context n_ctx (bits_at with them less bits_at without)."""
+    if not exact_cells:
+        return 0.0
+    p = make_profile(ident, "f16", "f16")
+    plain = bits_at(p, n_ctx, **kw)
+    p.exact_cells = exact_cells
+    return bits_at(p, n_ctx, **kw) - plain
+
+
+def bits_at(profile: Profile, n_ctx: int, **kw) -> float:
+    """Bits per cached value at context n_ctx with everything counted: block scales, and the exact cells' f16 rows
+    (which cost the most at short contexts). Without exact cells, average_bits (sliding-window layers aside)."""
+    total = values = 0
+    for il in range(profile.model.n_layer):
+        if profile.model.has_kv(il):
+            total += _layer_bytes(profile, il, n_ctx, **kw)
+            values += sum(layer_values(profile.model, il, n_ctx, **kw))
+    return 8.0 * total / values if values else 0.0
 
 
 def kv_bytes(profile: Profile, n_ctx: int, **kw) -> int:
     """Bytes of the whole K/V cache at context n_ctx."""
-    total = 0
-    for il in range(profile.model.n_layer):
-        if not profile.model.has_kv(il):
-            continue
-        nk, nv = layer_values(profile.model, il, n_ctx, **kw)
-        total += cachetypes.row_bytes(profile.type_k[il], nk) + cachetypes.row_bytes(profile.type_v[il], nv)
-    return total
+    return sum(_layer_bytes(profile, il, n_ctx, **kw) for il in range(profile.model.n_layer)
+               if profile.model.has_kv(il))
 
 
 # --- making and checking -------------------------------------------------------------------------------------
@@ -264,8 +293,9 @@ def make_profile(ident: ModelIdentity, type_k: list[str] | str, type_v: list[str
 
 
 def needs_flash_attn(profile: Profile) -> bool:
-    """llama.cpp stores a quantized V cache only with flash attention."""
-    return any(t in cachetypes.TYPES and cachetypes.TYPES[t].is_quantized for t in profile.type_v)
+    """llama.cpp stores a quantized V cache only with flash attention, which also reads the exact cells."""
+    return profile.exact_cells > 0 or any(t in cachetypes.TYPES and cachetypes.TYPES[t].is_quantized
+                                          for t in profile.type_v)
 
 
 # --- GGUF I/O --------------------------------------------------------------------------------------------------
@@ -291,6 +321,10 @@ def _add_keys(w: GGUFWriter, p: Profile) -> None:
         if len(arr) != n:
             raise ProfileError(f"{key} has {len(arr)} values, the model's {'values' if key == 'v_mean' else 'keys'} {n}")
         w.add_array(f"qaq.kv.{key}", [float(x) for x in np.asarray(arr, np.float32)])
+    if p.exact_cells:
+        if not 1 <= p.exact_cells <= EXACT_CELLS_MAX:
+            raise ProfileError(f"exact_cells is {p.exact_cells}, outside [1, {EXACT_CELLS_MAX}]")
+        w.add_uint32("qaq.kv.exact_cells", int(p.exact_cells))
     for k, v in p.provenance.items():
         key = f"qaq.provenance.{k}"
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
@@ -331,10 +365,12 @@ def write_profile(p: Profile, path: str | Path) -> Path:
 # the limits native/qaq-profile-check.h documents (the C validator refuses the same)
 MEAN_LIMIT = 65504.0            # |qaq.kv.k_mean|, |qaq.kv.v_mean|: the cache stores x - mean
 SCALE_LIMITS = (1.0 / 256, 256.0)  # qaq.kv.k_scale
+EXACT_CELLS_MAX = 1024          # qaq.kv.exact_cells (LLAMA_KV_EXACT_CELLS_MAX)
 _KNOWN_KEYS = {
     "qaq.schema_version", "qaq.model.architecture", "qaq.model.name", "qaq.model.n_layer", "qaq.model.n_head_kv",
     "qaq.model.head_dim_k", "qaq.model.head_dim_v", "qaq.model.is_swa", "qaq.model.n_swa", "qaq.model.fingerprint",
-    "qaq.kv.type_k", "qaq.kv.type_v", "qaq.kv.k_mean", "qaq.kv.k_scale", "qaq.kv.v_mean", "qaq.stats.candidates",
+    "qaq.kv.type_k", "qaq.kv.type_v", "qaq.kv.k_mean", "qaq.kv.k_scale", "qaq.kv.v_mean", "qaq.kv.exact_cells",
+    "qaq.stats.candidates",
     "qaq.stats.score_k", "qaq.stats.score_v", "qaq.stats.k_mean", "qaq.stats.v_mean", "qaq.stats.k_first",
     "qaq.stats.v_first",
 }
@@ -507,6 +543,14 @@ def _read_transforms(fl: _Fields, p: Profile, schema: int) -> None:
     p.k_mean = fl.floats("qaq.kv.k_mean", nk, -MEAN_LIMIT, MEAN_LIMIT, mean_limit)
     p.k_scale = fl.floats("qaq.kv.k_scale", nk, *SCALE_LIMITS, "[1/256, 256]")
     p.v_mean = fl.floats("qaq.kv.v_mean", nv, -MEAN_LIMIT, MEAN_LIMIT, mean_limit)
+    if "qaq.kv.exact_cells" in fl:
+        if schema < 3:
+            raise ProfileError(f"{fl.path}: qaq.kv.exact_cells needs schema version 3, the profile says {schema} "
+                               "(a hand-edited profile?)")
+        n = fl.scalar("qaq.kv.exact_cells", "int")
+        if not 1 <= n <= EXACT_CELLS_MAX:
+            raise ProfileError(f"{fl.path}: qaq.kv.exact_cells is {n}, outside [1, {EXACT_CELLS_MAX}]")
+        p.exact_cells = n
     for key, n_want in (("k_mean", nk), ("v_mean", nv), ("k_first", nk), ("v_first", nv)):
         arr = fl.floats(f"qaq.stats.{key}", n_want)
         if arr is not None:
@@ -594,6 +638,9 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
         lines.append(row)
     total = kv_bytes(p, n_ctx, **kw)
     lines.append(f"bits per value: {average_bits(p):.3f}")
+    if p.exact_cells:
+        lines.append(f"exact cells: the first {p.exact_cells} of every layer in f16: {bits_at(p, n_ctx, **kw):.3f} bits "
+                     f"per value at n_ctx={n_ctx}, {bits_at(p, 32768, **kw):.3f} at 32768")
     lines.append(f"KV cache at n_ctx={n_ctx}: {total / 2**20:.2f} MiB")
     done = [what for what, arr in (("keys centred", p.k_mean), ("keys rebalanced", p.k_scale),
                                    ("values centred", p.v_mean)) if arr is not None]

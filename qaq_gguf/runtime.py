@@ -163,6 +163,12 @@ def clear_profile(model_ptr) -> None:
     lib.qaq_model_clear_kv_profile(as_cffi(model_ptr))
 
 
+def exact_cells(model_ptr) -> int:
+    """The first KV cells a profile keeps exact (llama_model_set_kv_exact_cells; 0: none)."""
+    _, lib = _native.ffi_lib()
+    return int(lib.llama_model_kv_exact_cells(as_cffi(model_ptr)))
+
+
 def quantized_v_layers(model_ptr) -> list[int]:
     """Layers whose per-layer V cache type (set by a profile) is quantized: they need flash attention."""
     _, lib = _native.ffi_lib()
@@ -223,14 +229,15 @@ class Llama(llama_cpp_module().Llama):
                     raise ProfileError(f"{model_path} has no embedded qaq profile (embed one with "
                                        "`qaq-gguf profile embed`)")
                 apply_profile(model.model, model_path, profile)
-            if quantized_v_layers(model.model) and params.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_DISABLED:
+            needs = ("stores V quantized, which llama.cpp supports" if quantized_v_layers(model.model) else
+                     "keeps the first KV cells exact, which llama.cpp reads" if exact_cells(model.model) else None)
+            if needs and params.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_DISABLED:
                 if fa_off:
-                    raise ProfileError("this profile stores V quantized, which llama.cpp supports only with flash "
-                                       "attention; pass flash_attn=True (or leave it out), or use a profile with "
-                                       "f16 V")
+                    raise ProfileError(f"this profile {needs} only with flash attention; pass flash_attn=True (or "
+                                       "leave it out), or use another profile")
                 params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
                 if verbose:
-                    print("qaq-gguf: flash attention turned on: the profile stores V quantized", file=sys.stderr)
+                    print(f"qaq-gguf: flash attention turned on: the profile {needs.split(',')[0]}", file=sys.stderr)
             return make_context(model=model, params=params, verbose=verbose)
 
         with _hook_lock, quiet as errors:
@@ -240,6 +247,8 @@ class Llama(llama_cpp_module().Llama):
             except ValueError as e:
                 # llama.cpp refuses a model whose embedded profile is invalid, and logs why
                 why = [x.split("KV profile refused: ", 1)[1] for x in errors or [] if "KV profile refused: " in x]
+                # ... and a context the profile's exact cells cannot live in (flash attention off, a GPU cache)
+                why += [x[x.index("the KV profile keeps"):].strip() for x in errors or [] if "the KV profile keeps" in x]
                 if why:
                     raise ProfileError(why[-1]) from e
                 raise

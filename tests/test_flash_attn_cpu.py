@@ -142,3 +142,62 @@ def test_no_mask_and_odd_lengths(ggml):
         got, ref = _run(ggml, "qaq2", "q4_0", 64, 4, 2, n_q, n_kv, masked=False, seed=n_q)
         np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
     assert ctypes.sizeof(ctypes.c_float) == 4
+
+
+def _run_exact(ggml, tk, tv, d, n_head, n_head_kv, n_q, n_kv, n_exact, seed=0):
+    """FLASH_ATTN_EXT with exact rows (patches/0040): the first n_exact rows of K and V read from f16 side tensors,
+    whatever the quantized cache holds there (here: rows 1000 times too large), against float64 attention over the
+    values each row is read from (an exact K row dots with Q in f32)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n_head, n_q, d)).astype(np.float32)
+    k = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    k[:, :n_exact] *= 3.0  # sinks: keys that draw attention
+    ke = k[:, :n_exact].astype(np.float16)
+    ve = v[:, :n_exact].astype(np.float16)
+    k_bad, v_bad = k.copy(), v.copy()
+    k_bad[:, :n_exact] *= 1000.0
+    v_bad[:, :n_exact] *= 1000.0
+    k_raw, k_val = _cache(k_bad, tk)
+    v_raw, v_val = _cache(v_bad, tv)
+    k_val[:, :n_exact] = ke
+    v_val[:, :n_exact] = ve
+    scale = 1.0 / np.sqrt(d)
+    m = _mask(n_q, n_kv, 0)
+    rep = n_head // n_head_kv
+    kk = np.repeat(k_val, rep, axis=0).astype(np.float64)
+    vv = np.repeat(v_val, rep, axis=0).astype(np.float64)
+    s = np.einsum("hqd,hkd->hqk", _q_as_read(q, tk, n_q).astype(np.float64), kk)
+    s[:, :, :n_exact] = np.einsum("hqd,hkd->hqk", q.astype(np.float64), kk[:, :n_exact])
+    s = s * scale + m[None]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("hqk,hkd->qhd", p, vv)
+    with Graph(ggml) as g:
+        tq = g.tensor(F32, (d, n_q, n_head), q)
+        tkk = g.tensor(_tid(tk), (d, n_kv, n_head_kv), k_raw)
+        tvv = g.tensor(_tid(tv), (d, n_kv, n_head_kv), v_raw)
+        tke = g.tensor(F16, (d, n_exact, n_head_kv), ke)
+        tve = g.tensor(F16, (d, n_exact, n_head_kv), ve)
+        n_pad = -(-n_q // 64) * 64
+        mm = np.full((n_pad, n_kv), -np.inf, np.float32)
+        mm[:n_q] = m
+        tm = g.tensor(F16, (n_kv, n_pad), mm.astype(np.float16))
+        out = g.base.ggml_flash_attn_ext(g.ctx, tq, tkk, tvv, tm, scale, 0.0, 0.0)
+        g.base.ggml_flash_attn_ext_set_exact_rows(out, tke, tve)
+        g.compute(out)
+        got = g.read(out, np.float32, (n_q, n_head, d))
+    return got, ref
+
+
+@pytest.mark.parametrize("kv,d", [("q4_0/q4_0", 128), ("qaq3/qaq2", 128), ("qaq4h/qaq3h", 64), ("f16/f16", 64),
+                                  ("qaq2l/q8_0", 256)])
+@pytest.mark.parametrize("n_q,n_kv,n_exact", [(1, 96, 4), (1, 600, 16), (512, 640, 4), (100, 130, 70), (1, 300, 1)])
+def test_exact_rows_replace_the_first_cells(ggml, kv, d, n_q, n_kv, n_exact):
+    """Every CPU path (grouped decode, split-KV decode from 256 cells, tiled prefill; exact rows across tiles and
+    chunks) reads the exact rows and ignores what the cache holds in their place."""
+    if not hasattr(ggml[0], "ggml_flash_attn_ext_set_exact_rows"):
+        pytest.fail("this build has no ggml_flash_attn_ext_set_exact_rows (patches/0040)")
+    tk, tv = kv.split("/")
+    got, ref = _run_exact(ggml, tk, tv, d, 8, 2, n_q, n_kv, n_exact, seed=n_kv + n_exact)
+    np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=0)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from qaq_gguf import _native
+from qaq_gguf import _native, profile
 from qaq_gguf.server import free_port
 
 pytestmark = pytest.mark.skipif(not (_native.bin_dir() / "ggml-rpc-server").is_file(),
@@ -209,3 +209,15 @@ def test_profile_inspect_reports_bytes_per_rpc_server(gemma, gemma_mixed, two_se
     by_dev = info["kv_bytes_by_device"]
     assert sum(by_dev.values()) == info["kv_bytes"]
     assert {d.split("(")[1].rstrip(")") for d in by_dev} == {s.endpoint for s in two_servers}, by_dev
+
+
+def test_exact_cells_on_an_rpc_device_are_refused_by_name(gemma, gemma_ident, two_servers, tmp_path):
+    """Exact KV cells are read by the CPU backend's flash attention only: a cache offloaded to another device (an
+    RPC server here, a GPU alike) is refused when the context is created, naming the layer and the device."""
+    p = profile.make_profile(gemma_ident, "q8_0", "q8_0")
+    p.exact_cells = 4
+    prof = profile.write_profile(p, tmp_path / "exact.gguf")
+    res = _child(gemma, prof, two_servers[0].endpoint)
+    assert "refused" in res, res
+    assert "keeps the first 4 cells exact, which only the CPU backend reads" in res["refused"], res
+    assert "RPC" in res["refused"] and "--no-kv-offload" in res["refused"], res
