@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -43,7 +44,8 @@ class Browser:
         log = open(workdir / "chromium.log", "w+")
         proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                  "--remote-debugging-port=0", f"--user-data-dir={workdir / 'profile'}",
-                                 "--window-size=1280,900", "about:blank"], stdout=log, stderr=subprocess.STDOUT)
+                                 "--window-size=1280,900", "about:blank"], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its renderer/GPU/zygote children go with it (close)
         t0 = time.time()
         port = None
         while time.time() - t0 < 60 and port is None:
@@ -54,7 +56,7 @@ class Browser:
             port = int(m.group(1)) if m else None
             time.sleep(0.1)
         if port is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             log.seek(0)
             raise RuntimeError(f"Chromium did not start its DevTools endpoint:\n{log.read()[-2000:]}")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
@@ -115,8 +117,14 @@ class Browser:
         try:
             self.ws.close()
         finally:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            # the whole process group: terminating the browser alone leaves its children running
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue

@@ -23,13 +23,8 @@ TEXTAREA = "document.querySelector('textarea')"
 MESSAGES = "Array.from(document.querySelectorAll('.chat-message')).map(e => e.innerText.trim())"
 
 
-def test_web_chat_streams_a_reply_with_a_profile(gemma, gemma_mixed, server_factory, tmp_path):
-    path, p = gemma_mixed
-    s = server_factory(["-m", str(gemma), "-c", "1024", "-t", "2", "-np", "1", "-n", "48",
-                        "--kv-profile", str(path)])
-    s.wait_ready()
-    assert [(r["type_k"], r["type_v"]) for r in s.get("/props")[2]["kv_cache"]["layers"]] == \
-        list(zip(p.type_k, p.type_v))
+def _chat(s, tmp_path) -> str:
+    """Type a message into the web chat of server s; the streamed reply (asserted to have streamed)."""
     with Browser.launch(tmp_path) as b:
         b.navigate(s.url + "/")
         b.wait_for(f"{TEXTAREA} !== null && !{TEXTAREA}.disabled", timeout=60)
@@ -53,6 +48,36 @@ def test_web_chat_streams_a_reply_with_a_profile(gemma, gemma_mixed, server_fact
         assert seen and seen[-1].strip(), b.eval("document.body.innerText")[-2000:]
         assert len(set(seen)) >= 3, seen  # streamed: the page showed the reply growing, not all at once
     assert "processing task" in s.log.read_text()  # the reply came from this server's slot
+    return seen[-1]
+
+
+def test_web_chat_streams_a_reply_with_a_profile(gemma, gemma_mixed, server_factory, tmp_path):
+    path, p = gemma_mixed
+    s = server_factory(["-m", str(gemma), "-c", "1024", "-t", "2", "-np", "1", "-n", "48",
+                        "--kv-profile", str(path)])
+    s.wait_ready()
+    assert [(r["type_k"], r["type_v"]) for r in s.get("/props")[2]["kv_cache"]["layers"]] == \
+        list(zip(p.type_k, p.type_v))
+    _chat(s, tmp_path)
+
+
+def test_web_chat_with_an_instruct_model_and_exact_cells(smollm2, server_factory, tmp_path):
+    """SmolLM2-135M-Instruct answers in its own chat template, its cache in head-64 types with the first cells
+    exact (flash attention on by default, the cache on the CPU)."""
+    from qaq_gguf import profile
+
+    p = profile.make_profile(profile.model_identity(smollm2), "qaq4h", "qaq3h")
+    p.exact_cells = 4
+    path = profile.write_profile(p, tmp_path / "smol.gguf")
+    s = server_factory(["-m", str(smollm2), "-c", "1024", "-t", "2", "-np", "1", "-n", "48",
+                        "--kv-profile", str(path)])
+    s.wait_ready()
+    layers = s.get("/props")[2]["kv_cache"]["layers"]
+    assert {(r["type_k"], r["type_v"]) for r in layers} == {("qaq4h", "qaq3h")}
+    # the exact cells' f16 rows are in the cache this server allocated
+    assert sum(r["bytes_k"] + r["bytes_v"] for r in layers) == profile.kv_bytes(p, 1024)
+    reply = _chat(s, tmp_path)
+    assert len(reply.split()) >= 4, reply  # an answer in words, not a loop of one token
 
 
 # true while the UI shows a stop button (a reply is still being generated)

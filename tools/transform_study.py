@@ -75,6 +75,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--chat", action="store_true", help="also score every config on the evaluation chats")
+    ap.add_argument("--only", help="only the rows whose label contains this (e.g. 'K,V' for the K and V rows)")
     ap.add_argument("--exact-cells", type=int, help="exact cells of the 'exact cells' rows (default: chosen from "
                     "the calibration's attention mass, at least 1)")
     ap.add_argument("-o", "--output-dir", default="transform-study")
@@ -84,11 +85,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     stats = calibrate.calibrate(model, Path(args.calib_text).read_text(), n_chunks=args.calib_chunks,
-                                candidates=["f16"], n_threads=args.threads, exact_cells=None)
+                                candidates=["f16", "q8_0"], n_threads=args.threads, exact_cells=None)
     stats.exact_cells = args.exact_cells or max(stats.exact_cells, 1)
     configs, rows = [], []
     for t in args.types.split(","):
         for label, tk, tv, on in variants(t):
+            if args.only and args.only not in label:
+                continue
             f = make_profile(stats, tk, tv, on, out / (label.replace(" ", "_").replace(",", "") + ".gguf"))
             configs.append(evaluate.CacheConfig(label, profile=f))
             rows.append({"label": label, "type": t, **on})
