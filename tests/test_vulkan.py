@@ -100,3 +100,56 @@ def test_flash_attention_qaq_decode_matches_cpu(quant_run, tk, tv):
     params = (rf"hsk={hs},hsv={hs},nh=2,nr23=\[(1|4),1\],kv=(512|113),nb=1,mask=1,sinks=0,max_bias=0\.000000,"
               rf"logit_softcap=0\.000000,prec=f32,type_K={tk},type_V={tv},")
     _backend_ops("FLASH_ATTN_EXT", params, timeout=1800)
+
+
+def _has_vulkan_llama() -> bool:
+    """The loaded libllama (QAQ_GGUF_LIB_DIR or the installed package) has the Vulkan backend and sees a device."""
+    from qaq_gguf import _native
+
+    os.environ.setdefault("GGML_VK_VISIBLE_DEVICES", "0")
+    try:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        return "Vulkan" in _native.backend_names()
+    except Exception:
+        return False
+
+
+def _logits(model, tokens, n_gpu_layers, **kw):
+    import numpy as np
+
+    import qaq_gguf
+
+    llm = qaq_gguf.Llama(str(model), n_ctx=512, n_gpu_layers=n_gpu_layers, logits_all=True, verbose=False,
+                         flash_attn=True, **kw)
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)]), llm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,tk,tv,tol", [("gemma", "q8_0", "qaq3", 0.3), ("gemma", "qaq4l", "qaq2l", 0.5),
+                                                  ("smollm2", "qaq4h", "qaq3h", 0.5)])
+def test_mixed_profile_on_vulkan_matches_cpu(request, eval_text, tmp_path, model_name, tk, tv, tol):
+    """A real model with a mixed qaq profile, every layer offloaded to Vulkan, against the CPU: logits within the
+    types' tolerance, greedy choice the same almost everywhere. Needs libllama built with -DGGML_VULKAN=on (the
+    installed package's, or QAQ_GGUF_LIB_DIR set before Python starts)."""
+    import numpy as np
+
+    import qaq_gguf
+    from qaq_gguf import profile
+
+    if not _has_vulkan_llama():
+        pytest.skip("the loaded libllama has no Vulkan backend or no Vulkan device (build with -DGGML_VULKAN=on; "
+                    "QAQ_GGUF_LIB_DIR selects another build)")
+    model = request.getfixturevalue(model_name)
+    ident = profile.model_identity(model)
+    ks = [tk if il % 2 else tv for il in range(ident.n_layer)]
+    vs = [tv if il % 2 else tk for il in range(ident.n_layer)]
+    f = profile.write_profile(profile.make_profile(ident, ks, vs), tmp_path / "mixed.gguf")
+    tok = qaq_gguf.Llama(str(model), vocab_only=True, verbose=False).tokenize(eval_text[:3000].encode())[:128]
+    cpu, _ = _logits(model, tok, 0, kv_profile=str(f))
+    gpu, llm = _logits(model, tok, 99, kv_profile=str(f))
+    assert [r["type_k"] for r in llm.kv_layer_info()] == ks
+    assert np.abs(cpu - gpu).max() < tol * np.abs(cpu).max()
+    assert np.mean(cpu.argmax(1) == gpu.argmax(1)) > 0.97
