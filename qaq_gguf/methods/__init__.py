@@ -47,6 +47,7 @@ REGISTRY: dict[str, str] = {
     "kivi": "KIVI (arXiv 2402.02750): per-channel keys, per-token values, recent tokens in fp16",
     "kvquant": "KVQuant (arXiv 2401.18079): per-channel pre-RoPE keys, non-uniform datatype, 1% sparse outliers",
     "turboquant": "TurboQuant (arXiv 2504.19874): random rotation + Lloyd-Max scalar codes, optional QJL residual",
+    "lattice": "E8 / D4 lattice vector codes (QuIP#'s E8P, arXiv 2402.04396) on rotated rows: lattice-e8:2, lattice-d4:3",
 }
 
 # the methods from papers (what `--methods all` runs); identity and ggml are the lab's own checks
@@ -125,7 +126,13 @@ def module(name: str):
 def make(spec: str) -> list:
     """Methods for one spec: ``name`` (its DEFAULTS), or ``name:setting``; ``native:`` specs are not methods."""
     name, _, setting = spec.partition(":")
-    mod = module(name.strip())
+    name = name.strip()
+    base, dash, variant = name.partition("-")
+    if dash and name not in REGISTRY and base in REGISTRY:  # family-variant:setting, e.g. lattice-e8:2
+        name, setting = base, f"{variant}:{setting}" if setting else variant
+        mod = module(name)
+        return [mod.make(setting)]
+    mod = module(name)
     settings = [setting] if setting else list(mod.DEFAULTS)
     return [mod.make(s) for s in settings]
 
