@@ -197,7 +197,7 @@ def test_settings_and_fingerprint():
     assert [m.label for m in methods.make("lattice-d4:3/b32")] == ["lattice-d4:3/b32"]
     assert [m.label for m in methods.make("lattice:e8:2")] == ["lattice-e8:2"]
     assert methods.make("lattice-d4")[0].label == "lattice-d4:3"
-    for bad in ("lattice-e8:4", "lattice-d4:5", "lattice-z8:2", "lattice-d4:3/b6", "lattice:x"):
+    for bad in ("lattice-e8:3", "lattice-d4:5", "lattice-z8:2", "lattice-d4:3/b6", "lattice:x"):
         with pytest.raises(MethodError):
             methods.make(bad)
     calib = synthetic_calibration(n_layer=1, n_tok=16, n_ctx=16)
