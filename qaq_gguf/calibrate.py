@@ -170,7 +170,7 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
               chat_chunks: int | None = None, candidates: Sequence[str] | None = None, method: str = "measured",
               max_queries: int | None = 128, window: int = 5, n_threads: int | None = None, progress: bool = True,
               seed: int = 0, center_keys: bool = True, rebalance_keys: bool = True, center_values: bool = True,
-              exact_first: bool = True, exact_cells: int | None = 0) -> Scores:
+              exact_first: bool = True, exact_cells: int | None = None) -> Scores:
     """Score every layer's K and V under every candidate type on ``text`` (see the module docstring).
 
     ``chat_chunks``: chunks of chat in the model's own template (chat.py: the packaged calibration prompts answered
@@ -190,8 +190,9 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     statistics are what the profile stores. The first token is left out of them.
 
     ``exact_cells``: the first cells of every layer's cache kept exact in f16 (attention sinks, whatever tokens they
-    hold; llama.cpp's CPU backend): N, 0 for none, or None to choose them from the attention the first positions
-    draw (choose_exact_cells); they are scored as exact."""
+    hold; llama.cpp's CPU backend): N, 0 for none, or None (default) to choose them from the attention the first
+    positions draw (choose_exact_cells), except that a model whose BOS is kept exact (``exact_first``) needs no exact
+    cell for position 0 alone: it gets none unless later positions are sinks too. They are scored as exact."""
     cands = list(candidates) if candidates else default_candidates()
     for c in cands:
         cachetypes.get(c)  # unknown names fail here, before the model runs
@@ -213,7 +214,7 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
         raise ValueError(f"exact_cells is {exact_cells}, outside [0, {profile.EXACT_CELLS_MAX}]")
     run = _Run(ident, cands, fit, method=method, max_queries=max_queries, window=window, seed=seed,
                center_keys=center_keys, rebalance_keys=rebalance_keys, center_values=center_values,
-               exact_first=exact_first, exact_cells=exact_cells, workers=n_threads or os.cpu_count() or 1)
+               exact_first=exact_first, exact_cells=exact_cells, bos=bos, workers=n_threads or os.cpu_count() or 1)
     bar = progress_bar(progress, (n_chunks or 0) + len(docs) or None, "calibrating")
     try:
         for src, tracked in ((docs, True), (text, bos)):  # chats first: their first token is the one kept exact
@@ -253,13 +254,15 @@ class _Run:
 
     def __init__(self, ident: profile.ModelIdentity, cands: list[str], fit: dict[int, list[str]], *, method: str,
                  max_queries: int | None, window: int, seed: int, center_keys: bool, rebalance_keys: bool,
-                 center_values: bool, exact_first: bool, exact_cells: int | None = 0, workers: int = 1):
+                 center_values: bool, exact_first: bool, exact_cells: int | None = 0, bos: bool = False,
+                 workers: int = 1):
         self.ident, self.cands, self.fit = ident, cands, fit
         self.opts = dict(method=method, max_queries=max_queries, window=window)
         self.seed = seed
         self.center_keys, self.rebalance_keys, self.center_values = center_keys, rebalance_keys, center_values
         self.exact_first = exact_first
         self.exact_cells = exact_cells  # None: chosen from the attention mass seen so far
+        self.bos = bos
         self.mass, self.n_mass = np.zeros(SINK_MAX), 0
         self.layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
         self.partner = {il: transforms.pair_partner(ident.head_dim_k[il], min(ident.n_rot, ident.head_dim_k[il]),
@@ -306,7 +309,9 @@ class _Run:
         """The exact cells: as asked, or chosen from the attention mass seen so far."""
         if self.exact_cells is not None:
             return self.exact_cells
-        return choose_exact_cells(self.mass / self.n_mass if self.n_mass else None)
+        n = choose_exact_cells(self.mass / self.n_mass if self.n_mass else None)
+        # position 0 alone: a BOS kept exact by the centring vectors holds it at no cost (calibration.md)
+        return 0 if n == 1 and self.exact_first and self.bos else n
 
     def scores(self, settings: dict) -> Scores:
         ident, mom = self.ident, self.mom

@@ -715,12 +715,13 @@ Never calibrate on the text you evaluate on.""")
                         "its K and V on each layer type's grid, so the cache holds them exactly (it receives up to "
                         "half of the attention in some layers): BOS, or for a model without BOS the first token of "
                         "its chat template")
-    p.add_argument("--exact-cells", type=_exact_cells_arg, default=0, metavar="N|auto",
+    p.add_argument("--exact-cells", type=_exact_cells_arg, default=None, metavar="N|auto",
                    help="keep the first N cells of every layer's cache exact in f16, whatever tokens they hold "
                         "(attention sinks; read by llama.cpp's CPU flash attention: a profile with them is refused "
-                        "where the KV cache is on a GPU); 'auto' chooses N from the attention the first positions "
-                        "draw during calibration (up to 16); default 0 (none). Their bytes count in the bits "
-                        "at a context length (`qaq-gguf profile show`)")
+                        "where the KV cache is on a GPU; --exact-cells 0 for a profile a GPU can run); 'auto' "
+                        "(default) chooses N from the attention the first positions draw during calibration (up to "
+                        "16; none for position 0 alone where the model's BOS is kept exact). Their bytes count in "
+                        "the bits at a context length")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile")
     p.set_defaults(func=cmd_calibrate)
