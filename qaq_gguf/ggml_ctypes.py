@@ -80,7 +80,7 @@ def load() -> tuple[ctypes.CDLL, ctypes.CDLL]:
                             ("ggml_cpu_vec_dot_rows", P, [ctypes.c_int])):
         if hasattr(cpu, name):
             getattr(cpu, name).restype, getattr(cpu, name).argtypes = res, args
-    # patches/0040 (exact KV cells)
+    # patches/0031 (exact KV cells)
     if hasattr(base, "ggml_flash_attn_ext_set_exact_rows"):
         base.ggml_flash_attn_ext_set_exact_rows.restype = None
         base.ggml_flash_attn_ext_set_exact_rows.argtypes = [P, P, P]

@@ -1,4 +1,4 @@
-"""Exact KV cells (patches/0040, qaq.kv.exact_cells): the first cells of every layer's cache kept in f16 beside
+"""Exact KV cells (patches/0031, qaq.kv.exact_cells): the first cells of every layer's cache kept in f16 beside
 the cache's own types, whatever tokens they hold, read by the CPU flash attention instead of the quantized rows.
 
 With every cell of a short prompt exact, a 2-bit cache must give the f16 cache's logits (up to f16 rounding of a

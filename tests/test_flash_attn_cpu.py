@@ -145,7 +145,7 @@ def test_no_mask_and_odd_lengths(ggml):
 
 
 def _run_exact(ggml, tk, tv, d, n_head, n_head_kv, n_q, n_kv, n_exact, seed=0):
-    """FLASH_ATTN_EXT with exact rows (patches/0040): the first n_exact rows of K and V read from f16 side tensors,
+    """FLASH_ATTN_EXT with exact rows (patches/0031): the first n_exact rows of K and V read from f16 side tensors,
     whatever the quantized cache holds there (here: rows 1000 times too large), against float64 attention over the
     values each row is read from (an exact K row dots with Q in f32)."""
     rng = np.random.default_rng(seed)
@@ -197,7 +197,7 @@ def test_exact_rows_replace_the_first_cells(ggml, kv, d, n_q, n_kv, n_exact):
     """Every CPU path (grouped decode, split-KV decode from 256 cells, tiled prefill; exact rows across tiles and
     chunks) reads the exact rows and ignores what the cache holds in their place."""
     if not hasattr(ggml[0], "ggml_flash_attn_ext_set_exact_rows"):
-        pytest.fail("this build has no ggml_flash_attn_ext_set_exact_rows (patches/0040)")
+        pytest.fail("this build has no ggml_flash_attn_ext_set_exact_rows (patches/0031)")
     tk, tv = kv.split("/")
     got, ref = _run_exact(ggml, tk, tv, d, 8, 2, n_q, n_kv, n_exact, seed=n_kv + n_exact)
     np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
