@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from qaq_gguf import Llama, ProfileError, calibrate, evaluate, profile
+from test_profile import _logits, _tokens
 
 KW = dict(n_ctx=256, n_batch=64, verbose=False, flash_attn=True, logits_all=True)
 
@@ -24,18 +25,6 @@ def _profile(ident, tk, tv, exact, path):
     p = profile.make_profile(ident, tk, tv)
     p.exact_cells = exact
     return profile.write_profile(p, path)
-
-
-def _logits(llm: Llama, toks: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(toks)
-    return np.array(llm.scores[:len(toks)], dtype=np.float32)
-
-
-def _tokens(llm: Llama, text: str, n: int) -> list[int]:
-    toks = llm.tokenize(text.encode(), add_bos=True)
-    assert len(toks) >= n
-    return toks[:n]
 
 
 def test_exact_cells_round_trip_and_bits(smol_ident, tmp_path):

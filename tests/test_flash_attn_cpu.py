@@ -92,20 +92,31 @@ def _run(ggml, tk, tv, d, n_head, n_head_kv, n_q, n_kv, *, window=0, softcap=0.0
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = np.einsum("hqk,hkd->qhd", p, vv)
+    return _flash_attn(ggml, tk, tv, q, k_raw, v_raw, m if masked else None, scale, softcap), ref
+
+
+def _flash_attn(ggml, tk, tv, q, k_raw, v_raw, m, scale, softcap=0.0, exact=None) -> np.ndarray:
+    """FLASH_ATTN_EXT on the CPU: q (n_head, n_q, d) f32, K/V cache bytes of types tk/tv, mask m (n_q, n_kv) or None,
+    exact: (K, V) f16 rows (n_head_kv, n_exact, d) for ggml_flash_attn_ext_set_exact_rows. Returns (n_q, n_head, d)."""
+    n_head, n_q, d = q.shape
+    n_head_kv, n_kv = k_raw.shape[:2]  # cache bytes keep the rows' leading dims (_cache)
     with Graph(ggml) as g:
         tq = g.tensor(F32, (d, n_q, n_head), q)
         tkk = g.tensor(_tid(tk), (d, n_kv, n_head_kv), k_raw)
         tvv = g.tensor(_tid(tv), (d, n_kv, n_head_kv), v_raw)
         tm = None
-        if masked:
+        if m is not None:
             n_pad = -(-n_q // 64) * 64  # llama.cpp pads the mask rows
             mm = np.full((n_pad, n_kv), -np.inf, np.float32)
             mm[:n_q] = m
             tm = g.tensor(F16, (n_kv, n_pad), mm.astype(np.float16))
         out = g.base.ggml_flash_attn_ext(g.ctx, tq, tkk, tvv, tm, scale, 0.0, softcap)
+        if exact is not None:
+            ke, ve = exact
+            g.base.ggml_flash_attn_ext_set_exact_rows(out, g.tensor(F16, (d, ke.shape[1], n_head_kv), ke),
+                                                      g.tensor(F16, (d, ve.shape[1], n_head_kv), ve))
         g.compute(out)
-        got = g.read(out, np.float32, (n_q, n_head, d))
-    return got, ref
+        return g.read(out, np.float32, (n_q, n_head, d))
 
 
 @pytest.mark.parametrize("kv", PAIRS)
@@ -173,21 +184,7 @@ def _run_exact(ggml, tk, tv, d, n_head, n_head_kv, n_q, n_kv, n_exact, seed=0):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = np.einsum("hqk,hkd->qhd", p, vv)
-    with Graph(ggml) as g:
-        tq = g.tensor(F32, (d, n_q, n_head), q)
-        tkk = g.tensor(_tid(tk), (d, n_kv, n_head_kv), k_raw)
-        tvv = g.tensor(_tid(tv), (d, n_kv, n_head_kv), v_raw)
-        tke = g.tensor(F16, (d, n_exact, n_head_kv), ke)
-        tve = g.tensor(F16, (d, n_exact, n_head_kv), ve)
-        n_pad = -(-n_q // 64) * 64
-        mm = np.full((n_pad, n_kv), -np.inf, np.float32)
-        mm[:n_q] = m
-        tm = g.tensor(F16, (n_kv, n_pad), mm.astype(np.float16))
-        out = g.base.ggml_flash_attn_ext(g.ctx, tq, tkk, tvv, tm, scale, 0.0, 0.0)
-        g.base.ggml_flash_attn_ext_set_exact_rows(out, tke, tve)
-        g.compute(out)
-        got = g.read(out, np.float32, (n_q, n_head, d))
-    return got, ref
+    return _flash_attn(ggml, tk, tv, q, k_raw, v_raw, m, scale, exact=(ke, ve)), ref
 
 
 @pytest.mark.parametrize("kv,d", [("q4_0/q4_0", 128), ("qaq3/qaq2", 128), ("qaq4h/qaq3h", 64), ("f16/f16", 64),
