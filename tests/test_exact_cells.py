@@ -183,3 +183,16 @@ def test_kv_summary_counts_the_exact_rows(smollm2, smol_ident, eval_text, tmp_pa
     p = profile.read_profile(path)
     assert r["kv_bytes"] == profile.kv_bytes(p, 256)
     assert r["avg_bits"] == pytest.approx(profile.bits_at(p, 256))
+
+
+@pytest.mark.parametrize("value,message", [("-1", "give 0 to 1024"), ("2000", "give 0 to 1024"),
+                                           ("many", "not a number of cells or 'auto'")])
+def test_exact_cells_flag_refuses_bad_values(capsys, value, message):
+    from qaq_gguf import cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["calibrate", "m.gguf", "--budget", "4", "--exact-cells", value])
+    assert message in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["calibrate", "m.gguf", "--budget", "4", "--exact-cells", "auto"])
+    assert args.exact_cells is None
+    assert cli.build_parser().parse_args(["calibrate", "m.gguf", "--budget", "4", "--exact-cells", "3"]).exact_cells == 3
