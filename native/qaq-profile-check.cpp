@@ -1,6 +1,7 @@
 // The profile validator (qaq-profile-check.h): every key of a qaq KV profile read through ggml's gguf API and
 // checked against the model's shape. Messages name the file, the key and the problem, and say what to do.
 #include "qaq-profile-check.h"
+#include "qaq.h"  // QAQ_PROFILE_SCHEMA_VERSION
 
 #include "gguf.h"
 
@@ -203,9 +204,9 @@ profile_data check_profile(const std::string & path, bool embedded, const model_
             : path + " is a GGUF file but not a qaq KV profile (no qaq.schema_version key)");
     }
     res.schema = prof.u32("qaq.schema_version");
-    if (res.schema < 1 || res.schema > 3) {
-        throw profile_error(strfmt("%s: profile schema version %u, this build reads versions 1 to 3; upgrade qaq-gguf "
-            "or recalibrate", path.c_str(), res.schema));
+    if (res.schema < 1 || res.schema > QAQ_PROFILE_SCHEMA_VERSION) {
+        throw profile_error(strfmt("%s: profile schema version %u, this build reads versions 1 to %d; upgrade qaq-gguf "
+            "or recalibrate", path.c_str(), res.schema, QAQ_PROFILE_SCHEMA_VERSION));
     }
 
     const std::string p_arch = prof.str("qaq.model.architecture");

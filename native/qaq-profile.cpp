@@ -44,9 +44,8 @@ void check_rpc_servers(ggml_type tk, ggml_type tv) {
     }
 }
 
-// does every GPU device present run flash attention with this K/V type pair and head size?
-void check_backends(ggml_type tk, ggml_type tv, int64_t head_k, int64_t head_v, int64_t n_head_kv) {
-    check_rpc_servers(tk, tv);
+// does this device run flash attention with this K/V type pair and head sizes?
+bool fa_supported(ggml_backend_dev_t dev, ggml_type tk, ggml_type tv, int64_t head_k, int64_t head_v, int64_t n_head_kv) {
     ggml_init_params params = { /*.mem_size =*/ 8*ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
     ggml_context * ctx = ggml_init(params);
     const int64_t n_kv = 256;
@@ -55,22 +54,25 @@ void check_backends(ggml_type tk, ggml_type tv, int64_t head_k, int64_t head_v, 
     ggml_tensor * v    = ggml_new_tensor_4d(ctx, tv, head_v, n_kv, n_head_kv, 1);
     ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, 1);
     ggml_tensor * fa   = ggml_flash_attn_ext(ctx, q, k, v, mask, 1.0f, 0.0f, 0.0f);
-    std::string bad;
+    const bool ok = ggml_backend_dev_supports_op(dev, fa);
+    ggml_free(ctx);
+    return ok;
+}
+
+// does every GPU device present run flash attention with this K/V type pair and head size?
+void check_backends(ggml_type tk, ggml_type tv, int64_t head_k, int64_t head_v, int64_t n_head_kv) {
+    check_rpc_servers(tk, tv);
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
         if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_GPU) {
             continue;
         }
-        if (!ggml_backend_dev_supports_op(dev, fa)) {
-            bad = ggml_backend_dev_name(dev);
-            break;
+        if (!fa_supported(dev, tk, tv, head_k, head_v, n_head_kv)) {
+            throw profile_error(strfmt("the K/V cache type pair %s/%s (head size %lld) has no flash-attention kernel "
+                "on %s (%s); use types this backend supports (`qaq-gguf info` lists them) or rebuild with the pair "
+                "enabled", ggml_type_name(tk), ggml_type_name(tv), (long long) head_k, ggml_backend_dev_name(dev),
+                ggml_backend_dev_description(dev)));
         }
-    }
-    ggml_free(ctx);
-    if (!bad.empty()) {
-        throw profile_error(strfmt("the K/V cache type pair %s/%s (head size %lld) has no flash-attention kernel on %s; "
-            "use types this backend supports (see `qaq-gguf info`) or rebuild with the pair enabled",
-            ggml_type_name(tk), ggml_type_name(tv), (long long) head_k, bad.c_str()));
     }
 }
 
@@ -263,4 +265,13 @@ int32_t qaq_profile_check(const llama_model * model, const char * model_path, co
     } catch (const std::exception & e) {
         return report(e, err, err_size);
     }
+}
+
+int32_t qaq_device_supports_kv_types(size_t dev_index, int32_t type_k, int32_t type_v, int64_t head_k, int64_t head_v) {
+    if (dev_index >= ggml_backend_dev_count() || type_k < 0 || type_k >= GGML_TYPE_COUNT || type_v < 0 ||
+        type_v >= GGML_TYPE_COUNT || head_k <= 0 || head_v <= 0) {
+        return -1;
+    }
+    return fa_supported(ggml_backend_dev_get(dev_index), (ggml_type) type_k, (ggml_type) type_v, head_k, head_v, 1)
+        ? 1 : 0;
 }

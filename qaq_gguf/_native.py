@@ -89,6 +89,7 @@ int32_t llama_model_kv_layer_type(const void * model, int32_t il, bool is_v);
 uint32_t llama_model_kv_exact_cells(const void * model);
 bool llama_kv_layer_info(const void * ctx, int32_t il, int32_t * type_k, int32_t * type_v, size_t * size_k,
                          size_t * size_v, uint32_t * n_cells);
+int32_t qaq_device_supports_kv_types(size_t dev_index, int32_t type_k, int32_t type_v, int64_t head_k, int64_t head_v);
 size_t ggml_backend_dev_count(void);
 void * ggml_backend_dev_get(size_t index);
 const char * ggml_backend_dev_name(void * device);

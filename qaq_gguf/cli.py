@@ -71,9 +71,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
     for i in range(lib.ggml_backend_dev_count()):
         d = lib.ggml_backend_dev_get(i)
-        info["devices"].append({"name": native.c_str(lib.ggml_backend_dev_name(d)),
-                                "description": native.c_str(lib.ggml_backend_dev_description(d)),
-                                "type": kinds.get(lib.ggml_backend_dev_type(d), "other")})
+        dev = {"name": native.c_str(lib.ggml_backend_dev_name(d)),
+               "description": native.c_str(lib.ggml_backend_dev_description(d)),
+               "type": kinds.get(lib.ggml_backend_dev_type(d), "other")}
+        if dev["type"] == "gpu":  # the devices a profile's K/V pairs are checked against (native/qaq-profile.cpp)
+            dev["kv_cache_types"] = {str(h): _fa_types(lib, i, h) for h in INFO_HEAD_SIZES}
+        info["devices"].append(dev)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -82,6 +85,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             print("devices:")
             for d in v:
                 print(f"  {d['name']:<10} {d['type']:<5} {d['description']}")
+                for h, types in d.get("kv_cache_types", {}).items():
+                    print(f"  {'':<16} flash attention, head {h}, K = V: {' '.join(types) or 'none'}")
         elif k == "backends":
             print(f"backends: {', '.join(v)}")
         else:
@@ -89,9 +94,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+INFO_HEAD_SIZES = (64, 128, 256)
+
+
+def _fa_types(lib, dev_index: int, head: int) -> list[str]:
+    """The cache types device dev_index runs flash attention with (K and V of that type) at this head size."""
+    from . import cachetypes
+
+    return [t.name for t in map(cachetypes.get, cachetypes.names())
+            if head % t.block_size == 0 and t.name != "f32"
+            and lib.qaq_device_supports_kv_types(dev_index, t.type_id, t.type_id, head, head) == 1]
+
+
 def add_info_parser(sub) -> None:
     """`qaq-gguf info`."""
-    p = sub.add_parser("info", help="versions, the library in use, compiled backends and devices")
+    p = sub.add_parser("info", help="versions, the library in use, compiled backends and devices (and, for each GPU, "
+                                   "the cache types its flash attention runs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 

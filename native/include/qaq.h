@@ -14,7 +14,7 @@ extern "C" {
 
 struct llama_model;
 
-#define QAQ_PROFILE_SCHEMA_VERSION 2  // the newest version read (1 and 2 are)
+#define QAQ_PROFILE_SCHEMA_VERSION 3  // the newest version read (1 to 3 are)
 #define QAQ_FINGERPRINT_HEX_LEN    64
 
 // The qaq-gguf version this library was built from ("0.1.0"); also proves libllama is the qaq-gguf build.
@@ -51,6 +51,11 @@ int32_t qaq_model_apply_default_kv_profile(struct llama_model * model, const cha
 // and the backends present) without changing the model. Returns 0, or -1 with a message in err.
 int32_t qaq_profile_check(const struct llama_model * model, const char * model_path, const char * profile_path,
                           char * err, size_t err_size);
+
+// Does backend device dev_index (ggml_backend_dev_get's numbering) run flash attention with K cache type type_k and
+// V cache type type_v (ggml_type values) at these head sizes? 1 yes, 0 no, -1 for a device index out of range. The
+// same question qaq_model_apply_kv_profile asks every GPU present of each K/V pair a profile uses.
+int32_t qaq_device_supports_kv_types(size_t dev_index, int32_t type_k, int32_t type_v, int64_t head_k, int64_t head_v);
 
 #ifdef __cplusplus
 }
