@@ -185,7 +185,9 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     each layer's mean key, ``rebalance_keys`` scales each RoPE pair of the keys against the queries,
     ``center_values`` stores values minus their mean, ``exact_first`` puts the first token's K and V on the cache
     types' grids so that it is stored exactly: BOS where the model adds one, else the chat template's first token
-    (what position 0 holds in every chat). Statistics are running sums over the chunks seen so far (the first
+    (what position 0 holds in every chat). Key scales and value means are kept layer by layer where they lower
+    the layer's scores (every chunk is scored with and without them; a layer without keeps scales 1 or mean 0, and
+    the settings count the layers that keep them). Statistics are running sums over the chunks seen so far (the first
     chunk's own for chunk 0), so every chunk is scored with transforms it did not fully determine; the final
     statistics are what the profile stores. The first token is left out of them.
 
@@ -270,6 +272,8 @@ class _Run:
                         else np.arange(ident.head_dim_k[il]) for il in self.layers}
         self.sk = np.zeros((ident.n_layer, len(cands)))
         self.sv = np.zeros((ident.n_layer, len(cands)))
+        self.sk_plain = np.zeros((ident.n_layer, len(cands)))  # keys not rebalanced (still centred)
+        self.sv_plain = np.zeros((ident.n_layer, len(cands)))  # values not centred
         self.mom = {il: _Moments() for il in self.layers}
         self.n_done = 0
         self.workers = workers
@@ -287,23 +291,38 @@ class _Run:
         n_exact = self.n_exact()
         exact = np.arange(n_exact) if n_exact else np.array([0]) if self.exact_first and track_first else None
 
-        def score(item) -> tuple[int, dict]:
+        def score(item) -> tuple[int, dict, dict]:
             il, act = item
             m = self.mom[il]
-            return il, scoring.score_layer(
-                act.q, act.k, act.v, act.attn, self.fit[il], kq_scale=collect.estimate_kq_scale(act),
-                seed=self.seed + self.n_done, **self.opts,
-                k_mean=m.k_mean() if self.center_keys else None,
-                k_scale=m.scales(self.partner[il]) if self.rebalance_keys else None,
-                v_mean=m.v_mean() if self.center_values else None,
-                exact_rows=exact)
+            common = dict(kq_scale=collect.estimate_kq_scale(act), seed=self.seed + self.n_done, **self.opts,
+                          k_mean=m.k_mean() if self.center_keys else None, exact_rows=exact)
+            k_scale = m.scales(self.partner[il]) if self.rebalance_keys else None
+            v_mean = m.v_mean() if self.center_values else None
+            res = scoring.score_layer(act.q, act.k, act.v, act.attn, self.fit[il], k_scale=k_scale, v_mean=v_mean,
+                                      **common)
+            # the same without the key scales and the value mean: each layer keeps what scores lower (scores())
+            alt = scoring.score_layer(act.q, act.k, act.v, act.attn, self.fit[il], **common) \
+                if k_scale is not None or v_mean is not None else res
+            return il, res, alt
 
         with scoring.single_thread_blas(), ThreadPoolExecutor(self.workers) as pool:  # parallel over layers only
-            for il, res in pool.map(score, chunk.items()):
+            for il, res, alt in pool.map(score, chunk.items()):
                 for j, name in enumerate(self.cands):
                     self.sk[il, j] += res[name][0] if name in res else UNFIT
                     self.sv[il, j] += res[name][1] if name in res else UNFIT
+                    self.sk_plain[il, j] += alt[name][0] if name in alt else UNFIT
+                    self.sv_plain[il, j] += alt[name][1] if name in alt else UNFIT
         self.n_done += 1
+
+    def _pays(self, il: int, with_it: np.ndarray, without: np.ndarray) -> bool:
+        """Does a layer's transform lower its scores? Compared over the layer's quantized candidates (geometric mean
+        of the score ratios: every type the solver may choose counts alike)."""
+        j = [j for j, c in enumerate(self.cands) if c in self.fit[il] and cachetypes.get(c).is_quantized
+             and with_it[j] < UNFIT and without[j] < UNFIT]
+        if not j:
+            return True
+        tiny = 1e-30
+        return float(np.sum(np.log(with_it[j] + tiny) - np.log(without[j] + tiny))) <= 0.0
 
     def n_exact(self) -> int:
         """The exact cells: as asked, or chosen from the attention mass seen so far."""
@@ -316,6 +335,15 @@ class _Run:
     def scores(self, settings: dict) -> Scores:
         ident, mom = self.ident, self.mom
         sk, sv = self.sk / max(self.n_done, 1), self.sv / max(self.n_done, 1)  # layers without a cache stay 0
+        # rebalanced keys and centred values where they pay, layer by layer (a sink that no exact row holds, for
+        # one, can make a value mean or key scales cost more than they save): the scores of what each layer keeps
+        scaled = [il for il in self.layers if self.rebalance_keys and self._pays(il, self.sk[il], self.sk_plain[il])]
+        centred_v = [il for il in self.layers if self.center_values and self._pays(il, self.sv[il], self.sv_plain[il])]
+        for il in self.layers:
+            if il not in scaled:
+                sk[il] = self.sk_plain[il] / max(self.n_done, 1)
+            if il not in centred_v:
+                sv[il] = self.sv_plain[il] / max(self.n_done, 1)
         exact_first = self.exact_first
         if exact_first and any(mom[il].first_varies or mom[il].k_first is None for il in self.layers):
             print("qaq-gguf: the first token's K/V differ between chunks: it is not kept exact", file=sys.stderr)
@@ -323,6 +351,8 @@ class _Run:
         n_exact = self.n_exact()
         settings = dict(settings, n_chunks=self.n_done, center_keys=self.center_keys,
                         rebalance_keys=self.rebalance_keys, center_values=self.center_values,
+                        rebalanced_layers=len(scaled) if self.rebalance_keys else 0,
+                        centred_value_layers=len(centred_v) if self.center_values else 0,
                         exact_first=exact_first, exact_cells=n_exact,
                         exact_cells_chosen=self.exact_cells is None)
         if self.n_mass:
@@ -336,11 +366,13 @@ class _Run:
 
         nk, nv = ident.n_embd_k, ident.n_embd_v
         on = self.n_done > 0
+        ones = np.ones  # a layer whose keys are not rebalanced has scales 1, one whose values are not centred mean 0
         return Scores(ident, self.cands, sk, sv, settings,
                       k_mean=flat(lambda il, m: m.k_mean(), nk) if self.center_keys and on else None,
-                      k_scale=flat(lambda il, m: m.scales(self.partner[il]), nk) if self.rebalance_keys and on
-                      else None,
-                      v_mean=flat(lambda il, m: m.v_mean(), nv) if self.center_values and on else None,
+                      k_scale=flat(lambda il, m: m.scales(self.partner[il]) if il in scaled else
+                                   ones(nk(il), np.float32), nk) if self.rebalance_keys and on else None,
+                      v_mean=flat(lambda il, m: m.v_mean() if il in centred_v else np.zeros(nv(il), np.float32), nv)
+                      if self.center_values and on else None,
                       k_first=flat(lambda il, m: m.k_first, nk) if exact_first and on else None,
                       v_first=flat(lambda il, m: m.v_first, nv) if exact_first and on else None,
                       exact_cells=n_exact)

@@ -642,10 +642,20 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
         lines.append(f"exact cells: the first {p.exact_cells} of every layer in f16: {bits_at(p, n_ctx, **kw):.3f} bits "
                      f"per value at n_ctx={n_ctx}, {bits_at(p, 32768, **kw):.3f} at 32768")
     lines.append(f"KV cache at n_ctx={n_ctx}: {total / 2**20:.2f} MiB")
-    done = [what for what, arr in (("keys centred", p.k_mean), ("keys rebalanced", p.k_scale),
-                                   ("values centred", p.v_mean)) if arr is not None]
+    done = [what + _in_layers(p, arr, neutral, size) for what, arr, neutral, size in (
+        ("keys centred", p.k_mean, 0.0, m.n_embd_k), ("keys rebalanced", p.k_scale, 1.0, m.n_embd_k),
+        ("values centred", p.v_mean, 0.0, m.n_embd_v)) if arr is not None]
     lines.append("K/V transforms: " + (", ".join(done) if done else "none (keys and values stored as they are)"))
     return "\n".join(lines)
+
+
+def _in_layers(p: Profile, arr: np.ndarray, neutral: float, size) -> str:
+    """' (in N of M layers)' where some layers' part of a transform vector is neutral (calibration keeps a transform
+    only where it pays, per layer); '' where every layer has it."""
+    layers = [il for il in range(p.model.n_layer) if p.model.has_kv(il)]
+    offs = np.cumsum([0] + [size(il) for il in range(p.model.n_layer)])
+    on = [il for il in layers if not np.all(np.asarray(arr[offs[il]:offs[il + 1]]) == neutral)]
+    return "" if len(on) == len(layers) else f" (in {len(on)} of {len(layers)} layers)"
 
 
 def _score_of(p: Profile, scores, il: int, t: str) -> float:

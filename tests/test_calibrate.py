@@ -1,4 +1,4 @@
-"""Calibration on the real Gemma 3 270M: activation collection through llama.cpp, scores, allocation, the CLI."""
+"""Calibration on the real models (Gemma 3 270M; SmolLM2 where the point is the architecture): activation collection through llama.cpp, scores, allocation, the CLI."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from qaq_gguf import calibrate, cli, collect, profile, scoring
+from qaq_gguf import cachetypes, calibrate, cli, collect, profile, scoring
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,33 @@ def test_demo_runs_the_main_job_end_to_end(gemma, tmp_path, capsys):
     row = next(r for r in res["results"] if r.get("profile"))
     assert row["avg_bits"] == pytest.approx(bits, abs=1e-9)
     assert f"{bits:.3f}" in text and f"{bits:.2f} bits per value" in text
+
+
+def test_key_scales_and_value_means_kept_only_in_layers_where_they_pay(smollm2, calib_text):
+    """Calibration scores every layer with and without rebalanced keys and centred values and keeps each where it
+    lowers the layer's scores: a layer without gets scales 1 / mean 0 and exactly the plain run's scores."""
+    kw = dict(n_ctx=128, n_chunks=2, chat_chunks=0, max_queries=64, n_threads=2, progress=False, exact_cells=1)
+    s = calibrate.calibrate(smollm2, calib_text, **kw)
+    plain = calibrate.calibrate(smollm2, calib_text, rebalance_keys=False, center_values=False, **kw)
+    ident = s.ident
+    quant = [j for j, c in enumerate(s.candidates) if cachetypes.get(c).is_quantized]
+    ok = ov = 0
+    kept_k = kept_v = 0
+    for il in s.layers():
+        nk, nv = ident.n_embd_k(il), ident.n_embd_v(il)
+        scale, mean = s.k_scale[ok:ok + nk], s.v_mean[ov:ov + nv]
+        if np.all(scale == 1.0):
+            np.testing.assert_array_equal(s.k[il], plain.k[il])
+        else:
+            kept_k += 1
+            assert np.sum(np.log(s.k[il, quant])) <= np.sum(np.log(plain.k[il, quant]))
+        if np.all(mean == 0.0):
+            np.testing.assert_array_equal(s.v[il], plain.v[il])
+        else:
+            kept_v += 1
+            assert np.sum(np.log(s.v[il, quant])) <= np.sum(np.log(plain.v[il, quant]))
+        ok, ov = ok + nk, ov + nv
+    assert s.settings["rebalanced_layers"] == kept_k and s.settings["centred_value_layers"] == kept_v
+    print(f"SmolLM2: keys rebalanced in {kept_k}, values centred in {kept_v} of {len(s.layers())} layers")
+    p = calibrate.allocate(s, avg_bits=4.0)
+    assert "keys rebalanced" in profile.describe(p)
