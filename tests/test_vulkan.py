@@ -260,8 +260,9 @@ def _kld(p, q) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name,budget,candidates,n_tok", [
     ("smollm2", 3.5, None, 256),
-    # head 256: every pipeline costs lavapipe minutes to compile, so three candidates (a few K/V pairs)
-    ("gemma", 4.0, "q8_0,qaq3,qaq2", 128)])
+    # head 256: lavapipe compiled Gemma's pipelines (its Q4_K matmuls, head-256 attention) for over 25 minutes on the
+    # 2-core VM without finishing: run by hand (-m vulkan_head256) on a faster machine or a real GPU, not in CI
+    pytest.param("gemma", 4.0, "q8_0,qaq3,qaq2", 128, marks=pytest.mark.vulkan_head256)])
 def test_calibrated_profile_on_vulkan_matches_cpu(vulkan_llama, request, eval_text, calib_file, tmp_path, model_name,
                                                   budget, candidates, n_tok):
     """A real model with a calibrated mixed profile (its types, centred and rebalanced keys, centred values; no exact
