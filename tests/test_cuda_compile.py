@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_cuda_host import _nvcc  # one way to find nvcc (NVCC, PATH, /usr/local/cuda)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "cuda_compile_check.sh"
@@ -26,13 +27,6 @@ FA_QAQ3 = "template-instances/fattn-vec-instance-qaq3-qaq3.cu"
 TYPES = ("qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h")
 
 pytestmark = pytest.mark.cuda_host
-
-
-def _nvcc() -> str | None:
-    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
-            return cand
-    return None
 
 
 def _tree() -> tuple[Path | None, str]:
