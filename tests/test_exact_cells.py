@@ -84,7 +84,7 @@ def test_exact_rows_move_with_a_context_shift(smollm2, smol_ident, eval_text, tm
 
 
 def test_exact_cells_through_state_save_and_load(smollm2, smol_ident, tmp_path):
-    kw = dict(n_ctx=256, verbose=False, flash_attn=True)
+    kw = dict(n_ctx=256, verbose=False, flash_attn=True, logits_all=True)  # eval keeps logits only with logits_all
     path = _profile(smol_ident, "qaq3h", "qaq2h", 8, tmp_path / "e.gguf")
     llm = Llama(str(smollm2), kv_profile=str(path), **kw)
     toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Once upon a time", add_bos=True)
@@ -97,6 +97,7 @@ def test_exact_cells_through_state_save_and_load(smollm2, smol_ident, tmp_path):
     llm.eval(llm.tokenize(b"Something else entirely, long enough to overwrite the first cells.", add_bos=True))
     llm.load_state(state)
     llm.eval(cont)
+    assert np.ptp(first) > 1.0  # real logits, not a row eval never wrote
     assert np.array_equal(first, np.array(llm.scores[llm.n_tokens - 1]))
 
     # a cache without the same exact cells refuses the state (the state's transform hash)

@@ -161,7 +161,7 @@ def test_mixed_profile_error_between_uniform_extremes(gemma, gemma_ident, eval_t
 
 def test_state_round_trip_and_mismatch(gemma, gemma_ident, mixed, tmp_path):
     path, _ = mixed
-    kw = dict(n_ctx=256, verbose=False, flash_attn=True)
+    kw = dict(n_ctx=256, verbose=False, flash_attn=True, logits_all=True)  # eval keeps logits only with logits_all
     llm = Llama(str(gemma), kv_profile=str(path), **kw)
     toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Once upon a time", add_bos=True)
     llm.eval(toks)
@@ -173,6 +173,7 @@ def test_state_round_trip_and_mismatch(gemma, gemma_ident, mixed, tmp_path):
     assert llm.n_tokens == len(toks)
     llm.eval(cont)
     again = np.array(llm.scores[llm.n_tokens - 1])
+    assert np.ptp(first) > 1.0  # real logits, not a row eval never wrote
     assert np.array_equal(first, again)
 
     other = profile.write_profile(profile.make_profile(gemma_ident, "q8_0", "q8_0"), tmp_path / "other.gguf")
