@@ -1,0 +1,202 @@
+"""Trellis-coded quantization of K and V rows (issue 24 step 1): a bit-shift trellis with a computed codebook, as
+QTIP does for weights (arXiv 2406.11235), small enough to think about encoding at cache-write time.
+
+What is done (settings ``tcq:3``, ``tcq:2``, ``tcq:3/L12``; ``L`` the trellis' state bits, default 8):
+
+- **Rotation.** As the lattice codes and llama.cpp's quantized caches: K and V rows in the Walsh-Hadamard rotation
+  (``scoring.rotation_size``), coded, rotated back.
+- **The trellis.** A row of d rotated values is one walk of d steps through 2^L states. Each step shifts k new
+  bits (k = the bits per value) into an L-bit state, ``s_t = ((s_{t-1} << k) | b_t) mod 2^L``, and the value is
+  reconstructed as ``scale * c[s_t]``: the stored code of a row is its d k-bit inputs, exactly k bits per value.
+  The walk starts in state 0 (no start state is stored: the first L/k - 1 values choose among fewer codewords).
+- **The codebook** ``c`` (2^L values) is computed, not learnt from the model: Gaussian quantiles in a fixed
+  pseudo-random order (seed 0), refined by a few rounds of trellis Lloyd iterations on N(0, 1) rows (the rotated
+  rows are near Gaussian). It is a function of (k, L) alone, so it costs no bits in the cache (a native type would
+  hold it as a 2^L-entry table: 512 bytes at L = 8).
+- **Encoding** is the Viterbi algorithm: the least squared error walk, 2^k predecessors per state, d steps:
+  d * 2^L compare-adds per row (16k at d = 64, L = 8). That is the cost a cache write would pay; decoding is a
+  shift and a table lookup per value. The method measures its own numpy encode time per row (``Bits.detail``).
+- **Scale.** One fp16 scale per head row: rms(x) / rho (rho: the codebook's best rms on N(0, 1)) for the walk,
+  then the least-squares scale for the chosen codewords, rounded to fp16.
+
+Bits per value: k + 16 / head_dim (the fp16 row scale). Departures / simulation: Q is not rounded (as the lattice
+and TurboQuant rewrites); the reconstruction is stored in the f16 cache.
+
+Distortion per value on N(0, 1) rows of 64 at the best scale (start state 0 included): 3 bits, L = 6 / 8 / 12:
+0.0268 / 0.0247 / 0.0225 (the 3-bit Lloyd-Max scalar code: 0.0345, lattice D4: 0.0304); 2 bits, L = 8 / 12:
+0.089 / 0.084 (scalar 0.1175, E8P 0.0914).
+"""
+from __future__ import annotations
+
+import re
+import time
+from functools import lru_cache
+from statistics import NormalDist
+
+import numpy as np
+
+from .. import scoring
+from . import Bits, MethodError
+
+DEFAULTS = ("3", "2")
+STATE_BITS = 8                      # L: 256 states
+MAX_STATE_BITS = 14
+_BP_BYTES = 64 << 20                # back pointers kept per Viterbi batch
+
+
+def viterbi(x: np.ndarray, table: np.ndarray, k: int) -> np.ndarray:
+    """The least squared error walk for each row of x (R, d) through the bit-shift trellis with codebook ``table``
+    (2^L values) and k bits per step, from state 0: the states (R, d), int64."""
+    x = np.asarray(x, np.float32)
+    n_states = len(table)
+    L = n_states.bit_length() - 1
+    if n_states != 1 << L or not 1 <= k < L:
+        raise ValueError(f"a trellis of {n_states} states with {k} bits per step")
+    K, H = 1 << k, n_states >> k
+    R, d = x.shape
+    t32 = np.asarray(table, np.float32)
+    out = np.empty((R, d), np.int64)
+    step = max(1, _BP_BYTES // max(1, d * H))
+    for r0 in range(0, R, step):
+        xr = x[r0:r0 + step]
+        n = len(xr)
+        cost = np.full((n, n_states), np.inf, np.float32)
+        cost[:, 0] = 0.0
+        bp = np.empty((d, n, H), np.uint8)
+        for t in range(d):
+            # predecessor p = top * H + low leads to s = low * K + b: the best top for each low, then every b
+            c3 = cost.reshape(n, K, H)
+            bp[t] = np.argmin(c3, axis=1)
+            m = np.min(c3, axis=1)
+            err = xr[:, t, None] - t32[None, :]
+            cost = (m[:, :, None] + (err * err).reshape(n, H, K)).reshape(n, n_states)
+        s = np.argmin(cost, axis=1).astype(np.int64)
+        rows = np.arange(n)
+        for t in range(d - 1, -1, -1):
+            out[r0 + rows, t] = s
+            low = s >> k
+            s = bp[t][rows, low].astype(np.int64) * H + low
+    return out
+
+
+def walk_inputs(states: np.ndarray, k: int) -> np.ndarray:
+    """The k-bit inputs b_t of walks (the stored code): the low k bits of each state."""
+    return np.asarray(states) & ((1 << k) - 1)
+
+
+def states_from_inputs(bits: np.ndarray, k: int, state_bits: int) -> np.ndarray:
+    """The walk from state 0 that inputs ``bits`` (R, d) make: what a decoder computes from the stored code."""
+    bits = np.asarray(bits, np.int64)
+    mask = (1 << state_bits) - 1
+    s = np.zeros(bits.shape[0], np.int64)
+    out = np.empty_like(bits)
+    for t in range(bits.shape[1]):
+        s = ((s << k) | bits[:, t]) & mask
+        out[:, t] = s
+    return out
+
+
+@lru_cache(maxsize=None)
+def codebook(k: int, state_bits: int = STATE_BITS) -> tuple[np.ndarray, float]:
+    """(table, rho): the computed codebook for k bits per value and 2^L states, and the rms(x) / scale that suits it
+    on N(0, 1) rows of 64."""
+    n = 1 << state_bits
+    rng = np.random.default_rng(0)
+    inv = NormalDist().inv_cdf
+    table = np.array([inv((i + 0.5) / n) for i in rng.permutation(n)], np.float32)
+    x = rng.standard_normal((max(256, (1 << 20) // n), 64)).astype(np.float32)
+    for _ in range(6):  # trellis Lloyd: each state's codeword becomes the mean of the values its walks gave it
+        st = viterbi(x, table, k).ravel()
+        cnt = np.bincount(st, minlength=n)
+        tot = np.bincount(st, weights=x.ravel(), minlength=n)
+        table = np.where(cnt > 0, tot / np.maximum(cnt, 1), table).astype(np.float32)
+    best, rho = np.inf, 1.0
+    probe = x[:512]
+    for r in (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1):
+        st = viterbi(probe * r, table, k)
+        e = float(np.mean((table[st] / r - probe) ** 2))
+        if e < best:
+            best, rho = e, r
+    return table, rho
+
+
+def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict | None = None) -> np.ndarray:
+    """K (is_v False) or V rows x (..., d): rotation, trellis code, fp16 row scale, rotated back (float32)."""
+    x = np.asarray(x, np.float32)
+    d = x.shape[-1]
+    r = scoring.rotation_size(d, is_v)
+    xr = (scoring.rotate(x, r) if r else x).reshape(-1, d).astype(np.float64)
+    table, rho = codebook(k, state_bits)
+    rms = np.sqrt(np.mean(xr * xr, axis=1))
+    live = rms > 0
+    s0 = np.where(live, rms / rho, 1.0)
+    t0 = time.perf_counter()
+    st = viterbi(xr / s0[:, None], table, k)
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + len(xr)
+        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
+    c = table[st].astype(np.float64)
+    cc = np.sum(c * c, axis=1)
+    s = np.where(cc > 0, np.sum(xr * c, axis=1) / np.where(cc > 0, cc, 1.0), 0.0)
+    s = s.astype(np.float16).astype(np.float64)
+    y = np.where(live[:, None], s[:, None] * c, 0.0).reshape(x.shape).astype(np.float32)
+    return scoring.rotate(y, r) if r else y
+
+
+class Trellis:
+    paper = ("Tseng et al., QTIP: quantization with trellises and incoherence processing (arXiv 2406.11235); "
+             "Marcellin & Fischer, trellis coded quantization (1990)")
+    headline = "QTIP (weights, Llama-2-70B, 2 bits): WikiText-2 PPL 3.78 vs fp16 3.12"
+    rewrites = frozenset({"k", "v"})
+    observes = frozenset({"k", "v"})
+    name = "tcq"
+
+    def __init__(self, bits: int, state_bits: int = STATE_BITS):
+        self.b, self.state_bits = bits, state_bits
+        self.setting = f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
+        self.label = f"tcq:{self.setting}"
+        self.fingerprint: str | None = None
+        self._layers: dict[int, tuple[int, int, int]] = {}
+        self.stats: dict = {}
+
+    def fit(self, calib) -> None:
+        """Nothing is learnt from the model (the codebook is computed); records the shapes and the fingerprint."""
+        codebook(self.b, self.state_bits)
+        self._layers = {il: (layer.k.shape[1], layer.k.shape[2], layer.v.shape[2])
+                        for il, layer in calib.layers.items()}
+        self.fingerprint = calib.ident.fingerprint
+
+    def begin(self, n_ctx: int) -> None:
+        pass
+
+    def apply(self, il: int, kind: str, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        if kind not in ("k", "v"):
+            return x
+        return quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats)
+
+    def bits(self, n_ctx: int) -> Bits:
+        if not self._layers:
+            raise MethodError(f"{self.label}: not fitted (bits depend on the model's head sizes)")
+        nk = sum(h * dk for h, dk, _ in self._layers.values())
+        nv = sum(h * dv for h, _, dv in self._layers.values())
+        bk = sum(h * dk * (self.b + 16 / dk) for h, dk, _ in self._layers.values()) / nk
+        bv = sum(h * dv * (self.b + 16 / dv) for h, _, dv in self._layers.values()) / nv
+        cost = ""
+        if self.stats.get("rows"):
+            cost = f"; numpy Viterbi {1e6 * self.stats['seconds'] / self.stats['rows']:.0f} us per row"
+        return Bits(bk, bv, f"{1 << self.state_bits}-state bit-shift trellis, {self.b} bits/value + fp16 scale per "
+                            f"head row (codebook computed: 0 bits){cost}")
+
+
+def make(setting: str) -> Trellis:
+    """``3``, ``2``, ``3/L12`` (bits per value; optionally the trellis' state bits L)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*", setting, flags=re.IGNORECASE)
+    if not m:
+        raise MethodError(f"tcq:{setting}: settings are BITS or BITS/L<state bits>, e.g. tcq:3, tcq:2/L12")
+    bits = int(m.group(1))
+    L = int(m.group(2)) if m.group(2) else STATE_BITS
+    if bits not in (2, 3, 4):
+        raise MethodError(f"tcq:{setting}: bits per value 2, 3 or 4")
+    if not bits < L <= MAX_STATE_BITS:
+        raise MethodError(f"tcq:{setting}: state bits L between {bits + 1} and {MAX_STATE_BITS}")
+    return Trellis(bits, L)
