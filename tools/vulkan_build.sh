@@ -31,10 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 3
 fi
 
-# a build folder configured from another checkout: drop CMake's cache, keep the compiled objects (as .ci/run does)
-if [ -f "$B/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT" "$B/CMakeCache.txt"; then
-    rm -rf "$B/CMakeCache.txt" "$B/CMakeFiles"
-fi
+"$ROOT/tools/forget_moved_cmake_cache.sh" "$B" "$ROOT"  # configured from another checkout path
 start=$(date +%s)
 {
     cmake -S "$ROOT" -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_VULKAN=ON -DQAQ_BUILD_TEST_BACKEND_OPS=ON \
