@@ -103,3 +103,25 @@ def test_bits_settings_and_fingerprint():
     for bad in ("tcq:5", "tcq:3/L3", "tcq:3/L20", "tcq:x", "tcq:3/b32"):
         with pytest.raises(MethodError):
             methods.make(bad)
+
+
+def test_c_encoder_of_the_cost_benchmark_finds_the_same_walks(tmp_path):
+    """tools/tcq_encode_cost.py times a C Viterbi: it must find walks as good as numpy's (else it times a wrong
+    encoder)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler (cc)")
+    spec = importlib.util.spec_from_file_location("tcq_encode_cost", Path(__file__).parent.parent / "tools" /
+                                                  "tcq_encode_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lib = mod.build_encoder(tmp_path)
+    for L, d in ((6, 64), (8, 256)):
+        assert mod.check(lib, 3, L, d) < 1e-4
+    table, _ = tcq.codebook(2, 6)
+    x = np.random.default_rng(5).standard_normal((8, 16)).astype(np.float32)
+    np.testing.assert_allclose(np.sum((table[mod.encode(lib, x, table, 2)] - x) ** 2, 1),
+                               np.sum((table[tcq.viterbi(x, table, 2)] - x) ** 2, 1), rtol=1e-5)
