@@ -67,10 +67,13 @@ def _reference(x, k, L, is_v):
     for idx in np.ndindex(x.shape[:-1]):
         row = (scoring.rotate(x[idx][None], r)[0] if r else x[idx]).astype(np.float64)
         rms = np.sqrt(np.mean(row.astype(np.float64) ** 2))
-        st = tcq.viterbi((row / (rms / rho))[None], table, k)[0]
-        c = table[st].astype(np.float64)
-        s = np.float16(np.dot(row, c) / np.dot(c, c)).astype(np.float64)
-        y = (s * c).astype(np.float32)
+        cands = []
+        for f in tcq.SCALE_FACTORS:
+            st = tcq.viterbi((row / (rms / rho * f))[None], table, k)[0]
+            c = table[st].astype(np.float64)
+            y = np.float16(np.dot(row, c) / np.dot(c, c)).astype(np.float64) * c
+            cands.append((float(np.sum((y - row) ** 2)), y))
+        y = min(cands, key=lambda e: e[0])[1].astype(np.float32)
         out[idx] = scoring.rotate(y[None], r)[0] if r else y
     return out
 

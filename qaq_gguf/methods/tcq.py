@@ -14,10 +14,12 @@ What is done (settings ``tcq:3``, ``tcq:2``, ``tcq:3/L12``; ``L`` the trellis' s
   rows are near Gaussian). It is a function of (k, L) alone, so it costs no bits in the cache (a native type would
   hold it as a 2^L-entry table: 512 bytes at L = 8).
 - **Encoding** is the Viterbi algorithm: the least squared error walk, 2^k predecessors per state, d steps:
-  d * 2^L compare-adds per row (16k at d = 64, L = 8). That is the cost a cache write would pay; decoding is a
+  d * 2^L compare-adds per row and walk (16k at d = 64, L = 8). That is the cost a cache write would pay; decoding is a
   shift and a table lookup per value. The method measures its own numpy encode time per row (``Bits.detail``).
-- **Scale.** One fp16 scale per head row: rms(x) / rho (rho: the codebook's best rms on N(0, 1)) for the walk,
-  then the least-squares scale for the chosen codewords, rounded to fp16.
+- **Scale.** One fp16 scale per head row. Walks are found at rms(x) / rho times 0.8, 0.9, 1.0, 1.1 and 1.2 (rho:
+  the codebook's best rms on N(0, 1)); each gets the least-squares scale for its codewords, rounded to fp16, and
+  the walk with the smallest squared error is kept (five walks: on SmolLM2's rotated keys and values, whose
+  values have lighter tails than a Gaussian (kurtosis 2.6-2.9), this cuts the error 8% against one walk).
 
 Bits per value: k + 16 / head_dim (the fp16 row scale). Departures / simulation: Q is not rounded (as the lattice
 and TurboQuant rewrites); the reconstruction is stored in the f16 cache.
@@ -40,6 +42,7 @@ from . import Bits, MethodError
 
 DEFAULTS = ("3", "2")
 STATE_BITS = 8                      # L: 256 states
+SCALE_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)  # walks tried per row at rms / rho times these
 MAX_STATE_BITS = 14
 _BP_BYTES = 64 << 20                # back pointers kept per Viterbi batch
 
@@ -129,17 +132,23 @@ def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict 
     table, rho = codebook(k, state_bits)
     rms = np.sqrt(np.mean(xr * xr, axis=1))
     live = rms > 0
-    s0 = np.where(live, rms / rho, 1.0)
+    best_err = np.full(len(xr), np.inf)
+    best = np.zeros_like(xr)
     t0 = time.perf_counter()
-    st = viterbi(xr / s0[:, None], table, k)
+    for f in SCALE_FACTORS:
+        s0 = np.where(live, rms / rho * f, 1.0)
+        c = table[viterbi(xr / s0[:, None], table, k)].astype(np.float64)
+        cc = np.sum(c * c, axis=1)
+        s = np.where(cc > 0, np.sum(xr * c, axis=1) / np.where(cc > 0, cc, 1.0), 0.0)
+        y = s.astype(np.float16).astype(np.float64)[:, None] * c
+        err = np.sum((y - xr) ** 2, axis=1)
+        take = err < best_err
+        best_err = np.where(take, err, best_err)
+        best[take] = y[take]
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + len(xr)
         stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
-    c = table[st].astype(np.float64)
-    cc = np.sum(c * c, axis=1)
-    s = np.where(cc > 0, np.sum(xr * c, axis=1) / np.where(cc > 0, cc, 1.0), 0.0)
-    s = s.astype(np.float16).astype(np.float64)
-    y = np.where(live[:, None], s[:, None] * c, 0.0).reshape(x.shape).astype(np.float32)
+    y = np.where(live[:, None], best, 0.0).reshape(x.shape).astype(np.float32)
     return scoring.rotate(y, r) if r else y
 
 
