@@ -58,7 +58,7 @@ def test_codebook_beats_the_lloyd_max_scalar_code(k, L, scalar):
     assert mse < 0.9 * scalar, mse
 
 
-def _reference(x, k, L, is_v):
+def _reference(x, k, L, is_v, factors=tcq.SCALE_FACTORS):
     """Loop-by-loop: rotate a row, walk it (tcq.viterbi, checked above), least-squares fp16 scale, rotate back."""
     table, rho = tcq.codebook(k, L)
     d = x.shape[-1]
@@ -68,7 +68,7 @@ def _reference(x, k, L, is_v):
         row = (scoring.rotate(x[idx][None], r)[0] if r else x[idx]).astype(np.float64)
         rms = np.sqrt(np.mean(row.astype(np.float64) ** 2))
         cands = []
-        for f in tcq.SCALE_FACTORS:
+        for f in factors:
             st = tcq.viterbi((row / (rms / rho * f))[None], table, k)[0]
             c = table[st].astype(np.float64)
             y = np.float16(np.dot(row, c) / np.dot(c, c)).astype(np.float64) * c
@@ -83,6 +83,9 @@ def test_round_trip_matches_the_reference(d, is_v):
     x = (np.random.default_rng(d).standard_normal((3, 2, d)) * 2 + 0.3).astype(np.float32)
     got = tcq.quantize(x, 3, 6, is_v=is_v)
     np.testing.assert_allclose(got, _reference(x, 3, 6, is_v), rtol=1e-4, atol=1e-5)
+    one = tcq.quantize(x, 3, 6, is_v=is_v, factors=tcq.WALKS[1])  # one walk: never better than the best of five
+    np.testing.assert_allclose(one, _reference(x, 3, 6, is_v, tcq.WALKS[1]), rtol=1e-4, atol=1e-5)
+    assert np.sum((one - x) ** 2) >= np.sum((got - x) ** 2) * (1 - 1e-6)
     assert np.mean((got - x) ** 2) < 0.05 * np.mean(x ** 2)
     z = np.zeros((2, 1, d), np.float32)  # an all-zero row stays zero (no division by a zero scale)
     np.testing.assert_array_equal(tcq.quantize(z, 3, 6, is_v=is_v), z)
@@ -103,7 +106,9 @@ def test_bits_settings_and_fingerprint():
     assert "us per row" in m.bits(512).detail  # the encode cost it measured
     assert [x.label for x in methods.make("tcq")] == ["tcq:3", "tcq:2"]
     assert methods.make("tcq:2/L12")[0].label == "tcq:2/L12"
-    for bad in ("tcq:5", "tcq:3/L3", "tcq:3/L20", "tcq:x", "tcq:3/b32"):
+    one = methods.make("tcq:3/L6/w1")[0]
+    assert one.label == "tcq:3/L6/w1" and tcq.WALKS[one.walks] == (1.0,)
+    for bad in ("tcq:5", "tcq:3/L3", "tcq:3/L20", "tcq:x", "tcq:3/b32", "tcq:3/w2"):
         with pytest.raises(MethodError):
             methods.make(bad)
 

@@ -1,7 +1,8 @@
 """Trellis-coded quantization of K and V rows (issue 24 step 1): a bit-shift trellis with a computed codebook, as
 QTIP does for weights (arXiv 2406.11235), small enough to think about encoding at cache-write time.
 
-What is done (settings ``tcq:3``, ``tcq:2``, ``tcq:3/L12``; ``L`` the trellis' state bits, default 8):
+What is done (settings ``tcq:3``, ``tcq:2``, ``tcq:3/L12``, ``tcq:3/L6/w1``; ``L`` the trellis' state bits, default
+8; ``w`` the walks tried per row, 1, 3 or 5, default 5):
 
 - **Rotation.** As the lattice codes and llama.cpp's quantized caches: K and V rows in the Walsh-Hadamard rotation
   (``scoring.rotation_size``), coded, rotated back.
@@ -43,6 +44,7 @@ from . import Bits, MethodError
 DEFAULTS = ("3", "2")
 STATE_BITS = 8                      # L: 256 states
 SCALE_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)  # walks tried per row at rms / rho times these
+WALKS = {1: (1.0,), 3: (0.9, 1.0, 1.1), 5: SCALE_FACTORS}  # the /wN settings: fewer walks, cheaper encode
 MAX_STATE_BITS = 14
 _BP_BYTES = 64 << 20                # back pointers kept per Viterbi batch
 
@@ -123,7 +125,8 @@ def codebook(k: int, state_bits: int = STATE_BITS) -> tuple[np.ndarray, float]:
     return table, rho
 
 
-def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict | None = None,
+             factors: tuple[float, ...] = SCALE_FACTORS) -> np.ndarray:
     """K (is_v False) or V rows x (..., d): rotation, trellis code, fp16 row scale, rotated back (float32)."""
     x = np.asarray(x, np.float32)
     d = x.shape[-1]
@@ -135,7 +138,7 @@ def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict 
     best_err = np.full(len(xr), np.inf)
     best = np.zeros_like(xr)
     t0 = time.perf_counter()
-    for f in SCALE_FACTORS:
+    for f in factors:
         s0 = np.where(live, rms / rho * f, 1.0)
         c = table[viterbi(xr / s0[:, None], table, k)].astype(np.float64)
         cc = np.sum(c * c, axis=1)
@@ -160,9 +163,10 @@ class Trellis:
     observes = frozenset({"k", "v"})
     name = "tcq"
 
-    def __init__(self, bits: int, state_bits: int = STATE_BITS):
-        self.b, self.state_bits = bits, state_bits
-        self.setting = f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
+    def __init__(self, bits: int, state_bits: int = STATE_BITS, walks: int = len(SCALE_FACTORS)):
+        self.b, self.state_bits, self.walks = bits, state_bits, walks
+        self.setting = (f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
+                        + (f"/w{walks}" if walks != len(SCALE_FACTORS) else ""))
         self.label = f"tcq:{self.setting}"
         self.fingerprint: str | None = None
         self._layers: dict[int, tuple[int, int, int]] = {}
@@ -181,7 +185,7 @@ class Trellis:
     def apply(self, il: int, kind: str, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
         if kind not in ("k", "v"):
             return x
-        return quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats)
+        return quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks])
 
     def bits(self, n_ctx: int) -> Bits:
         if not self._layers:
@@ -198,14 +202,19 @@ class Trellis:
 
 
 def make(setting: str) -> Trellis:
-    """``3``, ``2``, ``3/L12`` (bits per value; optionally the trellis' state bits L)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*", setting, flags=re.IGNORECASE)
+    """``3``, ``2``, ``3/L12``, ``3/L6/w1`` (bits per value; optionally the trellis' state bits L and the walks per
+    row w)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(?:/\s*w(\d+))?\s*", setting, flags=re.IGNORECASE)
     if not m:
-        raise MethodError(f"tcq:{setting}: settings are BITS or BITS/L<state bits>, e.g. tcq:3, tcq:2/L12")
+        raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits> and /w<walks>, e.g. tcq:3, "
+                          "tcq:2/L12, tcq:3/L6/w1")
     bits = int(m.group(1))
     L = int(m.group(2)) if m.group(2) else STATE_BITS
+    walks = int(m.group(3)) if m.group(3) else len(SCALE_FACTORS)
     if bits not in (2, 3, 4):
         raise MethodError(f"tcq:{setting}: bits per value 2, 3 or 4")
     if not bits < L <= MAX_STATE_BITS:
         raise MethodError(f"tcq:{setting}: state bits L between {bits + 1} and {MAX_STATE_BITS}")
-    return Trellis(bits, L)
+    if walks not in WALKS:
+        raise MethodError(f"tcq:{setting}: walks per row {', '.join(map(str, WALKS))}")
+    return Trellis(bits, L, walks)
