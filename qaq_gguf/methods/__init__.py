@@ -155,6 +155,25 @@ def help_lines() -> list[str]:
 
 # --- helpers several methods share -------------------------------------------------------------------------------
 
+def layer_shapes(calib: Calibration) -> dict[int, tuple[int, int, int]]:
+    """(n_head_kv, head_dim_k, head_dim_v) of each calibrated layer: what a data-oblivious code's bits depend on."""
+    return {il: (layer.k.shape[1], layer.k.shape[2], layer.v.shape[2]) for il, layer in calib.layers.items()}
+
+
+def row_bits(label: str, layers: dict[int, tuple[int, int, int]], per_value_k, per_value_v=None) -> tuple[float, float]:
+    """Average bits per K and per V value over ``layers`` (``layer_shapes``) when a row of head size d costs
+    ``per_value_k(d)`` / ``per_value_v(d)`` bits per value (V as K when not given); refuses a method not fitted yet
+    (no shapes)."""
+    per_value_v = per_value_v or per_value_k
+    if not layers:
+        raise MethodError(f"{label}: not fitted (bits depend on the model's head sizes)")
+    nk = sum(h * dk for h, dk, _ in layers.values())
+    nv = sum(h * dv for h, _, dv in layers.values())
+    bk = sum(h * dk * per_value_k(dk) for h, dk, _ in layers.values()) / nk
+    bv = sum(h * dv * per_value_v(dv) for h, _, dv in layers.values()) / nv
+    return bk, bv
+
+
 def uniform_quantize(x: np.ndarray, bits: int, axis: int, *, group: int | None = None) -> np.ndarray:
     """Asymmetric min/max round-to-nearest quantization along ``axis`` in groups of ``group`` (None: the whole
     axis), dequantized: scale (max - min) / (2^bits - 1), zero point min (KIVI's and KVQuant's integer grid)."""

@@ -56,7 +56,7 @@ from functools import lru_cache
 import numpy as np
 
 from .. import quants, scoring
-from . import Bits, MethodError
+from . import Bits, MethodError, layer_shapes, row_bits
 
 DEFAULTS = ("e8:2", "d4:3")
 LATTICES = ("e8", "d4")
@@ -319,8 +319,7 @@ class Lattice:
 
     def fit(self, calib) -> None:
         """Nothing is learnt; records the layers' shapes (for the bits) and the fingerprint."""
-        self._layers = {il: (layer.k.shape[1], layer.k.shape[2], layer.v.shape[2])
-                        for il, layer in calib.layers.items()}
+        self._layers = layer_shapes(calib)
         self.fingerprint = calib.ident.fingerprint
 
     def begin(self, n_ctx: int) -> None:
@@ -335,12 +334,7 @@ class Lattice:
         return 8 / self.block if self.block else 16 / d
 
     def bits(self, n_ctx: int) -> Bits:
-        if not self._layers:
-            raise MethodError(f"{self.label}: not fitted (bits depend on the model's head sizes)")
-        nk = sum(h * dk for h, dk, _ in self._layers.values())
-        nv = sum(h * dv for h, _, dv in self._layers.values())
-        bk = sum(h * dk * (self.b + self._side(dk)) for h, dk, _ in self._layers.values()) / nk
-        bv = sum(h * dv * (self.b + self._side(dv)) for h, _, dv in self._layers.values()) / nv
+        bk, bv = row_bits(self.label, self._layers, lambda d: self.b + self._side(d))
         scale = f"ue5m3 scale per {self.block} values" if self.block else "fp16 scale per head row"
         searched = ""
         if self.stats.get("groups"):

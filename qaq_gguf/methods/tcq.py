@@ -39,7 +39,7 @@ from statistics import NormalDist
 import numpy as np
 
 from .. import scoring
-from . import Bits, MethodError
+from . import Bits, MethodError, layer_shapes, row_bits
 
 DEFAULTS = ("3", "2")
 STATE_BITS = 8                      # L: 256 states
@@ -175,8 +175,7 @@ class Trellis:
     def fit(self, calib) -> None:
         """Nothing is learnt from the model (the codebook is computed); records the shapes and the fingerprint."""
         codebook(self.b, self.state_bits)
-        self._layers = {il: (layer.k.shape[1], layer.k.shape[2], layer.v.shape[2])
-                        for il, layer in calib.layers.items()}
+        self._layers = layer_shapes(calib)
         self.fingerprint = calib.ident.fingerprint
 
     def begin(self, n_ctx: int) -> None:
@@ -188,12 +187,7 @@ class Trellis:
         return quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks])
 
     def bits(self, n_ctx: int) -> Bits:
-        if not self._layers:
-            raise MethodError(f"{self.label}: not fitted (bits depend on the model's head sizes)")
-        nk = sum(h * dk for h, dk, _ in self._layers.values())
-        nv = sum(h * dv for h, _, dv in self._layers.values())
-        bk = sum(h * dk * (self.b + 16 / dk) for h, dk, _ in self._layers.values()) / nk
-        bv = sum(h * dv * (self.b + 16 / dv) for h, _, dv in self._layers.values()) / nv
+        bk, bv = row_bits(self.label, self._layers, lambda d: self.b + 16 / d)  # the fp16 row scale
         cost = ""
         if self.stats.get("rows"):
             cost = f"; numpy Viterbi {1e6 * self.stats['seconds'] / self.stats['rows']:.0f} us per row"

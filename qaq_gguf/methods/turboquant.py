@@ -42,7 +42,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from . import Bits, MethodError
+from . import Bits, MethodError, layer_shapes, row_bits
 
 DEFAULTS = ("2", "3", "4", "3+qjl")
 SEED = 0
@@ -147,8 +147,7 @@ class TurboQuant:
 
     def fit(self, calib) -> None:
         """Nothing is learnt (data-oblivious); records the layers' shapes and the fingerprint."""
-        self._layers = {il: (layer.k.shape[1], layer.k.shape[2], layer.v.shape[2])
-                        for il, layer in calib.layers.items()}
+        self._layers = layer_shapes(calib)
         self.fingerprint = calib.ident.fingerprint
 
     def begin(self, n_ctx: int) -> None:
@@ -162,13 +161,8 @@ class TurboQuant:
         return x
 
     def bits(self, n_ctx: int) -> Bits:
-        if not self._layers:
-            raise MethodError(f"{self.label}: not fitted (bits depend on the model's head sizes)")
         side_k = 32 if self.prod else 16
-        nk = sum(h * dk for h, dk, _ in self._layers.values())
-        nv = sum(h * dv for h, _, dv in self._layers.values())
-        bk = sum(h * dk * (self.b + side_k / dk) for h, dk, _ in self._layers.values()) / nk
-        bv = sum(h * dv * (self.b + 16 / dv) for h, _, dv in self._layers.values()) / nv
+        bk, bv = row_bits(self.label, self._layers, lambda d: self.b + side_k / d, lambda d: self.b + 16 / d)
         kdesc = (f"{self.b - 1}-bit Lloyd-Max + 1-bit QJL residual + fp16 norm and gamma" if self.prod
                  else f"{self.b}-bit Lloyd-Max + fp16 norm")
         return Bits(bk, bv, f"K: {kdesc} per head vector; V: {self.b}-bit Lloyd-Max + fp16 norm")
