@@ -113,9 +113,9 @@ def test_bits_settings_and_fingerprint():
             methods.make(bad)
 
 
-def test_c_encoder_of_the_cost_benchmark_finds_the_same_walks(tmp_path):
-    """tools/tcq_encode_cost.py times a C Viterbi: it must find walks as good as numpy's (else it times a wrong
-    encoder)."""
+def test_c_encoders_of_the_cost_benchmark_walk_as_numpy(tmp_path):
+    """tools/tcq_encode_cost.py times C Viterbi encoders: each must find exactly the walks of numpy's rule it
+    follows (plain C: tcq.viterbi; AVX2: tcq.viterbi(tagged=True)), else it times a wrong encoder."""
     import importlib.util
     import shutil
     from pathlib import Path
@@ -127,9 +127,28 @@ def test_c_encoder_of_the_cost_benchmark_finds_the_same_walks(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     lib = mod.build_encoder(tmp_path)
+    avx2 = (False, True) if hasattr(lib, "tcq_encode_avx2") else (False,)
     for L, d in ((6, 64), (8, 256)):
-        assert mod.check(lib, 3, L, d) < 1e-4
+        for a in avx2:
+            assert mod.check(lib, 3, L, d, a) == 0
     table, _ = tcq.codebook(2, 6)
     x = np.random.default_rng(5).standard_normal((8, 16)).astype(np.float32)
-    np.testing.assert_allclose(np.sum((table[mod.encode(lib, x, table, 2)] - x) ** 2, 1),
-                               np.sum((table[tcq.viterbi(x, table, 2)] - x) ** 2, 1), rtol=1e-5)
+    for a in avx2:
+        np.testing.assert_array_equal(mod.encode(lib, x, table, 2, a), tcq.viterbi(x, table, 2, tagged=a))
+    if True in avx2:
+        with pytest.raises(ValueError, match="AVX2 encoder"):
+            mod.encode(lib, x, tcq.codebook(2, 5)[0], 2, True)
+
+
+def test_tagged_walks_are_as_good_as_plain_ones():
+    """The native encoder's rule (the argmin in the costs' low bits) walks like the plain Viterbi but for near-ties:
+    per row the same squared error to float32 precision, and the same states in most rows."""
+    for k, L in ((3, 8), (2, 6)):
+        table, rho = tcq.codebook(k, L)
+        x = (np.random.default_rng(7).standard_normal((256, 64)) * rho).astype(np.float32)
+        plain, tagged = tcq.viterbi(x, table, k), tcq.viterbi(x, table, k, tagged=True)
+        ep = np.sum((table[plain] - x) ** 2, axis=1)
+        et = np.sum((table[tagged] - x) ** 2, axis=1)
+        np.testing.assert_allclose(et, ep, rtol=1e-5)
+        assert np.mean(np.all(plain == tagged, axis=1)) > 0.9
+        np.testing.assert_array_equal(tcq.states_from_inputs(tcq.walk_inputs(tagged, k), k, L), tagged)

@@ -49,9 +49,15 @@ MAX_STATE_BITS = 14
 _BP_BYTES = 64 << 20                # back pointers kept per Viterbi batch
 
 
-def viterbi(x: np.ndarray, table: np.ndarray, k: int) -> np.ndarray:
+def viterbi(x: np.ndarray, table: np.ndarray, k: int, *, tagged: bool = False) -> np.ndarray:
     """The least squared error walk for each row of x (R, d) through the bit-shift trellis with codebook ``table``
-    (2^L values) and k bits per step, from state 0: the states (R, d), int64."""
+    (2^L values) and k bits per step, from state 0: the states (R, d), int64.
+
+    ``tagged``: the rule a vectorized native encoder keeps (tools/tcq_encode_cost.py's AVX2 walk, step for step):
+    the best cost into each group of predecessors carries that predecessor's index in its low k bits, so that one
+    integer min over the float costs' bits (>= 0: they order as int32) picks cost and argmin at once; unreachable
+    states start at 1e30 rather than infinity. Ties and near-ties (within 2^-20 relative) may then walk differently
+    from the plain rule; the squared error is the same to float32 precision."""
     x = np.asarray(x, np.float32)
     n_states = len(table)
     L = n_states.bit_length() - 1
@@ -61,18 +67,30 @@ def viterbi(x: np.ndarray, table: np.ndarray, k: int) -> np.ndarray:
     R, d = x.shape
     t32 = np.asarray(table, np.float32)
     out = np.empty((R, d), np.int64)
+    tops = np.arange(K, dtype=np.int32)[None, :, None]
     step = max(1, _BP_BYTES // max(1, d * H))
     for r0 in range(0, R, step):
         xr = x[r0:r0 + step]
         n = len(xr)
-        cost = np.full((n, n_states), np.inf, np.float32)
-        cost[:, 0] = 0.0
-        bp = np.empty((d, n, H), np.uint8)
+        if tagged:
+            m = np.full((n, H), 1e30, np.float32)
+            m[:, 0] = 0.0
+        else:
+            cost = np.full((n, n_states), np.inf, np.float32)
+            cost[:, 0] = 0.0
+        bp = np.zeros((d, n, H), np.uint8)
         for t in range(d):
             # predecessor p = top * H + low leads to s = low * K + b: the best top for each low, then every b
-            c3 = cost.reshape(n, K, H)
-            bp[t] = np.argmin(c3, axis=1)
-            m = np.min(c3, axis=1)
+            if tagged:
+                if t:
+                    ci = (cost.reshape(n, K, H).view(np.int32) & np.int32(~(K - 1))) | tops
+                    mi = np.min(ci, axis=1)
+                    bp[t] = mi & (K - 1)
+                    m = mi.view(np.float32)
+            else:
+                c3 = cost.reshape(n, K, H)
+                bp[t] = np.argmin(c3, axis=1)
+                m = np.min(c3, axis=1)
             err = xr[:, t, None] - t32[None, :]
             cost = (m[:, :, None] + (err * err).reshape(n, H, K)).reshape(n, n_states)
         s = np.argmin(cost, axis=1).astype(np.int64)
