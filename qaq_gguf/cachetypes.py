@@ -62,12 +62,16 @@ _TYPES: tuple[CacheType, ...] = (
     CacheType("qaq4h", 48, 64, 34, True),
     CacheType("qaq3h", 49, 64, 26, True),
     CacheType("qaq2h", 50, 64, 18, True),
+    # the trellis-coded types: 3 or 2 bits per value through a 256-state trellis, one fp16 scale per 64 values
+    # (patches/0032; head sizes that are multiples of 64)
+    CacheType("tcq3", 51, 64, 26, True),
+    CacheType("tcq2", 52, 64, 18, True),
 )
 
 TYPES: dict[str, CacheType] = {t.name: t for t in _TYPES}
 
 DEFAULT_CANDIDATES: tuple[str, ...] = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "qaq4h", "qaq4l",
-                                       "qaq3", "qaq3h", "qaq3l", "qaq2", "qaq2h", "qaq2l")
+                                       "qaq3", "qaq3h", "tcq3", "qaq3l", "qaq2", "qaq2h", "tcq2", "qaq2l")
 
 
 def names() -> list[str]:

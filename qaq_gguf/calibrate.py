@@ -48,7 +48,10 @@ class Scores:
 
 # cache types without a CUDA flash-attention kernel (ggml-cuda fattn: f16, q4_0, q4_1, q5_0, q5_1, q8_0, bf16,
 # and qaq-gguf's qaq3/qaq2/qaq4l/qaq3l/qaq2l, patches/0008 and 0014)
-NO_CUDA_FA = ("iq4_nl",)
+# cache types a GPU backend has no kernels for (flash attention, the cache write): left out of the default candidates
+# of a build that has that backend, since a profile using them would be refused there. The trellis types (patches/0032)
+# are CPU-only so far.
+NO_GPU_KERNELS = {"CUDA": ("iq4_nl", "tcq3", "tcq2"), "Metal": ("tcq3", "tcq2"), "Vulkan": ("tcq3", "tcq2")}
 
 
 # the score of a (layer, type) the type cannot hold: finite, so that a profile stores it, and never chosen
@@ -81,14 +84,13 @@ def choose_exact_cells(mass: np.ndarray | None) -> int:
 
 def default_candidates() -> list[str]:
     """The cache types calibration chooses from: f16 and every quantized type this build's cache accepts; with a
-    CUDA backend, only those its flash attention has kernels for (a profile using another is refused there)."""
+    GPU backend, only those it has kernels for (a profile using another is refused there)."""
     cands = list(cachetypes.DEFAULT_CANDIDATES)
-    if "CUDA" in _native.backend_names():
-        left = [c for c in cands if c in NO_CUDA_FA]
+    for backend in _native.backend_names():
+        left = [c for c in cands if c in NO_GPU_KERNELS.get(backend, ())]
         if left:
-            print(f"qaq-gguf: candidates left out: {', '.join(left)} (no CUDA flash-attention kernel)",
-                  file=sys.stderr)
-        cands = [c for c in cands if c not in NO_CUDA_FA]
+            print(f"qaq-gguf: candidates left out: {', '.join(left)} (no {backend} kernels)", file=sys.stderr)
+        cands = [c for c in cands if c not in left]
     return cands
 
 

@@ -175,10 +175,12 @@ def cmd_profile_make(args: argparse.Namespace) -> int:
 
 def _add_profile_make_parser(psub) -> None:
     """`qaq-gguf profile make`."""
+    from . import cachetypes
+
     p = psub.add_parser("make", help="a profile from per-layer type lists",
                         description="Write a profile for MODEL from K and V type lists. A single type applies to "
-                                    "every layer; a comma-separated list gives one type per layer. Types: f16, "
-                                    "bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl, qaq3, qaq2.")
+                                    "every layer; a comma-separated list gives one type per layer. Types: "
+                                    + ", ".join(cachetypes.names()) + ".")
     p.add_argument("model", help="the GGUF model the profile is for (it is bound to this file's tensor layout)")
     p.add_argument("-ctk", "--cache-type-k", dest="type_k", metavar="TYPES", required=True,
                    help="K cache type, or one per layer, comma-separated (spelled as llama.cpp's -ctk)")

@@ -204,7 +204,7 @@ def _roundtrip_plain(x: np.ndarray, ct: cachetypes.CacheType) -> np.ndarray:
         return x.copy()
     if x.shape[-1] % ct.block_size:
         raise ValueError(f"{ct.name}: last dimension {x.shape[-1]} is not a multiple of the block size {ct.block_size}")
-    if ct.name in quants.KVALUES:
+    if ct.name in quants.BLOCK_BYTES:  # our own types (qaq, tcq)
         return quants.roundtrip(x, ct.name)
     try:
         qtype = GGMLQuantizationType(ct.type_id)

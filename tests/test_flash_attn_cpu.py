@@ -22,11 +22,11 @@ from test_qaq_types import _cache as _cache_gguf
 
 PAIRS = ["f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q5_0/q5_0", "q4_1/q5_1", "iq4_nl/iq4_nl", "qaq3/qaq3", "qaq2/qaq2",
          "q8_0/qaq3", "qaq3/f16", "f16/q4_0", "qaq2/q8_0", "qaq4l/qaq4l", "qaq3l/qaq2l", "qaq4l/q8_0", "qaq4h/qaq4h",
-         "qaq3h/qaq2h", "qaq4h/q8_0", "f16/qaq2h", "qaq3h/qaq4l"]
+         "qaq3h/qaq2h", "qaq4h/q8_0", "f16/qaq2h", "qaq3h/qaq4l", "tcq3/tcq3", "tcq2/q8_0"]
 
 
 @pytest.mark.parametrize("name", ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "qaq3", "qaq2", "qaq4l",
-                                  "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h"])
+                                  "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h", "tcq3", "tcq2"])
 def test_row_dequantization_is_to_float(ggml, name):
     """ggml_cpu_dequantize_row, which converts flash attention's K and V rows (AVX2 kernels for q8_0, q4_0, q5_0,
     iq4_nl and the qaq types), gives bit for bit the values of the type's own to_float, one row or many at once."""
@@ -131,7 +131,8 @@ def test_every_pair_both_paths(ggml, kv, n_q, n_kv):
 
 @pytest.mark.parametrize("d,n_head,n_head_kv", [(64, 8, 1), (128, 4, 4), (256, 4, 1), (128, 16, 2), (64, 8, 8)])
 @pytest.mark.parametrize("n_q", [1, 512])
-@pytest.mark.parametrize("kv", ["q4_0/q4_0", "qaq3/qaq2", "f16/f16", "qaq4h/qaq4h", "qaq3h/qaq2h", "qaq2h/q8_0"])
+@pytest.mark.parametrize("kv", ["q4_0/q4_0", "qaq3/qaq2", "f16/f16", "qaq4h/qaq4h", "qaq3h/qaq2h", "qaq2h/q8_0",
+                                "tcq3/tcq2"])
 def test_head_sizes_and_gqa(ggml, kv, d, n_head, n_head_kv, n_q):
     tk, tv = kv.split("/")
     got, ref = _run(ggml, tk, tv, d, n_head, n_head_kv, n_q, 576, seed=d + n_head)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_calibration
-from qaq_gguf import methods, scoring
+from qaq_gguf import methods, scoring, trellis
 from qaq_gguf.methods import MethodError, tcq
 
 
@@ -19,7 +19,7 @@ def _brute(x, table, k):
     for row in x:
         costs = []
         for seq in itertools.product(range(1 << k), repeat=len(row)):
-            st = tcq.states_from_inputs(np.array([seq]), k, L)[0]
+            st = trellis.states_from_inputs(np.array([seq]), k, L)[0]
             costs.append((float(np.sum((table[st] - row) ** 2)), st))
         best.append(min(costs, key=lambda c: c[0]))
     return best
@@ -31,36 +31,36 @@ def test_viterbi_is_the_least_error_walk(L, k):
     table = rng.standard_normal(1 << L).astype(np.float32)
     d = 5 if k == 2 else 4
     x = rng.standard_normal((6, d)).astype(np.float32)
-    st = tcq.viterbi(x, table, k)
+    st = trellis.viterbi(x, table, k)
     for row, got, (cost, _) in zip(x, st, _brute(x, table, k)):
         assert float(np.sum((table[got] - row) ** 2)) == pytest.approx(cost, rel=1e-5)
     # the walk is a real walk of the trellis from state 0: its k-bit inputs rebuild it
-    np.testing.assert_array_equal(tcq.states_from_inputs(tcq.walk_inputs(st, k), k, L), st)
+    np.testing.assert_array_equal(trellis.states_from_inputs(trellis.walk_inputs(st, k), k, L), st)
 
 
 def test_viterbi_batches_agree_with_one_batch(monkeypatch):
-    table, _ = tcq.codebook(2, 6)
+    table, _ = trellis.codebook(2, 6)
     x = np.random.default_rng(3).standard_normal((40, 16)).astype(np.float32)
-    whole = tcq.viterbi(x, table, 2)
-    monkeypatch.setattr(tcq, "_BP_BYTES", 16 * 16 * 3)  # 3 rows per batch
-    np.testing.assert_array_equal(tcq.viterbi(x, table, 2), whole)
+    whole = trellis.viterbi(x, table, 2)
+    monkeypatch.setattr(trellis, "_BP_BYTES", 16 * 16 * 3)  # 3 rows per batch
+    np.testing.assert_array_equal(trellis.viterbi(x, table, 2), whole)
 
 
 @pytest.mark.parametrize("k,L,scalar", [(3, 6, 0.0345), (2, 6, 0.1175)])
 def test_codebook_beats_the_lloyd_max_scalar_code(k, L, scalar):
     """Distortion per value on N(0, 1) rows below the k-bit Lloyd-Max scalar code's (0.0345 at 3 bits, 0.1175 at
     2), start state included."""
-    table, rho = tcq.codebook(k, L)
+    table, rho = trellis.codebook(k, L)
     assert len(table) == 1 << L and np.all(np.isfinite(table))
     x = np.random.default_rng(7).standard_normal((400, 64)).astype(np.float32)
-    st = tcq.viterbi(x * rho, table, k)
+    st = trellis.viterbi(x * rho, table, k)
     mse = float(np.mean((table[st] / rho - x) ** 2))
     assert mse < 0.9 * scalar, mse
 
 
 def _reference(x, k, L, is_v, factors=tcq.SCALE_FACTORS):
-    """Loop-by-loop: rotate a row, walk it (tcq.viterbi, checked above), least-squares fp16 scale, rotate back."""
-    table, rho = tcq.codebook(k, L)
+    """Loop-by-loop: rotate a row, walk it (trellis.viterbi, checked above), least-squares fp16 scale, rotate back."""
+    table, rho = trellis.codebook(k, L)
     d = x.shape[-1]
     r = scoring.rotation_size(d, is_v)
     out = np.empty_like(x)
@@ -69,7 +69,7 @@ def _reference(x, k, L, is_v, factors=tcq.SCALE_FACTORS):
         rms = np.sqrt(np.mean(row.astype(np.float64) ** 2))
         cands = []
         for f in factors:
-            st = tcq.viterbi((row / (rms / rho * f))[None], table, k)[0]
+            st = trellis.viterbi((row / (rms / rho * f))[None], table, k)[0]
             c = table[st].astype(np.float64)
             y = np.float16(np.dot(row, c) / np.dot(c, c)).astype(np.float64) * c
             cands.append((float(np.sum((y - row) ** 2)), y))
@@ -115,7 +115,7 @@ def test_bits_settings_and_fingerprint():
 
 def test_c_encoders_of_the_cost_benchmark_walk_as_numpy(tmp_path):
     """tools/tcq_encode_cost.py times C Viterbi encoders: each must find exactly the walks of numpy's rule it
-    follows (plain C: tcq.viterbi; AVX2: tcq.viterbi(tagged=True)), else it times a wrong encoder."""
+    follows (plain C: trellis.viterbi; AVX2: trellis.viterbi(tagged=True)), else it times a wrong encoder."""
     import importlib.util
     import shutil
     from pathlib import Path
@@ -131,24 +131,24 @@ def test_c_encoders_of_the_cost_benchmark_walk_as_numpy(tmp_path):
     for L, d in ((6, 64), (8, 256)):
         for a in avx2:
             assert mod.check(lib, 3, L, d, a) == 0
-    table, _ = tcq.codebook(2, 6)
+    table, _ = trellis.codebook(2, 6)
     x = np.random.default_rng(5).standard_normal((8, 16)).astype(np.float32)
     for a in avx2:
-        np.testing.assert_array_equal(mod.encode(lib, x, table, 2, a), tcq.viterbi(x, table, 2, tagged=a))
+        np.testing.assert_array_equal(mod.encode(lib, x, table, 2, a), trellis.viterbi(x, table, 2, tagged=a))
     if True in avx2:
         with pytest.raises(ValueError, match="AVX2 encoder"):
-            mod.encode(lib, x, tcq.codebook(2, 5)[0], 2, True)
+            mod.encode(lib, x, trellis.codebook(2, 5)[0], 2, True)
 
 
 def test_tagged_walks_are_as_good_as_plain_ones():
     """The native encoder's rule (the argmin in the costs' low bits) walks like the plain Viterbi but for near-ties:
     per row the same squared error to float32 precision, and the same states in most rows."""
     for k, L in ((3, 8), (2, 6)):
-        table, rho = tcq.codebook(k, L)
+        table, rho = trellis.codebook(k, L)
         x = (np.random.default_rng(7).standard_normal((256, 64)) * rho).astype(np.float32)
-        plain, tagged = tcq.viterbi(x, table, k), tcq.viterbi(x, table, k, tagged=True)
+        plain, tagged = trellis.viterbi(x, table, k), trellis.viterbi(x, table, k, tagged=True)
         ep = np.sum((table[plain] - x) ** 2, axis=1)
         et = np.sum((table[tagged] - x) ** 2, axis=1)
         np.testing.assert_allclose(et, ep, rtol=1e-5)
         assert np.mean(np.all(plain == tagged, axis=1)) > 0.9
-        np.testing.assert_array_equal(tcq.states_from_inputs(tcq.walk_inputs(tagged, k), k, L), tagged)
+        np.testing.assert_array_equal(trellis.states_from_inputs(trellis.walk_inputs(tagged, k), k, L), tagged)

@@ -1,5 +1,5 @@
-"""qaq cache types (qaq3, qaq2, the lean qaq4l, qaq3l, qaq2l and their head-64 siblings qaq4h, qaq3h, qaq2h): the
-built ggml (CPU) against the numpy reference in qaq_gguf/quants.py.
+"""qaq-gguf's cache types (qaq3, qaq2, the lean qaq4l, qaq3l, qaq2l, their head-64 siblings qaq4h, qaq3h, qaq2h, and
+the trellis-coded tcq3, tcq2): the built ggml (CPU) against the numpy reference in qaq_gguf/quants.py.
 
 Covers the ops the KV cache uses, run through ggml itself (ctypes, CPU backend): the reference quantizer and
 dequantizer, SET_ROWS (what writes the cache), GET_ROWS, the K.q dot product and FLASH_ATTN_EXT with qaq K and/or V
@@ -19,6 +19,8 @@ from qaq_gguf.ggml_ctypes import DOT_FN, F32, I32, I64, Q8_0, ROW_FN, ROWS_FN, G
 QAQ = ["qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h"]
 HEAD64 = ["qaq4h", "qaq3h", "qaq2h"]
 LEAN = ["qaq4l", "qaq3l", "qaq2l"] + HEAD64  # one fp16 scale per block (128 or 64 values)
+TCQ = ["tcq3", "tcq2"]  # trellis-coded: one fp16 scale per 64 values, a float codebook (no zero level)
+OURS = QAQ + TCQ
 
 
 def _row_bytes(name: str, n: int) -> int:
@@ -46,7 +48,8 @@ def _gaussian(shape, seed=0):
 def test_types_are_registered(ggml):
     base, _ = ggml
     for name, size, bits in (("qaq3", 14, 3.5), ("qaq2", 10, 2.5), ("qaq4l", 66, 4.125), ("qaq3l", 50, 3.125),
-                             ("qaq2l", 34, 2.125), ("qaq4h", 34, 4.25), ("qaq3h", 26, 3.25), ("qaq2h", 18, 2.25)):
+                             ("qaq2l", 34, 2.125), ("qaq4h", 34, 4.25), ("qaq3h", 26, 3.25), ("qaq2h", 18, 2.25),
+                             ("tcq3", 26, 3.25), ("tcq2", 18, 2.25)):
         assert base.ggml_type_name(_tid(name)).decode() == name
         assert base.ggml_type_size(_tid(name)) == size
         assert cachetypes.bits(name) == bits
@@ -61,10 +64,10 @@ def test_ue5m3_is_the_top_byte_of_an_fp16():
     assert quants.ue5m3_floor(np.float32(1e9)) == quants.UE5M3_MAX and quants.ue5m3_floor(np.float32(-1)) == 0
 
 
-@pytest.mark.parametrize("name", QAQ)
+@pytest.mark.parametrize("name", OURS)
 def test_cpu_quantizer_writes_the_reference_bytes(ggml, name):
-    """ggml-cpu's from_float (SET_ROWS into the cache: the scale search vectorized) writes the reference quantizer's
-    bytes for every row: Gaussian rows of many scales, zeros, tiny and huge values, outliers, equal values, values on
+    """ggml-cpu's from_float (SET_ROWS into the cache: the scale search or the trellis walk vectorized) writes the
+    reference quantizer's bytes for every row: Gaussian rows of many scales, zeros, tiny and huge values, outliers, equal values, values on
     the level thresholds, inf and NaN."""
     base, cpu = ggml
     rng = np.random.default_rng(5)
@@ -89,7 +92,7 @@ def test_cpu_quantizer_writes_the_reference_bytes(ggml, name):
     np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("name", QAQ)
+@pytest.mark.parametrize("name", OURS)
 def test_numpy_quantizer_is_bit_exact_with_ggml(ggml, name):
     base, _ = ggml
     x = _gaussian((300, 256), seed=1)
@@ -112,9 +115,11 @@ def test_numpy_quantizer_is_bit_exact_with_ggml(ggml, name):
     ROW_FN(traits.to_float)(out.ctypes.data, y.ctypes.data, x.size)
     np.testing.assert_array_equal(quants.dequantize(out, name), y)
     assert np.all(np.isfinite(y)) and np.all(y[0] == 0)
-    if name not in LEAN:  # a zero half has its own zero scale (the lean codebooks have no zero level)
+    if name not in LEAN + TCQ:  # a zero half has its own zero scale (the lean and trellis codebooks have no zero level)
         assert np.all(y[1, :16] == 0)
-    assert np.all(np.abs(y[3, :32]) > 1e6)  # saturated, not dropped
+    # saturated at the largest fp16 scale, not dropped (the int8 levels reach 127; the trellis codewords 3.1, and a
+    # walk cannot repeat its largest)
+    assert np.all(np.abs(y[3, :32]) > (3e4 if name in TCQ else 1e6))
 
 
 def test_validation_rejects_non_finite_scales(ggml):
@@ -173,7 +178,7 @@ def test_error_relative_to_q4_0_and_per_value_bound(name, lo, hi):
 # ggml ops on the CPU backend
 
 
-@pytest.mark.parametrize("name,d", [(t, 128) for t in QAQ] + [(t, 64) for t in QAQ if quants.BLOCK_VALUES[t] <= 64])
+@pytest.mark.parametrize("name,d", [(t, 128) for t in OURS] + [(t, 64) for t in OURS if quants.BLOCK_VALUES[t] <= 64])
 def test_set_rows_and_get_rows(ggml, name, d):
     """SET_ROWS (how llama.cpp writes the cache) stores the reference bytes at the given rows; GET_ROWS reads
     them back as the reference dequantization (rows of one head: 128 values, and 64 for the types whose blocks fit)."""
@@ -194,7 +199,7 @@ def test_set_rows_and_get_rows(ggml, name, d):
         np.testing.assert_array_equal(g.read(got, np.float32, (2, d)), quants.dequantize(stored[sel], name))
 
 
-@pytest.mark.parametrize("name,d", [(t, 256) for t in QAQ] + [(t, 64) for t in HEAD64])
+@pytest.mark.parametrize("name,d", [(t, 256) for t in OURS] + [(t, 64) for t in HEAD64 + TCQ])
 def test_cpy_both_ways(ggml, name, d):
     """CPY f32 -> qaq and qaq -> f32: the K-shift reads a quantized K as f32, re-ropes it and copies it back."""
     x = _gaussian((6, d), seed=7)
@@ -220,7 +225,7 @@ def _q8_0_roundtrip(x):
     return (np.round(b * inv) * d).astype(np.float32).reshape(np.shape(x))
 
 
-@pytest.mark.parametrize("name", QAQ)
+@pytest.mark.parametrize("name", OURS)
 def test_vec_dot_against_q8_0(ggml, name):
     """The K.q kernel (AVX2 where built for it, scalar otherwise) equals the dot product of the dequantized rows."""
     base, cpu = ggml
@@ -229,7 +234,7 @@ def test_vec_dot_against_q8_0(ggml, name):
     dot = DOT_FN(traits.vec_dot)
     rng = np.random.default_rng(6)
     qk = quants.BLOCK_VALUES[name]
-    for n in (range(qk, 513, qk) if name in LEAN else (32, 64, 256, 512)):
+    for n in (range(qk, 513, qk) if name in LEAN + TCQ else (32, 64, 256, 512)):
         for _ in range(20):
             k = rng.standard_normal(n).astype(np.float32) * rng.uniform(0.01, 10)
             q = rng.standard_normal(n).astype(np.float32)
@@ -243,14 +248,14 @@ def test_vec_dot_against_q8_0(ggml, name):
             assert abs(s.value - ref) <= 1e-5 * scale + 1e-6, (n, s.value, ref)
 
 
-@pytest.mark.parametrize("name", QAQ + ["q4_0", "q8_0"])
+@pytest.mark.parametrize("name", OURS + ["q4_0", "q8_0"])
 def test_vec_dot_rows_equals_one_row_at_a_time(ggml, name):
     """ggml_cpu_vec_dot_rows(type), which takes the query heads reading one K row in one pass (flash attention's
     decode), gives bit for bit each row's single-row vec_dot, for 1 to 9 rows (past the 4 rows of one pass). Every
-    qaq type has one; q4_0 and q8_0 where the CPU backend is built for AVX2."""
+    qaq and tcq type has one; q4_0 and q8_0 where the CPU backend is built for AVX2."""
     base, cpu = ggml
     ptr = cpu.ggml_cpu_vec_dot_rows(_tid(name))
-    if name in QAQ or cpu.ggml_cpu_has_avx2():
+    if name in OURS or cpu.ggml_cpu_has_avx2():
         assert ptr, name
     else:
         assert not ptr
@@ -260,7 +265,7 @@ def test_vec_dot_rows_equals_one_row_at_a_time(ggml, name):
     rng = np.random.default_rng(8)
     n = 256
     k = rng.standard_normal(n).astype(np.float32) * 3
-    k = quants.quantize(k, name) if name in QAQ else gguf.quants.quantize(k, gguf.GGMLQuantizationType[name.upper()])
+    k = quants.quantize(k, name) if name in OURS else gguf.quants.quantize(k, gguf.GGMLQuantizationType[name.upper()])
     for nq in range(1, 10):
         qq = gguf.quants.quantize(rng.standard_normal((nq, n)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
         got = np.full(nq, np.nan, np.float32)
@@ -273,7 +278,7 @@ def test_vec_dot_rows_equals_one_row_at_a_time(ggml, name):
 
 def _cache(x, type_name):
     """(rows of) x as stored in a cache of type_name: raw bytes for ggml, and the values the kernel reads."""
-    if type_name in quants.KVALUES:
+    if type_name in quants.BLOCK_BYTES:
         raw = quants.quantize(x, type_name)
         return raw, quants.dequantize(raw, type_name).reshape(x.shape)
     if type_name == "f16":
@@ -286,7 +291,8 @@ def _cache(x, type_name):
 
 _FA_PAIRS = ["qaq3/qaq3", "qaq2/qaq2", "qaq3/qaq2", "q8_0/qaq2", "qaq3/f16", "f16/qaq3", "q4_0/qaq3", "qaq2/q8_0",
              "q8_0/q8_0", "qaq4l/qaq4l", "qaq3l/qaq2l", "qaq4l/qaq3", "q8_0/qaq3l", "qaq2l/f16", "qaq4h/qaq4h",
-             "qaq3h/qaq2h", "qaq2h/qaq3", "q4_0/qaq3h", "qaq4h/f16", "qaq3l/qaq4h"]
+             "qaq3h/qaq2h", "qaq2h/qaq3", "q4_0/qaq3h", "qaq4h/f16", "qaq3l/qaq4h", "tcq3/tcq2", "tcq2/tcq3",
+             "tcq3/f16", "q8_0/tcq2", "tcq3/qaq3h"]
 _FA_SHAPES = [(64, 8, 1), (128, 4, 4), (256, 4, 1), (128, 8, 2)]
 
 

@@ -5,13 +5,13 @@ interleaved in one run.
 
 Two encoders, compiled here with ``cc -O3 -march=native -ffp-contract=off``, one walk per row:
 - plain C, loops written for the auto-vectorizer, back pointers as one byte per step and predecessor group: the
-  numpy Viterbi's rule (``tcq.viterbi``);
+  numpy Viterbi's rule (``trellis.viterbi``);
 - AVX2 by hand (where the compiler targets it), the encoder a native type would use: 8 states per instruction, each
   step one pass that keeps per predecessor group the best cost with its argmin in the cost's low bits, so one
-  integer min does compare and select (``tcq.viterbi(..., tagged=True)``, the same rule in numpy).
+  integer min does compare and select (``trellis.viterbi(..., tagged=True)``, the same rule in numpy).
 Each encoder's walks are checked equal to numpy's before anything is timed. The scalar side is ggml-cpu's own
-``quantize_row_qaq3h`` / ``quantize_row_qaq3l`` (the vectorized from_float SET_ROWS calls). Writes
-``tcq-encode.json``.
+``quantize_row_qaq3h`` / ``quantize_row_qaq3l`` (the vectorized from_float SET_ROWS calls), beside the native cache
+type ``tcq3``'s own (``quantize_row_tcq3``: the scale, one AVX2 walk, the packing). Writes ``tcq-encode.json``.
 
   python3 tools/tcq_encode_cost.py -o docs/results/code-smoke
 """
@@ -32,11 +32,11 @@ import numpy as np
 
 try:
     from qaq_gguf import ggml_ctypes
-    from qaq_gguf.methods import tcq
+    from qaq_gguf import trellis
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from qaq_gguf import ggml_ctypes
-    from qaq_gguf.methods import tcq
+    from qaq_gguf import trellis
 
 C_SOURCE = r"""
 #include <stdint.h>
@@ -88,7 +88,7 @@ void tcq_encode(const float * x, int64_t n_rows, int d, const float * table, int
 // the encoder a native type would use, for AVX2 (8 states per instruction), one pass per step. Each step keeps
 // M[lo], the cost of the best walk into the K states top*H + lo, with that best top in the cost's low k bits: as
 // the costs are floats >= 0, their bits order as int32, and one integer min picks the cost and its argmin at once
-// (numpy's tcq.viterbi(..., tagged=True) is the same rule, step by step). mul and add stay separate (built with
+// (numpy's trellis.viterbi(..., tagged=True) is the same rule, step by step). mul and add stay separate (built with
 // -ffp-contract=off) so the costs round as numpy's do. bp holds d*H bytes.
 static inline __attribute__((always_inline)) void tcq_walk_avx2(const float * xr, int d, const float * table,
         const int L, const int k, uint16_t * out, uint8_t * bp) {
@@ -196,9 +196,9 @@ def encode(lib, x: np.ndarray, table: np.ndarray, k: int, avx2: bool = False) ->
 def check(lib, k: int, L: int, d: int, avx2: bool = False) -> int:
     """How many of 64 Gaussian rows the C encoder walks differently from the numpy Viterbi of the same rule (plain or
     tagged costs; 0: the same walks, the same float32 costs, the same ties)."""
-    table, rho = tcq.codebook(k, L)
+    table, rho = trellis.codebook(k, L)
     x = (np.random.default_rng(1).standard_normal((64, d)) * rho).astype(np.float32)
-    return int(np.sum(np.any(encode(lib, x, table, k, avx2) != tcq.viterbi(x, table, k, tagged=avx2), axis=1)))
+    return int(np.sum(np.any(encode(lib, x, table, k, avx2) != trellis.viterbi(x, table, k, tagged=avx2), axis=1)))
 
 
 def cpu_name() -> str:
@@ -230,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             q.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             out = np.empty(x.size, np.uint8)  # more than the quantized rows need
             configs = {tname: lambda: q(x.ctypes.data, out.ctypes.data, x.size)}
+            native = cpu.quantize_row_tcq3  # the cache type tcq3 (patches/0032): scale, one walk, packing
+            native.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            configs["tcq3 (ggml-cpu)"] = lambda: native(x.ctypes.data, out.ctypes.data, x.size)
             for L in (int(v) for v in args.state_bits.split(",")):
-                table, rho = tcq.codebook(3, L)
+                table, rho = trellis.codebook(3, L)
                 xs = np.ascontiguousarray(x * rho, np.float32)
                 for avx2 in (False, True) if avx2_ok else (False,):
                     bad = check(lib, 3, L, d, avx2)

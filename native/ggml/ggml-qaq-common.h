@@ -890,3 +890,261 @@ QAQ_FN void qaq_quantize_block_qaq3h(const float * x, block_qaq3h * y QAQ_FIT_PA
 QAQ_FN void qaq_quantize_block_qaq2h(const float * x, block_qaq2h * y QAQ_FIT_PARAM) {
     qaq_quantize_lean_block32s(4, x, QK_QAQH, &y->d, y->qs, QAQ_NULL QAQ_FIT_ARG);
 }
+
+// ---------------------------------------------------------------------------------------------------------------------
+// the trellis-coded types tcq3 and tcq2 (design: docs/cache-types.md, "Trellis-coded types")
+//
+// 64 values per block, one fp16 scale, and k bits per value (k = 3: tcq3, k = 2: tcq2) that drive a bit-shift
+// trellis of 256 states, s_j = ((s_{j-1} << k) | b_j) & 255 from s_{-1} = 0; value j is d * c_k[s_j], with c_k a
+// fixed 256-entry float codebook: Gaussian quantiles refined by trellis Lloyd iterations on N(0, 1) rows, computed
+// once (qaq_gguf/methods/tcq.py, codebook(k, 8)), no side information. QTIP's construction (arXiv 2406.11235) for
+// K and V rows in llama.cpp's Hadamard rotation.
+//
+//   tcq3: 26 bytes / 64 values = 3.25 bits per value; b_j = bits 3*(j%8) .. +2 of the 24-bit little-endian word
+//         qs[3*(j/8)] | qs[3*(j/8)+1] << 8 | qs[3*(j/8)+2] << 16
+//   tcq2: 18 bytes / 64 values = 2.25 bits per value; b_j = bits 2*(j%4) .. +1 of qs[j/4]
+//
+// The quantizer: u = x / amax; the walk that minimises sum_j (u_j g - c[s_j])^2 for g = rho / rms(u) (the Viterbi
+// algorithm, in the tagged form of qaq_tcq_walk_ref); then the least-squares scale d = amax * (sum u c / sum c c),
+// saturated at 65504 and stored as fp16 (0 when the fit is degenerate). A block with a NaN or an infinity, or all
+// zeros, is stored as d = 0 with all inputs 0. The walk is the only costly part (256 states x 2^k predecessors per
+// value); decoding is a shift and a table load per value.
+#define QK_TCQ 64
+#define QAQ_TCQ_STATE_BITS 8
+#define QAQ_TCQ_STATES (1 << QAQ_TCQ_STATE_BITS)
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_TCQ*3/8];  // 3-bit trellis inputs, 3 bytes per 8 values
+} block_tcq3;
+
+typedef struct {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[QK_TCQ*2/8];  // 2-bit trellis inputs, 4 per byte
+} block_tcq2;
+
+QAQ_STATIC_ASSERT(sizeof(block_tcq3) == 26, "wrong tcq3 block size/padding");
+QAQ_STATIC_ASSERT(sizeof(block_tcq2) == 18, "wrong tcq2 block size/padding");
+
+// the codebooks (float32, exact: hex literals) and the rms of a walk's values on N(0, 1) rows per unit scale
+#define QAQ_TCQ3_CODEBOOK \
+    -0x1.2bb4bp-2f, -0x1.fc37bap-3f, 0x1.f3afd8p+0f, -0x1.820dacp+0f, 0x1.61644ep-1f, 0x1.ebb468p-3f, 0x1.3d22cep+0f, -0x1.90eaecp-1f, \
+    -0x1.e47ec2p-2f, 0x1.955386p+0f, -0x1.7a8af2p+1f, -0x1.2c93e6p+0f, 0x1.db0be2p-3f, -0x1.5a6868p-1f, 0x1.b74d7cp-2f, -0x1.90e32ep-3f, \
+    0x1.e79136p-1f, -0x1.6ec7bap-1f, 0x1.35d6eep-2f, -0x1.1ae584p+1f, 0x1.424578p+1f, -0x1.6f3ef6p+0f, 0x1.537a58p+0f, -0x1.004a9p-7f, \
+    0x1.278526p-1f, -0x1.0cb95ap-1f, 0x1.8534ep-2f, 0x1.9f0532p-7f, -0x1.12fafep+0f, 0x1.1bf1cp+1f, 0x1.a5f40ap-1f, -0x1.97f5fcp+0f, \
+    -0x1.1ee93ap+0f, -0x1.4c6066p-4f, -0x1.2b0fc2p-1f, 0x1.351568p-1f, 0x1.d373b6p+0f, 0x1.5dff8p+0f, -0x1.067d16p+1f, 0x1.06c426p+0f, \
+    0x1.c9c984p+0f, 0x1.562cfep-2f, -0x1.465548p-2f, 0x1.94f18ep-2f, -0x1.abb20ap-5f, -0x1.4081bep-3f, -0x1.ddecd6p-2f, 0x1.dcd716p-1f, \
+    0x1.8774c6p-1f, -0x1.8aa62cp+0f, -0x1.93ddfep-2f, 0x1.6a7c54p+0f, 0x1.33898ep-2f, -0x1.3d932ep-1f, 0x1.b1fc8p-2f, 0x1.c724c8p-1f, \
+    -0x1.d2165cp-1f, 0x1.ead6d8p-1f, -0x1.1a3838p-8f, -0x1.598358p-1f, 0x1.655e0ep-2f, -0x1.f654e2p-3f, 0x1.471662p-3f, 0x1.0e30dep+0f, \
+    -0x1.60ab54p-1f, 0x1.a73662p-3f, -0x1.5626e2p-2f, 0x1.9e2724p-3f, 0x1.436164p-1f, 0x1.f2f4d2p-1f, 0x1.45ff8ap+0f, 0x1.410468p-1f, \
+    0x1.550fap-2f, -0x1.8af5dap-2f, -0x1.c5177ep+0f, 0x1.92c27p+0f, -0x1.a3036ap-3f, -0x1.14762p-5f, 0x1.7912cap-3f, -0x1.2e1448p+0f, \
+    0x1.92d48cp-2f, 0x1.3d4436p-1f, -0x1.14115ap-3f, -0x1.3c8548p-1f, 0x1.4056a4p+0f, 0x1.e450ccp-2f, 0x1.0b3e8ep-11f, -0x1.7d33e4p-2f, \
+    -0x1.818286p+0f, -0x1.7a3d4ep-5f, -0x1.0b05eap-1f, -0x1.f59566p-1f, 0x1.3a9016p+0f, 0x1.696dcap-2f, -0x1.417a92p-2f, 0x1.a71e2ap-1f, \
+    -0x1.7ca35ep-1f, 0x1.16c8e2p-3f, -0x1.d87ba8p-1f, 0x1.10cb94p-1f, 0x1.93d4cep+0f, 0x1.7ae78p-6f, 0x1.e76b9p-1f, -0x1.f8b1e4p+0f, \
+    -0x1.166afcp-5f, -0x1.381e26p+0f, -0x1.e2b99ap-2f, -0x1.5c193p-3f, 0x1.f179bap-1f, -0x1.b945b8p-2f, -0x1.9e67cep+0f, -0x1.efbf08p-1f, \
+    0x1.703f52p+0f, 0x1.8da3fcp-1f, 0x1.34807p-3f, -0x1.952eep+0f, -0x1.e94ad8p-1f, -0x1.7715e4p-3f, -0x1.11ab8ap+0f, -0x1.f6f802p-1f, \
+    -0x1.0b2274p+1f, 0x1.2f0dfcp-1f, -0x1.898d42p-1f, 0x1.4be524p+0f, -0x1.a7ecbcp-4f, -0x1.db6848p-2f, 0x1.d494e8p+0f, -0x1.33f908p+0f, \
+    0x1.3f1936p-7f, -0x1.0d4f62p-2f, 0x1.ff35f4p+0f, 0x1.c4dddap-2f, -0x1.6c73cap+1f, 0x1.58140ep-1f, -0x1.2191bp+1f, 0x1.1a82a8p+0f, \
+    0x1.4b4b3p+0f, 0x1.9b2664p-1f, -0x1.f8ef94p-4f, -0x1.b169dcp+0f, 0x1.3db89p-3f, -0x1.cffc72p-1f, 0x1.fd76a2p-1f, 0x1.a52de2p-2f, \
+    -0x1.99f86cp-2f, -0x1.41e0f4p-5f, -0x1.4cfacp+0f, 0x1.0bddep-1f, 0x1.20791ap-2f, -0x1.06d614p+0f, -0x1.893feap-1f, -0x1.8bb45ap+0f, \
+    -0x1.436cf6p-8f, -0x1.0fdf7cp+0f, -0x1.536216p+0f, -0x1.222764p-2f, -0x1.6f7e4cp-1f, 0x1.38b012p-2f, 0x1.9603cp-2f, 0x1.931cfp-5f, \
+    -0x1.eec26cp-1f, 0x1.e753eep-2f, 0x1.457ff2p+0f, -0x1.71b5aep+0f, -0x1.885a2ep+0f, 0x1.06b776p+0f, 0x1.4e4aeep-1f, -0x1.b4470ap-3f, \
+    0x1.303e98p-1f, -0x1.101078p+1f, 0x1.017c2ep+0f, -0x1.fcce24p-2f, -0x1.224e72p-1f, 0x1.b589e8p-3f, -0x1.833e16p-2f, -0x1.3b954ep+1f, \
+    0x1.02ad9ap-1f, 0x1.ed674ap-1f, 0x1.b06112p-5f, 0x1.170d88p-2f, -0x1.46e18p-1f, 0x1.5f9fb6p-3f, 0x1.213986p+1f, -0x1.297226p-2f, \
+    0x1.72cbc6p+0f, 0x1.94cf58p-2f, 0x1.2c6ff8p-3f, 0x1.5f3a4ap-5f, -0x1.0352e2p-1f, 0x1.82c8cp-1f, -0x1.69105cp+0f, 0x1.e65adp+0f, \
+    0x1.1e1f8ep-1f, -0x1.78a378p+0f, 0x1.bc36eap-1f, 0x1.6bfb4p-1f, 0x1.0b31fcp+0f, 0x1.90917ep-2f, -0x1.74b3c4p-6f, 0x1.23fa3ep-1f, \
+    0x1.a25b1ep-1f, -0x1.493d2p-1f, -0x1.04c036p+0f, -0x1.25d7ecp-2f, -0x1.754ff8p-1f, 0x1.f91456p-5f, -0x1.502868p+0f, -0x1.8d5e56p-1f, \
+    -0x1.c7a728p-4f, -0x1.025bf8p+0f, 0x1.146fe4p+0f, 0x1.64f75p-1f, 0x1.071846p+1f, 0x1.6ac436p-2f, -0x1.a8d97cp-2f, 0x1.6c9766p+0f, \
+    -0x1.19a93p-1f, -0x1.daf92ep+0f, 0x1.5513dep+1f, -0x1.60c43p+0f, -0x1.799344p-1f, 0x1.1eda82p+0f, -0x1.cf9522p-1f, -0x1.936082p-1f, \
+    -0x1.c2bdcap+0f, -0x1.55e1a8p-1f, 0x1.51c50cp-2f, 0x1.544134p+0f, 0x1.dbb2c4p+0f, -0x1.213068p-3f, -0x1.1bc11cp+0f, 0x1.9a46dp+0f, \
+    -0x1.04770ep-3f, 0x1.c26d76p-2f, -0x1.15c6b6p-1f, -0x1.63087ep-1f, -0x1.020658p+1f, 0x1.941bb8p+0f, 0x1.4da1e2p+0f, 0x1.71cb3ep-1f, \
+    0x1.8ecc2p+1f, -0x1.0ff1b2p-1f, -0x1.364decp-2f, 0x1.93e7d6p-4f, -0x1.127b3ep-4f, -0x1.191934p-1f, 0x1.1a851p-4f, -0x1.97e8a4p-1f, \
+    0x1.51611p-1f, -0x1.325052p+0f, 0x1.70a8bep-2f, 0x1.291ecap-1f, 0x1.01fa08p+1f, -0x1.1ed964p+0f, 0x1.f1c982p-1f, -0x1.379056p-2f
+
+#define QAQ_TCQ3_RHO 0x1.ccccccp-1f  // rms(x) / scale of a walk on N(0, 1) rows (0.8999999761581421)
+
+#define QAQ_TCQ2_CODEBOOK \
+    -0x1.1f05eap-4f, 0x1.0faec4p-8f, 0x1.55db78p+0f, -0x1.4b0e1ap+0f, 0x1.752ff8p-1f, 0x1.b51ec8p-4f, 0x1.6d48d8p+0f, -0x1.82485p-1f, \
+    -0x1.361bdcp-4f, 0x1.63453cp+0f, -0x1.57da46p+1f, -0x1.053176p+0f, 0x1.e0c172p-2f, -0x1.ea04e2p-1f, 0x1.fac054p-2f, -0x1.4cc096p-2f, \
+    0x1.2f565cp+0f, -0x1.1fb9aep-1f, 0x1.156a9cp-4f, -0x1.1357fep+1f, 0x1.2b78ap+1f, -0x1.886b7ep+0f, 0x1.30d38ep+0f, -0x1.6bafa8p-6f, \
+    0x1.7420f8p-1f, -0x1.63468p-1f, 0x1.89b4bp-2f, -0x1.43e6e2p-3f, -0x1.02dbdap+0f, 0x1.0ea2dcp+1f, 0x1.a762cap-1f, -0x1.96b224p+0f, \
+    -0x1.0f2096p+0f, -0x1.190f86p-5f, -0x1.1874e8p-1f, 0x1.36d27ap-1f, 0x1.ccd732p+0f, 0x1.0d7f48p+0f, -0x1.ecc384p+0f, 0x1.38abdep-1f, \
+    0x1.f9a0fep+0f, 0x1.3a61aep-2f, -0x1.37c69p-1f, 0x1.baa78p-2f, 0x1.7b41ecp-3f, -0x1.83e082p-2f, -0x1.e89c18p-2f, 0x1.09725ap+0f, \
+    0x1.5cc694p-1f, -0x1.a76c96p+0f, -0x1.19381cp-1f, 0x1.7cb4aep+0f, 0x1.46ae9ep-2f, -0x1.7c3decp-1f, 0x1.e77966p-2f, 0x1.0b5cd2p+0f, \
+    -0x1.d9514p-1f, 0x1.0b29ecp+0f, 0x1.0ed078p-3f, -0x1.470f12p-1f, 0x1.89946p-2f, -0x1.a82fc6p-2f, 0x1.0b478cp-4f, 0x1.e0ec5cp-1f, \
+    -0x1.e67b2cp-1f, 0x1.551f58p-3f, -0x1.a9c12cp-2f, 0x1.551a62p-2f, 0x1.ea5ecp-2f, 0x1.1bb0c8p+0f, 0x1.3342a6p+0f, 0x1.99542ep-2f, \
+    0x1.f213cp-3f, -0x1.aca4e4p-3f, -0x1.defd4ep+0f, 0x1.88463ap+0f, -0x1.45acfep-2f, 0x1.453eb6p-9f, 0x1.15e92p-2f, -0x1.1a861ap+0f, \
+    0x1.67dbb2p-1f, 0x1.dc87aap-1f, -0x1.3a36a8p-6f, -0x1.ff3986p-2f, 0x1.4086eep+0f, 0x1.177332p-1f, -0x1.2e25a4p-3f, -0x1.c13facp-2f, \
+    -0x1.8b0912p+0f, 0x1.06351cp-6f, -0x1.06eedp-1f, -0x1.0548ap+0f, 0x1.52ba8ep+0f, 0x1.2b3c8p-2f, -0x1.534c36p-2f, 0x1.92e85cp-1f, \
+    -0x1.52281ap-1f, 0x1.a4c878p-3f, -0x1.ebf44p-1f, 0x1.de633ep-2f, 0x1.b5848ep+0f, -0x1.2e8edcp-5f, 0x1.cba746p-1f, -0x1.e0de76p+0f, \
+    -0x1.3100d6p-4f, -0x1.3ed33p+0f, -0x1.49e2fap-2f, -0x1.ab6364p-4f, 0x1.db4642p-1f, -0x1.a55564p-2f, -0x1.7f2c62p+0f, -0x1.04f906p+0f, \
+    0x1.66baaep+0f, 0x1.6ae75cp-1f, 0x1.98cd6ap-5f, -0x1.6bc14ep+0f, -0x1.a86706p-1f, -0x1.1b5656p-3f, -0x1.28e7e4p+0f, -0x1.da9264p-1f, \
+    -0x1.fef334p+0f, 0x1.da0e6ep-2f, -0x1.77e008p-1f, 0x1.8e73dep+0f, 0x1.9e63a4p-7f, -0x1.faed66p-2f, 0x1.01e6cap+1f, -0x1.5b57f8p+0f, \
+    -0x1.0cb708p-4f, -0x1.bdd604p-3f, 0x1.f95c82p+0f, 0x1.35dfa6p-1f, -0x1.664bc4p+1f, 0x1.5c2998p-1f, -0x1.12adep+1f, 0x1.34e322p+0f, \
+    0x1.3df784p+0f, 0x1.77ccd6p-1f, -0x1.e6dd3ep-3f, -0x1.9c68f8p+0f, -0x1.3f7fd4p-4f, -0x1.e6df02p-1f, 0x1.3d2894p+0f, 0x1.1dae9p-1f, \
+    -0x1.d207e4p-2f, 0x1.ba0922p-7f, -0x1.69f57ep+0f, 0x1.455244p-1f, 0x1.c89e24p-3f, -0x1.bdf25ep-1f, -0x1.6daa62p-1f, -0x1.8b811p+0f, \
+    0x1.22090cp-4f, -0x1.293cbcp+0f, -0x1.4b8604p+0f, -0x1.04615ep-2f, -0x1.9de32ep-1f, 0x1.a98c06p-2f, 0x1.e49328p-2f, -0x1.fd17b2p-4f, \
+    -0x1.ab5ac2p-1f, 0x1.9a1416p-2f, 0x1.414036p+0f, -0x1.518beep+0f, -0x1.7020a6p+0f, 0x1.2d091ep+0f, 0x1.45b49ep-1f, -0x1.214b74p-3f, \
+    0x1.908abap-2f, -0x1.03ed04p+1f, 0x1.fc3a7ep-1f, -0x1.f3ac86p-2f, -0x1.17decep-1f, 0x1.390f3ep-2f, -0x1.4c5806p-2f, -0x1.3a0968p+1f, \
+    0x1.18e18ep-1f, 0x1.16a014p+0f, -0x1.95a658p-5f, 0x1.4541cp-2f, -0x1.802574p-1f, 0x1.f49344p-2f, 0x1.03f9d4p+1f, -0x1.a8500ep-3f, \
+    0x1.813aep+0f, 0x1.351d2p-2f, 0x1.cda08cp-3f, -0x1.2f2fdp-4f, -0x1.5ccdp-1f, 0x1.608f42p-1f, -0x1.24ff54p+0f, 0x1.08e166p+1f, \
+    0x1.7a57b2p-2f, -0x1.4e994ap+0f, 0x1.0421aap+0f, 0x1.5b94d8p-1f, 0x1.00d5e4p+0f, 0x1.63f326p-2f, -0x1.667d16p-3f, 0x1.40d0bcp-1f, \
+    0x1.b94dd2p-1f, -0x1.a70d6ep-1f, -0x1.131626p+0f, -0x1.da77ccp-3f, -0x1.472a64p-1f, 0x1.dd8498p-4f, -0x1.85b7d8p+0f, -0x1.85e8f6p-1f, \
+    -0x1.cbd0fep-4f, -0x1.d9b4eep-1f, 0x1.3b633cp+0f, 0x1.178a54p-1f, 0x1.047f7cp+1f, 0x1.717716p-2f, -0x1.4bbc8p-2f, 0x1.4546c2p+0f, \
+    -0x1.766fb8p-1f, -0x1.ea933cp+0f, 0x1.4ffc5ap+1f, -0x1.55a392p+0f, -0x1.3c5ca8p-1f, 0x1.06370cp+0f, -0x1.3de2e6p+0f, -0x1.24f6bcp-1f, \
+    -0x1.a5434ap+0f, -0x1.779682p-1f, 0x1.569fd4p-2f, 0x1.72aebcp+0f, 0x1.e7c49ep+0f, -0x1.4e7e3p-3f, -0x1.10dabap+0f, 0x1.7d511p+0f, \
+    -0x1.08c314p-2f, 0x1.12fb6ep-1f, -0x1.f1066cp-2f, -0x1.5ce252p-1f, -0x1.04f634p+1f, 0x1.c3e23cp+0f, 0x1.3124c8p+0f, 0x1.000474p-1f, \
+    0x1.65f568p+1f, -0x1.510a1p-1f, -0x1.8df0c8p-3f, 0x1.ad934ep-5f, 0x1.8c92f6p-4f, -0x1.dfb5aep-2f, -0x1.b569p-4f, -0x1.c3aa68p-1f, \
+    0x1.29b46ep-1f, -0x1.2e361ep+0f, 0x1.143872p-1f, 0x1.570704p-1f, 0x1.b5abc4p+0f, -0x1.2cf012p+0f, 0x1.ac6e64p-1f, -0x1.c793c2p-3f
+
+#define QAQ_TCQ2_RHO 0x1p+0f  // rms(x) / scale of a walk on N(0, 1) rows (1.0)
+
+#if !QAQ_COMMON_GPU  // the GPU kernels of the trellis types are not written yet
+
+QAQ_FN float qaq_fsqrt(const float x) {
+    return sqrtf(x);  // correctly rounded (IEEE 754), as numpy's float32 sqrt
+}
+
+QAQ_FN const float * qaq_tcq_codebook(const int k) {
+    static const float c3[QAQ_TCQ_STATES] = { QAQ_TCQ3_CODEBOOK };
+    static const float c2[QAQ_TCQ_STATES] = { QAQ_TCQ2_CODEBOOK };
+    return k == 3 ? c3 : c2;
+}
+
+// input b_j of a block's qs
+QAQ_FN int qaq_tcq_input(const int k, const uint8_t * qs, const int j) {
+    if (k == 3) {
+        const uint8_t * p = qs + 3*(j/8);
+        const uint32_t w = (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16;
+        return (int) (w >> 3*(j%8)) & 7;
+    }
+    return (qs[j/4] >> 2*(j%4)) & 3;
+}
+
+// The least squared error walk of the QK_TCQ values v through the trellis of k bits per step: writes its inputs b.
+// Tagged rule (what a vectorized encoder computes, and numpy's tcq.viterbi(..., tagged=True)): with H = 256 >> k,
+// the states top*H + lo (top < 2^k) all lead to the states lo*2^k + b, so each step keeps per lo only
+// M[lo] = min over top of cost(top*H + lo), the cost carrying its top in its low k bits: costs are floats >= 0,
+// whose bits order as uint32, so one integer min picks the cost and its argmin (ties cannot happen). cost(s) =
+// M[s >> k] + (v - c[s])^2 (float, rounded per operation); unreachable states start at 1e30. The last value's state is
+// the first of the least cost; the walk is read back from the tops.
+typedef void (*qaq_tcq_walk_t)(int k, const float * v, uint8_t * b);
+
+QAQ_FN void qaq_tcq_walk_ref(const int k, const float * v, uint8_t * b) {
+    const int K = 1 << k;
+    const int H = QAQ_TCQ_STATES >> k;
+    const float * T = qaq_tcq_codebook(k);
+    float M[2][QAQ_TCQ_STATES >> 2];
+    uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
+    float * Mp = M[0];
+    float * Mn = M[1];
+    for (int lo = 0; lo < H; ++lo) {
+        Mp[lo] = 1e30f;
+    }
+    Mp[0] = 0.0f;
+    for (int t = 0; t < QK_TCQ - 1; ++t) {
+        for (int lo = 0; lo < H; ++lo) {
+            uint32_t best = 0x7FFFFFFFu;
+            for (int top = 0; top < K; ++top) {
+                const int s = top*H + lo;
+                const float e = qaq_fsub(v[t], T[s]);
+                const uint32_t c = (qaq_f32_bits(qaq_fadd(Mp[s >> k], qaq_fmul(e, e))) & ~(uint32_t) (K - 1)) |
+                                   (uint32_t) top;
+                best = c < best ? c : best;
+            }
+            Mn[lo] = qaq_bits_f32(best);
+            bp[t + 1][lo] = (uint8_t) (best & (uint32_t) (K - 1));
+        }
+        float * tmp = Mp;
+        Mp = Mn;
+        Mn = tmp;
+    }
+    int s = 0;
+    float bc = INFINITY;
+    for (int i = 0; i < QAQ_TCQ_STATES; ++i) {
+        const float e = qaq_fsub(v[QK_TCQ - 1], T[i]);
+        const float c = qaq_fadd(Mp[i >> k], qaq_fmul(e, e));
+        if (qaq_fgt(bc, c)) {
+            bc = c;
+            s = i;
+        }
+    }
+    for (int t = QK_TCQ - 1; t >= 0; --t) {
+        b[t] = (uint8_t) (s & (K - 1));
+        if (t == 0) {
+            break;
+        }
+        const int lo = s >> k;
+        s = bp[t][lo]*H + lo;
+    }
+}
+
+// one block: the scale, the walk (walk: qaq_tcq_walk_ref or a port with the same results), the packed inputs
+QAQ_FN void qaq_tcq_quantize_block(const int k, const float * x, uint16_t * d, uint8_t * qs, qaq_tcq_walk_t walk) {
+    const float * T = qaq_tcq_codebook(k);
+    float amax  = 0.0f;
+    float sumx2 = 0.0f;
+    *d = 0;
+    memset(qs, 0, (size_t) (QK_TCQ*k/8));
+    if (!qaq_stats(x, QK_TCQ, &amax, &sumx2) || !qaq_fle(sumx2, INFINITY)) {  // zeros, an infinity or a NaN
+        return;
+    }
+    float u[QK_TCQ];
+    float v[QK_TCQ];
+    uint8_t b[QK_TCQ];
+    float su2 = 0.0f;
+    for (int j = 0; j < QK_TCQ; ++j) {
+        u[j] = qaq_fdiv(x[j], amax);
+        su2  = qaq_fadd(su2, qaq_fmul(u[j], u[j]));
+    }
+    const float g = qaq_fdiv(k == 3 ? QAQ_TCQ3_RHO : QAQ_TCQ2_RHO, qaq_fsqrt(qaq_fdiv(su2, (float) QK_TCQ)));
+    for (int j = 0; j < QK_TCQ; ++j) {
+        v[j] = qaq_fmul(u[j], g);
+    }
+    walk(k, v, b);
+    float suc = 0.0f;
+    float scc = 0.0f;
+    int s = 0;
+    for (int j = 0; j < QK_TCQ; ++j) {
+        s = ((s << k) | b[j]) & (QAQ_TCQ_STATES - 1);
+        suc = qaq_fadd(suc, qaq_fmul(u[j], T[s]));
+        scc = qaq_fadd(scc, qaq_fmul(T[s], T[s]));
+        if (k == 3) {
+            const int bit = 3*(j%8);
+            qs[3*(j/8) + bit/8] |= (uint8_t) (b[j] << (bit%8));
+            if (bit%8 > 5) {  // the input straddles two bytes
+                qs[3*(j/8) + bit/8 + 1] |= (uint8_t) (b[j] >> (8 - bit%8));
+            }
+        } else {
+            qs[j/4] |= (uint8_t) (b[j] << 2*(j%4));
+        }
+    }
+    if (qaq_fgt(suc, 0.0f) && qaq_fgt(scc, 0.0f)) {
+        const float ds = qaq_fmul(qaq_fdiv(suc, scc), amax);
+        *d = qaq_fp32_to_fp16(qaq_fgt(65504.0f, ds) ? ds : 65504.0f);
+    }
+}
+
+// the states of a block's values from its inputs, each from the last inputs (no serial walk): s[j] = the low 8 bits
+// of b_j | b_{j-1} << k | b_{j-2} << 2k | b_{j-3} << 3k (inputs before value 0 are 0)
+QAQ_FN void qaq_tcq_states(const int k, const uint8_t * qs, uint8_t * s) {
+    uint8_t b[QK_TCQ + 3] = { 0, 0, 0 };
+    for (int j = 0; j < QK_TCQ; ++j) {
+        b[j + 3] = (uint8_t) qaq_tcq_input(k, qs, j);
+    }
+    for (int j = 0; j < QK_TCQ; ++j) {
+        s[j] = (uint8_t) (b[j + 3] | b[j + 2] << k | b[j + 1] << 2*k | b[j] << 3*k);
+    }
+}
+
+QAQ_FN void qaq_tcq_dequantize_block(const int k, const uint16_t h, const uint8_t * qs, float * y) {
+    const float * T = qaq_tcq_codebook(k);
+    const float d = qaq_fp16_to_fp32(h);
+    int s = 0;
+    for (int j = 0; j < QK_TCQ; ++j) {
+        s = ((s << k) | qaq_tcq_input(k, qs, j)) & (QAQ_TCQ_STATES - 1);
+        y[j] = qaq_fmul(d, T[s]);
+    }
+}
+
+#endif // !QAQ_COMMON_GPU

@@ -1,4 +1,4 @@
-// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l / qaq4h / qaq3h / qaq2h CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, the dot
+// qaq3 / qaq2 / qaq4l / qaq3l / qaq2l / qaq4h / qaq3h / qaq2h / tcq3 / tcq2 CPU kernels (compiled into ggml-cpu): from_float for set_rows/cpy, the dot
 // product with a q8_0 row that flash attention's vector path uses for K.q (Q rounded to q8_0 blocks of 32 once per
 // query row), and the row dequantization its V accumulation and the tiled path's K/V tiles use.
 
@@ -530,4 +530,201 @@ void dequantize_row_qaq3h_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRIC
 
 void dequantize_row_qaq2h_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
     qaq_lean_dequantize_row_cpu(x, y, k, 2, QK_QAQH);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// tcq3 / tcq2: the trellis-coded types (ggml-qaq-common.h)
+
+#if defined(__AVX2__)
+// qaq_tcq_walk_ref, 8 states per instruction: per step and group of 8 lo, the K candidate costs of each lo, tagged
+// with their top in the low k bits, and one integer min (the float costs are >= 0: their bits order as int32). The
+// same operations in the same order per state as the reference (built with -ffp-contract=off), so the same walks.
+static inline __attribute__((always_inline)) void qaq_tcq_walk_avx2_k(const float * GGML_RESTRICT v,
+                                                                      uint8_t * GGML_RESTRICT b, const int k) {
+    const int K = 1 << k;
+    const int H = QAQ_TCQ_STATES >> k;
+    const float * T = qaq_tcq_codebook(k);
+    float M[2][QAQ_TCQ_STATES >> 2];
+    uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
+    float * Mp = M[0];
+    float * Mn = M[1];
+    for (int lo = 0; lo < H; ++lo) {
+        Mp[lo] = 1e30f;
+    }
+    Mp[0] = 0.0f;
+    const __m256i clear = _mm256_set1_epi32(~(K - 1));
+    for (int t = 0; t < QK_TCQ - 1; ++t) {
+        const __m256 vt = _mm256_set1_ps(v[t]);
+        for (int lo = 0; lo < H; lo += 8) {
+            __m256i best = _mm256_set1_epi32(0x7FFFFFFF);
+            for (int top = 0; top < K; ++top) {
+                const int s = top*H + lo;  // states s .. s+7 come from M[s >> k ..]
+                const __m256 ms = k == 3 ? _mm256_broadcast_ss(Mp + (s >> 3))
+                                         : _mm256_set_m128(_mm_broadcast_ss(Mp + (s >> 2) + 1),
+                                                           _mm_broadcast_ss(Mp + (s >> 2)));
+                const __m256 e = _mm256_sub_ps(vt, _mm256_loadu_ps(T + s));
+                const __m256i c = _mm256_castps_si256(_mm256_add_ps(ms, _mm256_mul_ps(e, e)));
+                best = _mm256_min_epi32(best, _mm256_or_si256(_mm256_and_si256(c, clear), _mm256_set1_epi32(top)));
+            }
+            _mm256_storeu_si256((__m256i *) (Mn + lo), best);
+            const __m256i a = _mm256_and_si256(best, _mm256_set1_epi32(K - 1));
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+            _mm_storel_epi64((__m128i *) (bp[t + 1] + lo), _mm_packus_epi16(w, w));
+        }
+        float * tmp = Mp;
+        Mp = Mn;
+        Mn = tmp;
+    }
+    int s = 0;
+    float bc = INFINITY;
+    for (int i = 0; i < QAQ_TCQ_STATES; ++i) {
+        const float e = v[QK_TCQ - 1] - T[i];
+        const float c = Mp[i >> k] + e*e;
+        if (c < bc) {
+            bc = c;
+            s = i;
+        }
+    }
+    for (int t = QK_TCQ - 1; t >= 0; --t) {
+        b[t] = (uint8_t) (s & (K - 1));
+        if (t == 0) {
+            break;
+        }
+        const int lo = s >> k;
+        s = bp[t][lo]*H + lo;
+    }
+}
+
+static void qaq_tcq_walk_avx2(int k, const float * v, uint8_t * b) {
+    if (k == 3) {
+        qaq_tcq_walk_avx2_k(v, b, 3);
+    } else {
+        qaq_tcq_walk_avx2_k(v, b, 2);
+    }
+}
+#define QAQ_TCQ_WALK qaq_tcq_walk_avx2
+#else
+#define QAQ_TCQ_WALK qaq_tcq_walk_ref
+#endif
+
+void quantize_row_tcq3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_tcq3_walk(x, (block_tcq3 *) y, k, QAQ_TCQ_WALK);
+}
+
+void quantize_row_tcq2(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_tcq2_walk(x, (block_tcq2 *) y, k, QAQ_TCQ_WALK);
+}
+
+// n values of a tcq row against nq q8_0 rows (by bytes apart): per q8_0 block of 32, the codewords times the q8
+// values summed in float, times both scales. The codewords of each block are decoded once for all nq rows.
+static inline void qaq_tcq_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x, int k,
+                                        const char * GGML_RESTRICT y, size_t by, int nq) {
+    assert(n % QK_TCQ == 0);
+    const int nb = n / QK_TCQ;
+    const size_t bsize = sizeof(uint16_t) + (size_t) QK_TCQ*k/8;
+    const float * T = qaq_tcq_codebook(k);
+    for (int r = 0; r < nq; ++r) {
+        s[r] = 0.0f;
+    }
+    const uint8_t * xb = x;
+    for (int ib = 0; ib < nb; ++ib, xb += bsize) {
+        uint16_t h;
+        memcpy(&h, xb, sizeof(h));
+        const float d = GGML_CPU_FP16_TO_FP32(h);
+        uint8_t st[QK_TCQ];
+        qaq_tcq_states(k, xb + sizeof(uint16_t), st);
+#if defined(__AVX2__)
+        __m256 c[QK_TCQ/8];
+        for (int i = 0; i < QK_TCQ/8; ++i) {
+            const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (st + 8*i)));
+            c[i] = _mm256_i32gather_ps(T, idx, 4);
+        }
+        for (int r = 0; r < nq; ++r) {
+            const block_q8_0 * yb = (const block_q8_0 *) (y + r*by) + 2*ib;
+            float sum = 0.0f;
+            for (int g = 0; g < 2; ++g) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int i = 0; i < 4; ++i) {
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64((const __m128i *) (yb[g].qs + 8*i))));
+                    acc = _mm256_fmadd_ps(c[4*g + i], q, acc);
+                }
+                sum += GGML_CPU_FP16_TO_FP32(yb[g].d) * qaq_hsum(acc);
+            }
+            s[r] += d * sum;
+        }
+#else
+        for (int r = 0; r < nq; ++r) {
+            const block_q8_0 * yb = (const block_q8_0 *) (y + r*by) + 2*ib;
+            float sum = 0.0f;
+            for (int g = 0; g < 2; ++g) {
+                float acc = 0.0f;
+                for (int j = 0; j < 32; ++j) {
+                    acc += T[st[32*g + j]] * (float) yb[g].qs[j];
+                }
+                sum += GGML_CPU_FP16_TO_FP32(yb[g].d) * acc;
+            }
+            s[r] += d * sum;
+        }
+#endif
+    }
+}
+
+void ggml_vec_dot_tcq3_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                            const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    qaq_tcq_vec_dot_q8_0(n, s, (const uint8_t *) vx, 3, (const char *) vy, 0, 1);
+}
+
+void ggml_vec_dot_tcq2_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                            const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) nrc; (void) bx; (void) by; (void) bs;
+    qaq_tcq_vec_dot_q8_0(n, s, (const uint8_t *) vx, 2, (const char *) vy, 0, 1);
+}
+
+void ggml_vec_dot_tcq3_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                 const void * GGML_RESTRICT vy, size_t by, int nq) {
+    qaq_tcq_vec_dot_q8_0(n, s, (const uint8_t *) vx, 3, (const char *) vy, by, nq);
+}
+
+void ggml_vec_dot_tcq2_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                 const void * GGML_RESTRICT vy, size_t by, int nq) {
+    qaq_tcq_vec_dot_q8_0(n, s, (const uint8_t *) vx, 2, (const char *) vy, by, nq);
+}
+
+// rows as f32: the states of each block without the serial walk, a gather of 8 codewords at a time, times d (the
+// same products as dequantize_row_tcq*)
+static inline void qaq_tcq_dequantize_row_cpu(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t n,
+                                              int k) {
+    const uint8_t * x = (const uint8_t *) vx;
+    const size_t bsize = sizeof(uint16_t) + (size_t) QK_TCQ*k/8;
+    const float * T = qaq_tcq_codebook(k);
+    for (int64_t ib = 0; ib < n / QK_TCQ; ++ib, x += bsize, y += QK_TCQ) {
+        uint16_t h;
+        memcpy(&h, x, sizeof(h));
+        const float d = GGML_CPU_FP16_TO_FP32(h);
+        uint8_t st[QK_TCQ];
+        qaq_tcq_states(k, x + sizeof(uint16_t), st);
+#if defined(__AVX2__)
+        const __m256 dd = _mm256_set1_ps(d);
+        for (int i = 0; i < QK_TCQ/8; ++i) {
+            const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (st + 8*i)));
+            _mm256_storeu_ps(y + 8*i, _mm256_mul_ps(dd, _mm256_i32gather_ps(T, idx, 4)));
+        }
+#else
+        for (int j = 0; j < QK_TCQ; ++j) {
+            y[j] = d * T[st[j]];
+        }
+#endif
+    }
+}
+
+void dequantize_row_tcq3_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    qaq_tcq_dequantize_row_cpu(x, y, k, 3);
+}
+
+void dequantize_row_tcq2_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    qaq_tcq_dequantize_row_cpu(x, y, k, 2);
 }
