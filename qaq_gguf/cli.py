@@ -645,6 +645,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
     if not args.scores and not args.text:
         raise SystemExit("qaq-gguf calibrate: give the calibration text: --text FILE (never the evaluation text)")
+    if args.budget is not None or args.max_kv_bytes is not None:  # the output's folder now, not after the run
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"qaq-gguf calibrate: cannot write {args.output}: {e}") from None
     if args.scores:
         scores = calibrate.scores_from_profile(profile.read_profile(args.scores))
         print(f"scores from {args.scores} (no model run)", file=sys.stderr)

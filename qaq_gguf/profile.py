@@ -347,8 +347,9 @@ def _add_keys(w: GGUFWriter, p: Profile) -> None:
 
 
 def write_profile(p: Profile, path: str | Path) -> Path:
-    """Write a metadata-only profile GGUF."""
+    """Write a metadata-only profile GGUF (its folder made if missing)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     w = GGUFWriter(str(tmp), arch=PROFILE_TYPE)  # arch only names general.architecture
     w.add_type(PROFILE_TYPE)

@@ -129,7 +129,7 @@ def test_cli_calibrate_then_resolve_from_stored_scores(gemma, calib_text, tmp_pa
                    "--threads", "2", "-o", str(out)])
     assert rc == 0 and out.is_file()
     assert profile.average_bits(profile.read_profile(out)) <= 5.5
-    out2 = tmp_path / "p45.gguf"
+    out2 = tmp_path / "new" / "folder" / "p45.gguf"  # folders made, as a run's results go to a new one
     assert cli.main(["calibrate", str(gemma), "--scores", str(out), "--budget", "4.5", "-o", str(out2)]) == 0
     p2 = profile.read_profile(out2)
     assert profile.average_bits(p2) <= 4.5
