@@ -20,7 +20,7 @@ def viterbi(x: np.ndarray, table: np.ndarray, k: int, *, tagged: bool = False) -
     """The least squared error walk for each row of x (R, d) through the bit-shift trellis with codebook ``table``
     (2^L values) and k bits per step, from state 0: the states (R, d), int64.
 
-    ``tagged``: the rule a vectorized native encoder keeps (tools/tcq_encode_cost.py's AVX2 walk, step for step):
+    ``tagged``: the rule a vectorized native encoder keeps (tools/tcq_cost.py's AVX2 walk, step for step):
     the best cost into each group of predecessors carries that predecessor's index in its low k bits, so that one
     integer min over the float costs' bits (>= 0: they order as int32) picks cost and argmin at once; unreachable
     states start at 1e30 rather than infinity. Ties and near-ties (within 2^-20 relative) may then walk differently

@@ -114,7 +114,7 @@ def test_bits_settings_and_fingerprint():
 
 
 def test_c_encoders_of_the_cost_benchmark_walk_as_numpy(tmp_path):
-    """tools/tcq_encode_cost.py times C Viterbi encoders: each must find exactly the walks of numpy's rule it
+    """tools/tcq_cost.py times C Viterbi encoders: each must find exactly the walks of numpy's rule it
     follows (plain C: trellis.viterbi; AVX2: trellis.viterbi(tagged=True)), else it times a wrong encoder."""
     import importlib.util
     import shutil
@@ -122,8 +122,8 @@ def test_c_encoders_of_the_cost_benchmark_walk_as_numpy(tmp_path):
 
     if not shutil.which("cc"):
         pytest.skip("no C compiler (cc)")
-    spec = importlib.util.spec_from_file_location("tcq_encode_cost", Path(__file__).parent.parent / "tools" /
-                                                  "tcq_encode_cost.py")
+    spec = importlib.util.spec_from_file_location("tcq_cost", Path(__file__).parent.parent / "tools" /
+                                                  "tcq_cost.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     lib = mod.build_encoder(tmp_path)

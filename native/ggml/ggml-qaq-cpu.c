@@ -607,6 +607,34 @@ static void qaq_tcq_walk_avx2(int k, const float * v, uint8_t * b) {
 #define QAQ_TCQ_WALK qaq_tcq_walk_ref
 #endif
 
+#if defined(__AVX2__)
+// the states of values 8g..8g+7 of a tcq block (k = 3 or 2), as qaq_tcq_states: each lane from the 32-bit window of
+// the input stream that ends with the group's last input (the byte before the group, 0 before the block, then the
+// group's 3 or 2 bytes): s = b_j | b_{j-1} << k | b_{j-2} << 2k | b_{j-3} << 3k, low 8 bits
+static inline __m256i qaq_tcq_states8(const uint8_t * GGML_RESTRICT qs, const int k, const int g) {
+    if (k == 3) {
+        const uint32_t w = (g ? (uint32_t) qs[3*g - 1] : 0) | (uint32_t) qs[3*g] << 8 | (uint32_t) qs[3*g + 1] << 16 |
+                           (uint32_t) qs[3*g + 2] << 24;
+        const __m256i W = _mm256_set1_epi32((int) w);
+        const __m256i b0 = _mm256_srlv_epi32(W, _mm256_setr_epi32(8, 11, 14, 17, 20, 23, 26, 29));
+        const __m256i b1 = _mm256_srlv_epi32(W, _mm256_setr_epi32(5, 8, 11, 14, 17, 20, 23, 26));
+        const __m256i b2 = _mm256_srlv_epi32(W, _mm256_setr_epi32(2, 5, 8, 11, 14, 17, 20, 23));
+        return _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(b0, _mm256_set1_epi32(7)),
+                                               _mm256_slli_epi32(_mm256_and_si256(b1, _mm256_set1_epi32(7)), 3)),
+                               _mm256_slli_epi32(_mm256_and_si256(b2, _mm256_set1_epi32(3)), 6));
+    }
+    const uint32_t w = (g ? (uint32_t) qs[2*g - 1] : 0) | (uint32_t) qs[2*g] << 8 | (uint32_t) qs[2*g + 1] << 16;
+    const __m256i W = _mm256_set1_epi32((int) w);
+    const __m256i three = _mm256_set1_epi32(3);
+    const __m256i b0 = _mm256_and_si256(_mm256_srlv_epi32(W, _mm256_setr_epi32(8, 10, 12, 14, 16, 18, 20, 22)), three);
+    const __m256i b1 = _mm256_and_si256(_mm256_srlv_epi32(W, _mm256_setr_epi32(6, 8, 10, 12, 14, 16, 18, 20)), three);
+    const __m256i b2 = _mm256_and_si256(_mm256_srlv_epi32(W, _mm256_setr_epi32(4, 6, 8, 10, 12, 14, 16, 18)), three);
+    const __m256i b3 = _mm256_and_si256(_mm256_srlv_epi32(W, _mm256_setr_epi32(2, 4, 6, 8, 10, 12, 14, 16)), three);
+    return _mm256_or_si256(_mm256_or_si256(b0, _mm256_slli_epi32(b1, 2)),
+                           _mm256_or_si256(_mm256_slli_epi32(b2, 4), _mm256_slli_epi32(b3, 6)));
+}
+#endif
+
 void quantize_row_tcq3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
     quantize_row_tcq3_walk(x, (block_tcq3 *) y, k, QAQ_TCQ_WALK);
 }
@@ -616,13 +644,47 @@ void quantize_row_tcq2(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, in
 }
 
 // n values of a tcq row against nq q8_0 rows (by bytes apart): per q8_0 block of 32, the codewords times the q8
-// values summed in float, times both scales. The codewords of each block are decoded once for all nq rows.
+// values summed in float, times both scales. The codewords of each block are decoded once for QAQ_DOT_ROWS rows.
 static inline void qaq_tcq_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x, int k,
                                         const char * GGML_RESTRICT y, size_t by, int nq) {
     assert(n % QK_TCQ == 0);
     const int nb = n / QK_TCQ;
     const size_t bsize = sizeof(uint16_t) + (size_t) QK_TCQ*k/8;
     const float * T = qaq_tcq_codebook(k);
+#if defined(__AVX2__)
+    for (int r0 = 0; r0 < nq; r0 += QAQ_DOT_ROWS) {
+        const int nr = nq - r0 < QAQ_DOT_ROWS ? nq - r0 : QAQ_DOT_ROWS;
+        __m256 acc[QAQ_DOT_ROWS];
+        for (int r = 0; r < nr; ++r) {
+            acc[r] = _mm256_setzero_ps();
+        }
+        const uint8_t * xb = x;
+        for (int ib = 0; ib < nb; ++ib, xb += bsize) {
+            uint16_t h;
+            memcpy(&h, xb, sizeof(h));
+            const float d = GGML_CPU_FP16_TO_FP32(h);
+            __m256 c[QK_TCQ/8];
+            for (int i = 0; i < QK_TCQ/8; ++i) {
+                c[i] = _mm256_i32gather_ps(T, qaq_tcq_states8(xb + sizeof(uint16_t), k, i), 4);
+            }
+            for (int r = 0; r < nr; ++r) {
+                const block_q8_0 * yb = (const block_q8_0 *) (y + (r0 + r)*by) + 2*ib;
+                for (int g = 0; g < 2; ++g) {
+                    __m256 p = _mm256_setzero_ps();
+                    for (int i = 0; i < 4; ++i) {
+                        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                            _mm_loadl_epi64((const __m128i *) (yb[g].qs + 8*i))));
+                        p = _mm256_fmadd_ps(c[4*g + i], q, p);
+                    }
+                    acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * GGML_CPU_FP16_TO_FP32(yb[g].d)), acc[r]);
+                }
+            }
+        }
+        for (int r = 0; r < nr; ++r) {
+            s[r0 + r] = qaq_hsum(acc[r]);
+        }
+    }
+#else
     for (int r = 0; r < nq; ++r) {
         s[r] = 0.0f;
     }
@@ -633,27 +695,6 @@ static inline void qaq_tcq_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const ui
         const float d = GGML_CPU_FP16_TO_FP32(h);
         uint8_t st[QK_TCQ];
         qaq_tcq_states(k, xb + sizeof(uint16_t), st);
-#if defined(__AVX2__)
-        __m256 c[QK_TCQ/8];
-        for (int i = 0; i < QK_TCQ/8; ++i) {
-            const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (st + 8*i)));
-            c[i] = _mm256_i32gather_ps(T, idx, 4);
-        }
-        for (int r = 0; r < nq; ++r) {
-            const block_q8_0 * yb = (const block_q8_0 *) (y + r*by) + 2*ib;
-            float sum = 0.0f;
-            for (int g = 0; g < 2; ++g) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int i = 0; i < 4; ++i) {
-                    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                        _mm_loadl_epi64((const __m128i *) (yb[g].qs + 8*i))));
-                    acc = _mm256_fmadd_ps(c[4*g + i], q, acc);
-                }
-                sum += GGML_CPU_FP16_TO_FP32(yb[g].d) * qaq_hsum(acc);
-            }
-            s[r] += d * sum;
-        }
-#else
         for (int r = 0; r < nq; ++r) {
             const block_q8_0 * yb = (const block_q8_0 *) (y + r*by) + 2*ib;
             float sum = 0.0f;
@@ -666,8 +707,8 @@ static inline void qaq_tcq_vec_dot_q8_0(int n, float * GGML_RESTRICT s, const ui
             }
             s[r] += d * sum;
         }
-#endif
     }
+#endif
 }
 
 void ggml_vec_dot_tcq3_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
@@ -694,8 +735,8 @@ void ggml_vec_dot_tcq2_q8_0_rows(int n, float * GGML_RESTRICT s, const void * GG
     qaq_tcq_vec_dot_q8_0(n, s, (const uint8_t *) vx, 2, (const char *) vy, by, nq);
 }
 
-// rows as f32: the states of each block without the serial walk, a gather of 8 codewords at a time, times d (the
-// same products as dequantize_row_tcq*)
+// rows as f32: the states of each block without the serial walk (8 at a time from the input stream with AVX2), a
+// gather of 8 codewords at a time, times d (the same products as dequantize_row_tcq*)
 static inline void qaq_tcq_dequantize_row_cpu(const void * GGML_RESTRICT vx, float * GGML_RESTRICT y, int64_t n,
                                               int k) {
     const uint8_t * x = (const uint8_t *) vx;
@@ -705,15 +746,15 @@ static inline void qaq_tcq_dequantize_row_cpu(const void * GGML_RESTRICT vx, flo
         uint16_t h;
         memcpy(&h, x, sizeof(h));
         const float d = GGML_CPU_FP16_TO_FP32(h);
-        uint8_t st[QK_TCQ];
-        qaq_tcq_states(k, x + sizeof(uint16_t), st);
 #if defined(__AVX2__)
         const __m256 dd = _mm256_set1_ps(d);
         for (int i = 0; i < QK_TCQ/8; ++i) {
-            const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (st + 8*i)));
-            _mm256_storeu_ps(y + 8*i, _mm256_mul_ps(dd, _mm256_i32gather_ps(T, idx, 4)));
+            const __m256 c = _mm256_i32gather_ps(T, qaq_tcq_states8(x + sizeof(uint16_t), k, i), 4);
+            _mm256_storeu_ps(y + 8*i, _mm256_mul_ps(dd, c));
         }
 #else
+        uint8_t st[QK_TCQ];
+        qaq_tcq_states(k, x + sizeof(uint16_t), st);
         for (int j = 0; j < QK_TCQ; ++j) {
             y[j] = d * T[st[j]];
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""What trellis-coded quantization would cost a cache write on the CPU: C Viterbi encoders for the lab's tcq method
-(``qaq_gguf/methods/tcq.py``) against the native scalar quantizers the cache writes with today, on the same rows,
-interleaved in one run.
+"""What trellis-coded quantization costs the CPU cache: its writes (C Viterbi encoders for the lab's tcq method,
+``qaq_gguf/methods/tcq.py``, and the native type ``tcq3``'s quantizer) against the scalar quantizers of the same
+size, and its reads (ggml-cpu's flash-attention kernels of ``tcq3`` / ``tcq2`` against ``qaq3h`` / ``qaq2h``), each
+on the same rows, interleaved in one run.
 
 Two encoders, compiled here with ``cc -O3 -march=native -ffp-contract=off``, one walk per row:
 - plain C, loops written for the auto-vectorizer, back pointers as one byte per step and predecessor group: the
@@ -11,9 +12,13 @@ Two encoders, compiled here with ``cc -O3 -march=native -ffp-contract=off``, one
   integer min does compare and select (``trellis.viterbi(..., tagged=True)``, the same rule in numpy).
 Each encoder's walks are checked equal to numpy's before anything is timed. The scalar side is ggml-cpu's own
 ``quantize_row_qaq3h`` / ``quantize_row_qaq3l`` (the vectorized from_float SET_ROWS calls), beside the native cache
-type ``tcq3``'s own (``quantize_row_tcq3``: the scale, one AVX2 walk, the packing). Writes ``tcq-encode.json``.
+type ``tcq3``'s own (``quantize_row_tcq3``: the scale, one AVX2 walk, the packing).
 
-  python3 tools/tcq_encode_cost.py -o docs/results/code-smoke
+Reads: per row of 64 values, the K.q product with three q8_0 query rows at once (``ggml_cpu_vec_dot_rows``: the
+query heads of one KV head in SmolLM2's decode) and the row conversion to f32 for V (``ggml_cpu_dequantize_row``),
+each over all rows in one call. Writes ``tcq-encode.json`` and ``tcq-decode.json``.
+
+  python3 tools/tcq_cost.py -o docs/results/code-smoke
 """
 from __future__ import annotations
 
@@ -255,11 +260,50 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"head_dim": d, "config": c, "us_per_row": us, "x_scalar": us / (1e6 * base)})
                 print(f"d={d:<4} {c:<16} {us:9.2f} us/row  {us / (1e6 * base):8.1f}x {tname}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = {"command": "python3 tools/tcq_encode_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": cpu_name(), "rows": args.rows, "rounds": args.rounds,
-           "results": rows}
+    command = "python3 tools/tcq_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = {"command": command, "machine": cpu_name(), "rows": args.rows, "rounds": args.rounds, "results": rows}
     (args.output_dir / "tcq-encode.json").write_text(json.dumps(out, indent=1))
+    out = {"command": command, "machine": cpu_name(), "rows": args.rows, "rounds": args.rounds,
+           "results": decode_costs(cpu, args.rows, args.rounds)}
+    (args.output_dir / "tcq-decode.json").write_text(json.dumps(out, indent=1))
     return 0
+
+
+def decode_costs(cpu, n_rows: int, rounds: int) -> list[dict]:
+    """ns per row of 64 values: K.q with 3 query rows (the rows form of vec_dot) and V's conversion to f32, for the
+    trellis types and the scalar ones of the same size, interleaved; medians of the rounds."""
+    import gguf
+
+    from qaq_gguf import cachetypes, quants
+
+    rng = np.random.default_rng(7)
+    n = 64 * n_rows  # every row in one call: one long row for the kernels
+    k = rng.standard_normal(n).astype(np.float32)
+    q = gguf.quants.quantize(rng.standard_normal((3, n)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    s = np.zeros(3, np.float32)
+    y = np.zeros(n, np.float32)
+    calls = {}
+    for name in ("qaq3h", "tcq3", "qaq2h", "tcq2"):
+        tid = cachetypes.get(name).type_id
+        raw = quants.quantize(k, name)
+        dot = ggml_ctypes.ROWS_FN(cpu.ggml_cpu_vec_dot_rows(tid))
+        calls[(name, "K.q, 3 query rows")] = (lambda dot=dot, raw=raw: dot(n, s.ctypes.data, raw.ctypes.data,
+                                                                             q.ctypes.data, q.shape[1], 3))
+        calls[(name, "V row to f32")] = (lambda tid=tid, raw=raw: cpu.ggml_cpu_dequantize_row(
+            tid, raw.ctypes.data, y.ctypes.data, n))
+    times: dict = {c: [] for c in calls}
+    for _ in range(rounds):
+        for c, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[c].append((time.perf_counter() - t0) / n_rows)
+    out = []
+    for (name, op), ts in times.items():
+        ns = 1e9 * statistics.median(ts)
+        base = 1e9 * statistics.median(times[({"tcq3": "qaq3h", "tcq2": "qaq2h"}.get(name, name), op)])
+        out.append({"type": name, "op": op, "ns_per_row": ns, "x_scalar": ns / base})
+        print(f"{name:<6} {op:<20} {ns:8.1f} ns/row  {ns / base:5.2f}x")
+    return out
 
 
 if __name__ == "__main__":
