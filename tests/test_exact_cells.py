@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qaq_gguf import Llama, ProfileError, calibrate, evaluate, profile
-from test_profile import _logits, _tokens
+from test_profile import _logits, _tokens, state_round_trip
 
 KW = dict(n_ctx=256, n_batch=64, verbose=False, flash_attn=True, logits_all=True)
 
@@ -87,18 +87,9 @@ def test_exact_cells_through_state_save_and_load(smollm2, smol_ident, tmp_path):
     kw = dict(n_ctx=256, verbose=False, flash_attn=True, logits_all=True)  # eval keeps logits only with logits_all
     path = _profile(smol_ident, "qaq3h", "qaq2h", 8, tmp_path / "e.gguf")
     llm = Llama(str(smollm2), kv_profile=str(path), **kw)
-    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Once upon a time", add_bos=True)
-    llm.eval(toks)
-    state = llm.save_state()
-    cont = llm.tokenize(b" there was a king", add_bos=False)
-    llm.eval(cont)
-    first = np.array(llm.scores[llm.n_tokens - 1])
-    llm.reset()
-    llm.eval(llm.tokenize(b"Something else entirely, long enough to overwrite the first cells.", add_bos=True))
-    llm.load_state(state)
-    llm.eval(cont)
-    assert np.ptp(first) > 1.0  # real logits, not a row eval never wrote
-    assert np.array_equal(first, np.array(llm.scores[llm.n_tokens - 1]))
+    state, first, again = state_round_trip(
+        llm, add_bos=True, overwrite=b"Something else entirely, long enough to overwrite the first cells.")
+    assert np.array_equal(first, again)
 
     # a cache without the same exact cells refuses the state (the state's transform hash)
     other = Llama(str(smollm2), kv_profile=str(_profile(smol_ident, "qaq3h", "qaq2h", 0, tmp_path / "o.gguf")), **kw)

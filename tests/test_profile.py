@@ -159,21 +159,33 @@ def test_mixed_profile_error_between_uniform_extremes(gemma, gemma_ident, eval_t
     assert res["results"][1]["kv_bytes"] < res["results"][0]["kv_bytes"]
 
 
-def test_state_round_trip_and_mismatch(gemma, gemma_ident, mixed, tmp_path):
-    path, _ = mixed
-    kw = dict(n_ctx=256, verbose=False, flash_attn=True, logits_all=True)  # eval keeps logits only with logits_all
-    llm = Llama(str(gemma), kv_profile=str(path), **kw)
-    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Once upon a time", add_bos=True)
+def state_round_trip(llm: Llama, *, add_bos: bool, overwrite: bytes = b"") -> tuple:
+    """(state, first, again): the next-token logits after a continuation, before and after restoring the state saved
+    before it (with other tokens decoded in between when overwrite is given). The model must be made with
+    logits_all=True: llama-cpp-python's eval keeps no logits otherwise, and the rows compared would be memory eval
+    never wrote (checked: the logits must be real)."""
+    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Once upon a time", add_bos=add_bos)
     llm.eval(toks)
     state = llm.save_state()
     cont = llm.tokenize(b" there was a king", add_bos=False)
     llm.eval(cont)
     first = np.array(llm.scores[llm.n_tokens - 1])
+    if overwrite:
+        llm.reset()
+        llm.eval(llm.tokenize(overwrite, add_bos=add_bos))
     llm.load_state(state)
     assert llm.n_tokens == len(toks)
     llm.eval(cont)
     again = np.array(llm.scores[llm.n_tokens - 1])
     assert np.ptp(first) > 1.0  # real logits, not a row eval never wrote
+    return state, first, again
+
+
+def test_state_round_trip_and_mismatch(gemma, gemma_ident, mixed, tmp_path):
+    path, _ = mixed
+    kw = dict(n_ctx=256, verbose=False, flash_attn=True, logits_all=True)  # eval keeps logits only with logits_all
+    llm = Llama(str(gemma), kv_profile=str(path), **kw)
+    state, first, again = state_round_trip(llm, add_bos=True)
     assert np.array_equal(first, again)
 
     other = profile.write_profile(profile.make_profile(gemma_ident, "q8_0", "q8_0"), tmp_path / "other.gguf")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qaq_gguf import Llama, cachetypes, ggml_ctypes, profile, quants, trellis
-from test_profile import _continuation, _tokens
+from test_profile import _continuation, _tokens, state_round_trip
 
 HEADER = Path(__file__).resolve().parent.parent / "native" / "ggml" / "ggml-qaq-common.h"
 KW = dict(n_ctx=256, n_batch=64, verbose=False, flash_attn=True, logits_all=True)
@@ -116,16 +116,7 @@ def test_state_round_trip(smollm2, smol_ident, tmp_path):
     profile is refused."""
     path = profile.write_profile(profile.make_profile(smol_ident, "tcq3", "tcq2"), tmp_path / "t.gguf")
     llm = Llama(str(smollm2), kv_profile=str(path), **KW)
-    toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Once upon a time", add_bos=False)
-    llm.eval(toks)
-    state = llm.save_state()
-    cont = llm.tokenize(b" there was a king", add_bos=False)
-    llm.eval(cont)
-    first = np.array(llm.scores[llm.n_tokens - 1])
-    llm.load_state(state)
-    llm.eval(cont)
-    again = np.array(llm.scores[llm.n_tokens - 1])
-    assert np.ptp(first) > 1.0
+    state, first, again = state_round_trip(llm, add_bos=False)
     assert np.array_equal(first, again)
     other = profile.write_profile(profile.make_profile(smol_ident, "qaq3h", "qaq2h"), tmp_path / "o.gguf")
     with pytest.raises(RuntimeError):

@@ -1026,9 +1026,44 @@ QAQ_FN int qaq_tcq_input(const int k, const uint8_t * qs, const int j) {
 // the states top*H + lo (top < 2^k) all lead to the states lo*2^k + b, so each step keeps per lo only
 // M[lo] = min over top of cost(top*H + lo), the cost carrying its top in its low k bits: costs are floats >= 0,
 // whose bits order as uint32, so one integer min picks the cost and its argmin (ties cannot happen). cost(s) =
-// M[s >> k] + (v - c[s])^2 (float, rounded per operation); unreachable states start at 1e30. The last value's state is
-// the first of the least cost; the walk is read back from the tops.
+// M[s >> k] + (v - c[s])^2 (float, rounded per operation); unreachable states start at 1e30 (qaq_tcq_walk_start).
+// The last value's state is the first of the least cost; the walk is read back from the tops (qaq_tcq_walk_finish).
 typedef void (*qaq_tcq_walk_t)(int k, const float * v, uint8_t * b);
+
+// the walks' state before value 0: only state 0 reachable (the others at 1e30)
+QAQ_FN void qaq_tcq_walk_start(const int k, float * M) {
+    for (int lo = 0; lo < (QAQ_TCQ_STATES >> k); ++lo) {
+        M[lo] = 1e30f;
+    }
+    M[0] = 0.0f;
+}
+
+// the walk's end, shared by every implementation: M holds the group costs after value QK_TCQ - 2 and bp[t][lo] the
+// top chosen for group lo at value t; the last value's state is the first of the least cost, then the walk is read
+// back from the tops into its inputs b
+QAQ_FN void qaq_tcq_walk_finish(const int k, const float * v, const float * M,
+                                const uint8_t (*bp)[QAQ_TCQ_STATES >> 2], uint8_t * b) {
+    const int H = QAQ_TCQ_STATES >> k;
+    const float * T = qaq_tcq_codebook(k);
+    int s = 0;
+    float bc = INFINITY;
+    for (int i = 0; i < QAQ_TCQ_STATES; ++i) {
+        const float e = qaq_fsub(v[QK_TCQ - 1], T[i]);
+        const float c = qaq_fadd(M[i >> k], qaq_fmul(e, e));
+        if (qaq_fgt(bc, c)) {
+            bc = c;
+            s = i;
+        }
+    }
+    for (int t = QK_TCQ - 1; t >= 0; --t) {
+        b[t] = (uint8_t) (s & ((1 << k) - 1));
+        if (t == 0) {
+            break;
+        }
+        const int lo = s >> k;
+        s = bp[t][lo]*H + lo;
+    }
+}
 
 QAQ_FN void qaq_tcq_walk_ref(const int k, const float * v, uint8_t * b) {
     const int K = 1 << k;
@@ -1038,10 +1073,7 @@ QAQ_FN void qaq_tcq_walk_ref(const int k, const float * v, uint8_t * b) {
     uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
     float * Mp = M[0];
     float * Mn = M[1];
-    for (int lo = 0; lo < H; ++lo) {
-        Mp[lo] = 1e30f;
-    }
-    Mp[0] = 0.0f;
+    qaq_tcq_walk_start(k, Mp);
     for (int t = 0; t < QK_TCQ - 1; ++t) {
         for (int lo = 0; lo < H; ++lo) {
             uint32_t best = 0x7FFFFFFFu;
@@ -1059,24 +1091,7 @@ QAQ_FN void qaq_tcq_walk_ref(const int k, const float * v, uint8_t * b) {
         Mp = Mn;
         Mn = tmp;
     }
-    int s = 0;
-    float bc = INFINITY;
-    for (int i = 0; i < QAQ_TCQ_STATES; ++i) {
-        const float e = qaq_fsub(v[QK_TCQ - 1], T[i]);
-        const float c = qaq_fadd(Mp[i >> k], qaq_fmul(e, e));
-        if (qaq_fgt(bc, c)) {
-            bc = c;
-            s = i;
-        }
-    }
-    for (int t = QK_TCQ - 1; t >= 0; --t) {
-        b[t] = (uint8_t) (s & (K - 1));
-        if (t == 0) {
-            break;
-        }
-        const int lo = s >> k;
-        s = bp[t][lo]*H + lo;
-    }
+    qaq_tcq_walk_finish(k, v, Mp, (const uint8_t (*)[QAQ_TCQ_STATES >> 2]) bp, b);
 }
 
 // one block: the scale, the walk (walk: qaq_tcq_walk_ref or a port with the same results), the packed inputs

@@ -548,10 +548,7 @@ static inline __attribute__((always_inline)) void qaq_tcq_walk_avx2_k(const floa
     uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
     float * Mp = M[0];
     float * Mn = M[1];
-    for (int lo = 0; lo < H; ++lo) {
-        Mp[lo] = 1e30f;
-    }
-    Mp[0] = 0.0f;
+    qaq_tcq_walk_start(k, Mp);
     const __m256i clear = _mm256_set1_epi32(~(K - 1));
     for (int t = 0; t < QK_TCQ - 1; ++t) {
         const __m256 vt = _mm256_set1_ps(v[t]);
@@ -575,24 +572,7 @@ static inline __attribute__((always_inline)) void qaq_tcq_walk_avx2_k(const floa
         Mp = Mn;
         Mn = tmp;
     }
-    int s = 0;
-    float bc = INFINITY;
-    for (int i = 0; i < QAQ_TCQ_STATES; ++i) {
-        const float e = v[QK_TCQ - 1] - T[i];
-        const float c = Mp[i >> k] + e*e;
-        if (c < bc) {
-            bc = c;
-            s = i;
-        }
-    }
-    for (int t = QK_TCQ - 1; t >= 0; --t) {
-        b[t] = (uint8_t) (s & (K - 1));
-        if (t == 0) {
-            break;
-        }
-        const int lo = s >> k;
-        s = bp[t][lo]*H + lo;
-    }
+    qaq_tcq_walk_finish(k, v, Mp, (const uint8_t (*)[QAQ_TCQ_STATES >> 2]) bp, b);
 }
 
 static void qaq_tcq_walk_avx2(int k, const float * v, uint8_t * b) {
