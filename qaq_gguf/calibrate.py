@@ -393,6 +393,23 @@ def _weights(ident: profile.ModelIdentity, n_ctx: int | None) -> tuple[list[int]
     return wk, wv
 
 
+def _scored(scores: Scores, candidates: Sequence[str] | None) -> list[str]:
+    """The candidates the solver may use: those asked for (all scored ones by default), less those no layer of the
+    model can hold (calibration left them out, with a line saying why). One that could be used but was not measured
+    in these scores is refused by name."""
+    if not candidates:
+        return list(scores.candidates)
+    ident = scores.ident
+    layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
+    cands = [c for c in candidates if c in scores.candidates or any(
+        cachetypes.fits(c, ident.head_dim_k[il]) and cachetypes.fits(c, ident.head_dim_v[il]) for il in layers)]
+    missing = [c for c in cands if c not in scores.candidates]
+    if missing:
+        raise ValueError(f"candidates {', '.join(missing)} were not measured in these scores (measured: "
+                         f"{', '.join(scores.candidates)}): calibrate with them, or leave them out of --candidates")
+    return cands
+
+
 def _costs(scores: Scores, cands: list[str]) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Cost matrices for the solver; a candidate whose blocks do not divide a layer's head size is forbidden."""
     idx = [scores.candidates.index(c) for c in cands]
@@ -421,7 +438,7 @@ def allocate(scores: Scores, *, avg_bits: float | None = None, max_kv_bytes: int
         raise ValueError("give one budget: avg_bits, or max_kv_bytes with n_ctx")
     if max_kv_bytes is not None and not n_ctx:
         raise ValueError("max_kv_bytes needs n_ctx (the context length the cache must hold)")
-    cands = list(candidates) if candidates else list(scores.candidates)
+    cands = _scored(scores, candidates)
     ck, cv, bits = _costs(scores, cands)
     wk, wv = _weights(scores.ident, n_ctx if max_kv_bytes is not None else None)
     if avg_bits is not None:
@@ -494,7 +511,7 @@ def frontier(scores: Scores, avg_bits: Sequence[float] | None = None, *, candida
              provenance: dict | None = None) -> list[profile.Profile]:
     """Profiles along the predicted quality/size frontier (default: a 0.25-bit grid over the feasible range),
     one per distinct allocation."""
-    cands = list(candidates) if candidates else list(scores.candidates)
+    cands = _scored(scores, candidates)
     ck, cv, bits = _costs(scores, cands)
     wk, wv = _weights(scores.ident, None)
     total = max(sum(wk) + sum(wv), 1)

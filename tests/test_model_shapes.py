@@ -85,3 +85,15 @@ def test_layers_scored_in_parallel_give_the_same_scores(tmp_path_factory):
     np.testing.assert_array_equal(one.k, two.k)
     np.testing.assert_array_equal(one.v, two.v)
     np.testing.assert_array_equal(one.k_scale, two.k_scale)
+
+
+def test_asked_candidates_that_fit_no_layer_are_left_out_and_unmeasured_ones_refused():
+    """--candidates naming a type no layer can hold (qaq4l on heads of 64: calibration left it out, saying so) solves
+    without it; one that fits but was not measured in the scores is refused by name, not a bare list error."""
+    ident = profile.ModelIdentity("synthetic", 2, [1, 1], [64, 64], [64, 64], [False, False], 0, "fp", "mixed")
+    k = np.array([[0.0, 0.1], [0.0, 0.2]])
+    scores = calibrate.Scores(ident, ["f16", "q4_0"], k, k.copy())
+    prof = calibrate.allocate(scores, avg_bits=4.5, candidates=["f16", "q4_0", "qaq4l"])
+    assert prof.type_k == ["q4_0", "q4_0"]
+    with pytest.raises(ValueError, match="tcq3 were not measured"):
+        calibrate.allocate(scores, avg_bits=4.5, candidates=["f16", "q4_0", "tcq3"])

@@ -88,6 +88,17 @@ def _continuation(llm: Llama, toks: list[int], shift: bool) -> np.ndarray:
     return np.array(llm.scores[100:150], dtype=np.float32)
 
 
+def shift_agreement(ref: Llama, llm: Llama, toks: list[int]) -> dict[bool, float]:
+    """Greedy agreement of llm with ref (an f16 cache) on the continuation, without (False) and after (True) a K-shift
+    of both caches (_continuation); llm's logits must stay finite."""
+    agree = {}
+    for shift in (False, True):
+        a, b = _continuation(ref, toks, shift), _continuation(llm, toks, shift)
+        assert np.all(np.isfinite(b))
+        agree[shift] = float(np.mean(a.argmax(1) == b.argmax(1)))
+    return agree
+
+
 @pytest.mark.parametrize("tk", ["q4_0", "qaq3"])
 def test_context_shift_of_a_quantized_k_cache(gemma, gemma_ident, eval_text, tmp_path, tk):
     """A K-shift reads the quantized, Hadamard-rotated K cache as f32, re-ropes it and writes it back in its type.
@@ -96,12 +107,7 @@ def test_context_shift_of_a_quantized_k_cache(gemma, gemma_ident, eval_text, tmp
     kw = dict(n_ctx=256, n_batch=64, verbose=False, flash_attn=True, logits_all=True)
     p = profile.write_profile(profile.make_profile(gemma_ident, tk, "f16"), tmp_path / "k.gguf")
     ref, llm = Llama(str(gemma), **kw), Llama(str(gemma), kv_profile=str(p), **kw)
-    toks = _tokens(ref, eval_text, 200)
-    agree = {}
-    for shift in (False, True):
-        a, b = _continuation(ref, toks, shift), _continuation(llm, toks, shift)
-        assert np.all(np.isfinite(b))
-        agree[shift] = np.mean(a.argmax(1) == b.argmax(1))
+    agree = shift_agreement(ref, llm, _tokens(ref, eval_text, 200))
     assert agree[True] >= agree[False] - 0.15, agree
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qaq_gguf import Llama, cachetypes, ggml_ctypes, profile, quants, trellis
-from test_profile import _continuation, _tokens, state_round_trip
+from test_profile import _tokens, shift_agreement, state_round_trip
 
 HEADER = Path(__file__).resolve().parent.parent / "native" / "ggml" / "ggml-qaq-common.h"
 KW = dict(n_ctx=256, n_batch=64, verbose=False, flash_attn=True, logits_all=True)
@@ -102,12 +102,7 @@ def test_context_shift_of_a_tcq3_key_cache(smollm2, smol_ident, eval_text, tmp_p
     p = profile.write_profile(profile.make_profile(smol_ident, "tcq3", "f16"), tmp_path / "k.gguf")
     ref, llm = Llama(str(smollm2), **KW), Llama(str(smollm2), kv_profile=str(p), **KW)
     assert {(r["type_k"], r["type_v"]) for r in llm.kv_layer_info()} == {("tcq3", "f16")}
-    toks = _tokens(ref, eval_text, 200)
-    agree = {}
-    for shift in (False, True):
-        a, b = _continuation(ref, toks, shift), _continuation(llm, toks, shift)
-        assert np.all(np.isfinite(b))
-        agree[shift] = np.mean(a.argmax(1) == b.argmax(1))
+    agree = shift_agreement(ref, llm, _tokens(ref, eval_text, 200))
     assert agree[False] > 0.7 and agree[True] >= agree[False] - 0.15, agree
 
 

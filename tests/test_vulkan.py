@@ -277,9 +277,12 @@ def test_calibrated_profile_on_vulkan_matches_cpu(vulkan_llama, request, eval_te
     import qaq_gguf
     from qaq_gguf import profile
 
+    from qaq_gguf import calibrate
+
     model = request.getfixturevalue(model_name)
-    f = _calibrated(model, calib_file, tmp_path / "p.gguf", budget, "--exact-cells", "0",
-                    *(["--candidates", candidates] if candidates else []))
+    if candidates is None:  # the default candidates of this CPU build, less the types Vulkan has no kernels for (tcq)
+        candidates = ",".join(c for c in calibrate.default_candidates() if c not in calibrate.NO_GPU_KERNELS["Vulkan"])
+    f = _calibrated(model, calib_file, tmp_path / "p.gguf", budget, "--exact-cells", "0", "--candidates", candidates)
     p = profile.read_profile(f)
     assert len(set(zip(p.type_k, p.type_v))) > 1 and any(t.startswith("qaq") for t in p.type_k + p.type_v)
     assert p.k_mean is not None and p.v_mean is not None  # the transforms run on Vulkan too
@@ -301,18 +304,19 @@ def test_calibrated_profile_on_vulkan_matches_cpu(vulkan_llama, request, eval_te
     assert top_vk >= top_cpu - 0.05
 
 
-def test_profile_without_a_vulkan_kernel_is_refused_by_name(vulkan_llama, gemma, tmp_path):
-    """A pair the Vulkan flash attention has no kernel for (bf16 keys with qaq3 values) is refused, naming the pair
-    and the device, never run on another device or converted silently."""
+@pytest.mark.parametrize("tk,tv", [("bf16", "qaq3"), ("tcq3", "tcq2")])
+def test_profile_without_a_vulkan_kernel_is_refused_by_name(vulkan_llama, gemma, tmp_path, tk, tv):
+    """A pair the Vulkan flash attention has no kernel for (bf16 keys with qaq3 values; the trellis types, CPU-only
+    so far) is refused, naming the pair and the device, never run on another device or converted silently."""
     import qaq_gguf
     from qaq_gguf import profile
 
     ident = profile.model_identity(gemma)
-    f = profile.write_profile(profile.make_profile(ident, "bf16", "qaq3"), tmp_path / "bf16-qaq3.gguf")
+    f = profile.write_profile(profile.make_profile(ident, tk, tv), tmp_path / f"{tk}-{tv}.gguf")
     with pytest.raises(Exception) as e:
         qaq_gguf.Llama(str(gemma), n_ctx=256, n_gpu_layers=99, flash_attn=True, kv_profile=str(f), verbose=False)
     msg = str(e.value)
-    assert "bf16/qaq3" in msg and "Vulkan0" in msg and "flash-attention kernel" in msg, msg
+    assert f"{tk}/{tv}" in msg and "Vulkan0" in msg and "flash-attention kernel" in msg, msg
 
 
 def test_exact_cells_on_vulkan_are_refused_by_name(vulkan_llama, smollm2, tmp_path):
