@@ -1155,10 +1155,10 @@ QAQ_FN void qaq_tcq_states(const int k, const uint8_t * qs, uint8_t * s) {
 QAQ_FN void qaq_tcq_dequantize_block(const int k, const uint16_t h, const uint8_t * qs, float * y) {
     const float * T = qaq_tcq_codebook(k);
     const float d = qaq_fp16_to_fp32(h);
-    int s = 0;
+    uint8_t s[QK_TCQ];
+    qaq_tcq_states(k, qs, s);
     for (int j = 0; j < QK_TCQ; ++j) {
-        s = ((s << k) | qaq_tcq_input(k, qs, j)) & (QAQ_TCQ_STATES - 1);
-        y[j] = qaq_fmul(d, T[s]);
+        y[j] = qaq_fmul(d, T[s[j]]);
     }
 }
 

@@ -721,23 +721,18 @@ static inline void qaq_tcq_dequantize_row_cpu(const void * GGML_RESTRICT vx, flo
                                               int k) {
     const uint8_t * x = (const uint8_t *) vx;
     const size_t bsize = sizeof(uint16_t) + (size_t) QK_TCQ*k/8;
-    const float * T = qaq_tcq_codebook(k);
     for (int64_t ib = 0; ib < n / QK_TCQ; ++ib, x += bsize, y += QK_TCQ) {
         uint16_t h;
         memcpy(&h, x, sizeof(h));
-        const float d = GGML_CPU_FP16_TO_FP32(h);
 #if defined(__AVX2__)
-        const __m256 dd = _mm256_set1_ps(d);
+        const float * T = qaq_tcq_codebook(k);
+        const __m256 dd = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(h));
         for (int i = 0; i < QK_TCQ/8; ++i) {
             const __m256 c = _mm256_i32gather_ps(T, qaq_tcq_states8(x + sizeof(uint16_t), k, i), 4);
             _mm256_storeu_ps(y + 8*i, _mm256_mul_ps(dd, c));
         }
 #else
-        uint8_t st[QK_TCQ];
-        qaq_tcq_states(k, x + sizeof(uint16_t), st);
-        for (int j = 0; j < QK_TCQ; ++j) {
-            y[j] = d * T[st[j]];
-        }
+        qaq_tcq_dequantize_block(k, h, x + sizeof(uint16_t), y);
 #endif
     }
 }
