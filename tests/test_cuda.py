@@ -2,7 +2,7 @@
 
 Build there with  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90
 -DQAQ_BUILD_TEST_BACKEND_OPS=ON" (the last switch adds llama.cpp's test-backend-ops, which compares every CUDA op
-on qaq3/qaq2 with the CPU backend over many shapes).
+on the qaq and tcq types with the CPU backend over many shapes).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_generate_fully_offloaded(gemma):
 
 
 @pytest.mark.parametrize("tk,tv,tol", [("f16", "f16", 0.05), ("q8_0", "q4_0", 0.3), ("q8_0", "qaq3", 0.3),
-                                       ("qaq3", "qaq2", 0.5)])
+                                       ("qaq3", "qaq2", 0.5), ("q8_0", "tcq3", 0.3), ("tcq3", "tcq2", 0.5)])
 def test_mixed_profile_on_gpu_matches_cpu(gemma, gemma_ident, eval_text, tmp_path, tk, tv, tol):
     # alternate the pair across layers so every layer type combination is exercised
     ks = [tk if il % 2 else tv for il in range(gemma_ident.n_layer)]
@@ -81,16 +81,18 @@ def test_calibration_candidates_follow_the_backend():
     from qaq_gguf import calibrate
 
     assert "iq4_nl" not in calibrate.default_candidates()  # no CUDA flash-attention kernel for it
+    assert {"tcq3", "tcq2"} <= set(calibrate.default_candidates())  # patches/0033
 
 
+@pytest.mark.parametrize("family", ["qaq", "tcq"])
 @pytest.mark.parametrize("op", ["SET_ROWS", "GET_ROWS", "CPY", "FLASH_ATTN_EXT"])
-def test_backend_ops_qaq_types_match_cpu(op):
-    """llama.cpp's test-backend-ops on the qaq cases: CUDA against the CPU backend (head sizes 64/128/256, GQA 1-8,
-    batch 1 to 512, every qaq pair with a CUDA kernel)."""
+def test_backend_ops_qaq_types_match_cpu(op, family):
+    """llama.cpp's test-backend-ops on the qaq and tcq cases: CUDA against the CPU backend (head sizes 64/128/256,
+    GQA 1-8, batch 1 to 512, every pair with a CUDA kernel)."""
     exe = _native.bin_dir() / "test-backend-ops"
     if not exe.is_file():
         pytest.skip("built without -DQAQ_BUILD_TEST_BACKEND_OPS=ON")
-    r = subprocess.run([str(exe), "-o", op, "-b", "CUDA0", "-p", "qaq"], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([str(exe), "-o", op, "-b", "CUDA0", "-p", family], capture_output=True, text=True, timeout=1800)
     tail = (r.stdout + r.stderr)[-4000:]
     assert r.returncode == 0, tail
     assert "FAIL" not in r.stdout and " OK" in r.stdout, tail

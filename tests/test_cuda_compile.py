@@ -1,7 +1,7 @@
 """The CUDA build of the qaq types for sm_90a as a gate, no GPU needed (tools/cuda_compile_check.sh).
 
 The check compiles set-rows.cu, cpy.cu, getrows.cu and convert.cu from the patched llama.cpp with every warning an
-error (ptxas's spill and local-memory warnings included) and one flash-attention vector instance per qaq type (the
+error (ptxas's spill and local-memory warnings included) and one flash-attention vector instance per qaq and tcq type (the
 diagonal pairs), whose per-kernel ptxas figures must be no worse than docs/results/cuda-ptxas/. The first test runs
 it (about 4 minutes cold on 2 cores, about a second with a warm ccache); the other two show it fails: on a kernel
 whose stack frame and spills grew against a baseline, and on a header change that breaks the CUDA compile.
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "cuda_compile_check.sh"
 BASELINE = ROOT / "docs" / "results" / "cuda-ptxas"
 FA_QAQ3 = "template-instances/fattn-vec-instance-qaq3-qaq3.cu"
-TYPES = ("qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h")
+TYPES = ("qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h", "tcq3", "tcq2")
 
 pytestmark = pytest.mark.cuda_host
 
@@ -73,7 +73,7 @@ def _run(env: dict, *files: str, **extra: str) -> subprocess.CompletedProcess:
 def test_cuda_compile_check_passes(env):
     run = _run(env)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "PASS: 12 files" in run.stdout
+    assert "PASS: 14 files" in run.stdout
     for f in ("set-rows.cu", "cpy.cu", "getrows.cu", "convert.cu",
               *(f"template-instances/fattn-vec-instance-{t}-{t}.cu" for t in TYPES)):
         assert f"{f}: compiled" in run.stdout

@@ -72,12 +72,15 @@ def test_cuda_host_matches_c_reference(tools, ref_obj, tmp_path):
     run = _build_and_run(nvcc, ref_obj, tmp_path / "qaq-cuda-host")
     print(run.stdout)
     assert run.returncode == 0 and "PASS" in run.stdout, run.stdout + run.stderr
-    for t in ("qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h"):
+    for t in ("qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h", "tcq3", "tcq2"):
         assert f"{t} quantize: gaussian" in run.stdout and f"{t} dequantize (get_rows/cpy)" in run.stdout
+    for t in ("tcq3", "tcq2"):  # the trellis types' quantizer is the warp's (lanes run one by one) and K.Q their own
+        assert f"{t} K.Q (flash attention, q8_1 Q)" in run.stdout
 
 
 def test_cuda_host_detects_a_drifted_codebook(tools, ref_obj, tmp_path):
-    """A copy of the shared header with qaq3's level 45 moved to 44, seen by the CUDA side only: must fail."""
+    """A copy of the shared header with qaq3's level 45 moved to 44 and one tcq3 codeword doubled,
+    seen by the CUDA side only: must fail for those types and no other."""
     nvcc, _ = tools
     drift = tmp_path / "drift"
     drift.mkdir()
@@ -85,7 +88,10 @@ def test_cuda_host_detects_a_drifted_codebook(tools, ref_obj, tmp_path):
     text = (GGML / "ggml-qaq-common.h").read_text()
     old = "#define QAQ3_KVALUES -127, -79, -45, -14, 14, 45, 79, 127"
     assert old in text
-    (drift / "ggml-qaq-common.h").write_text(text.replace(old, old.replace(" 45,", " 44,")))
+    code = "#define QAQ_TCQ3_CODEBOOK \\\n    -0x1.2bb4bp-2f,"
+    assert code in text
+    text = text.replace(old, old.replace(" 45,", " 44,")).replace(code, code.replace("p-2f", "p-1f"))
+    (drift / "ggml-qaq-common.h").write_text(text)
     # the codebook's static_asserts would stop the compile first; the point here is the byte comparison
     run = _build_and_run(nvcc, ref_obj, tmp_path / "qaq-cuda-host-drift", include_first=drift,
                          defines=("-DQAQ_NO_CODEBOOK_CHECK",), blocks=200)
@@ -93,4 +99,5 @@ def test_cuda_host_detects_a_drifted_codebook(tools, ref_obj, tmp_path):
     assert run.returncode == 1 and "FAIL" in run.stdout, run.stdout + run.stderr
     assert "qaq3 quantize: gaussian" in run.stdout and "qaq2 quantize: gaussian" in run.stdout
     failed = [ln for ln in run.stdout.splitlines() if ln.rstrip().endswith("differ)") and "FAIL" in ln]
-    assert failed and all(ln.startswith(("qaq3 ", "qaq3l ", "qaq3h ")) for ln in failed), failed
+    assert failed and all(ln.startswith(("qaq3 ", "qaq3l ", "qaq3h ", "tcq3 ")) for ln in failed), failed
+    assert any(ln.startswith("tcq3 quantize") for ln in failed) and any("tcq3 dequantize" in ln for ln in failed)

@@ -7,7 +7,7 @@
 # Two kinds of file:
 #  - set-rows.cu, cpy.cu, getrows.cu, convert.cu (the files that include native/ggml/ggml-qaq.cuh directly): all
 #    warnings are errors, ptxas's spill and local-memory warnings included; they compile clean today.
-#  - one flash-attention vector instance per qaq type, the diagonal pairs fattn-vec-instance-qaqX-qaqX.cu (each
+#  - one flash-attention vector instance per qaq and tcq type, the diagonal pairs fattn-vec-instance-X-X.cu (each
 #    type's K and V decoders compiled into the FA kernels): front-end warnings are errors; ptxas's figures are
 #    compared with docs/results/cuda-ptxas/NAME.txt. Their 2-column kernels have 40-80 byte stack frames, as
 #    upstream's own q4_0-q4_0 instance has, and the 3-bit types' head-256 kernels small spills (ours: q4_0's have
@@ -43,7 +43,7 @@ CU=$LLAMA_SRC/ggml/src/ggml-cuda
 FILES=("$@")
 if [ ${#FILES[@]} -eq 0 ]; then
     FILES=(set-rows.cu cpy.cu getrows.cu convert.cu)
-    for t in qaq3 qaq2 qaq4l qaq3l qaq2l qaq4h qaq3h qaq2h; do FILES+=("template-instances/fattn-vec-instance-$t-$t.cu"); done
+    for t in qaq3 qaq2 qaq4l qaq3l qaq2l qaq4h qaq3h qaq2h tcq3 tcq2; do FILES+=("template-instances/fattn-vec-instance-$t-$t.cu"); done
 fi
 LAUNCH=()
 if [ "${CCACHE:-}" != off ] && command -v "${CCACHE:-ccache}" >/dev/null 2>&1 && \
@@ -82,10 +82,10 @@ for f in "${FILES[@]}"; do
         -DGGML_CUDA_USE_GRAPHS "${STUB[@]}" -I"$QAQ_GGML" -I"$CU" -I"$LLAMA_SRC/ggml/src" -I"$LLAMA_SRC/ggml/include" \
         "${ptxas[@]}" -Werror all-warnings -c "$CU/$f" -o "$tmp/$name.o" > "$tmp/$name.log" 2>&1; then rc=0; else rc=$?; fi
     secs=$(( $(date +%s) - start ))
-    # the resource lines of the kernels with qaq in their (mangled) name, or of all kernels of an FA instance
+    # the resource lines of the kernels with qaq or tcq in their (mangled) name, or of all kernels of an FA instance
     { echo "# $f for $ARCH, $NVCC_VERSION, all warnings as errors, $kind"
       awk -v all="$([[ $name == fattn-* ]] && echo 1 || echo 0)" '
-          /Compiling entry function/ { keep = all || tolower($0) ~ /qaq/; if (keep) print; next }
+          /Compiling entry function/ { keep = all || tolower($0) ~ /qaq|tcq/; if (keep) print; next }
           keep && /(registers|stack frame|spill)/ { print }
           /error|warning/ { print }' "$tmp/$name.log"
     } > "$OUT/$name.txt"

@@ -999,16 +999,35 @@ QAQ_STATIC_ASSERT(sizeof(block_tcq2) == 18, "wrong tcq2 block size/padding");
 
 #define QAQ_TCQ2_RHO 0x1p+0f  // rms(x) / scale of a walk on N(0, 1) rows (1.0)
 
-#if !QAQ_COMMON_GPU  // the GPU kernels of the trellis types are not written yet
-
+// sqrt, correctly rounded (IEEE 754), as numpy's float32 sqrt
 QAQ_FN float qaq_fsqrt(const float x) {
-    return sqrtf(x);  // correctly rounded (IEEE 754), as numpy's float32 sqrt
+#if QAQ_DEVICE_PASS && defined(__CUDA_ARCH__) && !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA)
+    float r; asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(x)); return r;
+#elif QAQ_DEVICE_PASS
+    return __fsqrt_rn(x);
+#else
+    return sqrtf(x);
+#endif
 }
 
+#if QAQ_COMMON_GPU
+// the device reads its copies from global memory (cached); the host pass (tests/native/test_cuda_host.cu) its own
+static const __device__ float qaq_tcq3_codebook_dev[QAQ_TCQ_STATES] = { QAQ_TCQ3_CODEBOOK };
+static const __device__ float qaq_tcq2_codebook_dev[QAQ_TCQ_STATES] = { QAQ_TCQ2_CODEBOOK };
+static const float qaq_tcq3_codebook_host[QAQ_TCQ_STATES] = { QAQ_TCQ3_CODEBOOK };
+static const float qaq_tcq2_codebook_host[QAQ_TCQ_STATES] = { QAQ_TCQ2_CODEBOOK };
+#endif
+
 QAQ_FN const float * qaq_tcq_codebook(const int k) {
+#if QAQ_DEVICE_PASS
+    return k == 3 ? qaq_tcq3_codebook_dev : qaq_tcq2_codebook_dev;
+#elif QAQ_COMMON_GPU
+    return k == 3 ? qaq_tcq3_codebook_host : qaq_tcq2_codebook_host;
+#else
     static const float c3[QAQ_TCQ_STATES] = { QAQ_TCQ3_CODEBOOK };
     static const float c2[QAQ_TCQ_STATES] = { QAQ_TCQ2_CODEBOOK };
     return k == 3 ? c3 : c2;
+#endif
 }
 
 // input b_j of a block's qs
@@ -1028,7 +1047,33 @@ QAQ_FN int qaq_tcq_input(const int k, const uint8_t * qs, const int j) {
 // whose bits order as uint32, so one integer min picks the cost and its argmin (ties cannot happen). cost(s) =
 // M[s >> k] + (v - c[s])^2 (float, rounded per operation); unreachable states start at 1e30 (qaq_tcq_walk_start).
 // The last value's state is the first of the least cost; the walk is read back from the tops (qaq_tcq_walk_finish).
+// The pieces below are the walk's parts every implementation shares: the reference runs the groups of a step one
+// after another (qaq_tcq_walk_ref), CUDA spreads them over a warp (ggml-qaq.cuh), AVX2 computes 8 at once.
 typedef void (*qaq_tcq_walk_t)(int k, const float * v, uint8_t * b);
+
+// the block's start: false when it is stored as zeros (all zeros, an infinity or a NaN: d = 0, inputs 0); else
+// true with u = x / amax, v = u * rho / rms(u) (what the walk follows) and amax
+QAQ_FN bool qaq_tcq_prepare(const int k, const float * x, uint16_t * d, uint8_t * qs, float * u, float * v,
+                            float * amax) {
+    float sumx2 = 0.0f;
+    *d = 0;
+    for (int i = 0; i < QK_TCQ*k/8; ++i) {
+        qs[i] = 0;
+    }
+    if (!qaq_stats(x, QK_TCQ, amax, &sumx2) || !qaq_fle(sumx2, INFINITY)) {  // zeros, an infinity or a NaN
+        return false;
+    }
+    float su2 = 0.0f;
+    for (int j = 0; j < QK_TCQ; ++j) {
+        u[j] = qaq_fdiv(x[j], *amax);
+        su2  = qaq_fadd(su2, qaq_fmul(u[j], u[j]));
+    }
+    const float g = qaq_fdiv(k == 3 ? QAQ_TCQ3_RHO : QAQ_TCQ2_RHO, qaq_fsqrt(qaq_fdiv(su2, (float) QK_TCQ)));
+    for (int j = 0; j < QK_TCQ; ++j) {
+        v[j] = qaq_fmul(u[j], g);
+    }
+    return true;
+}
 
 // the walks' state before value 0: only state 0 reachable (the others at 1e30)
 QAQ_FN void qaq_tcq_walk_start(const int k, float * M) {
@@ -1036,6 +1081,25 @@ QAQ_FN void qaq_tcq_walk_start(const int k, float * M) {
         M[lo] = 1e30f;
     }
     M[0] = 0.0f;
+}
+
+// one step of one group: from the group costs Mp after the previous value, the least cost of the states
+// top*H + lo with the value vt (tagged with its top) into Mn[lo], its top into bpt[lo]
+QAQ_FN void qaq_tcq_walk_group(const int k, const int lo, const float vt, const float * Mp, float * Mn,
+                               uint8_t * bpt) {
+    const int K = 1 << k;
+    const int H = QAQ_TCQ_STATES >> k;
+    const float * T = qaq_tcq_codebook(k);
+    uint32_t best = 0x7FFFFFFFu;
+    for (int top = 0; top < K; ++top) {
+        const int s = top*H + lo;
+        const float e = qaq_fsub(vt, T[s]);
+        const uint32_t c = (qaq_f32_bits(qaq_fadd(Mp[s >> k], qaq_fmul(e, e))) & ~(uint32_t) (K - 1)) |
+                           (uint32_t) top;
+        best = c < best ? c : best;
+    }
+    Mn[lo] = qaq_bits_f32(best);
+    bpt[lo] = (uint8_t) (best & (uint32_t) (K - 1));
 }
 
 // the walk's end, shared by every implementation: M holds the group costs after value QK_TCQ - 2 and bp[t][lo] the
@@ -1065,58 +1129,11 @@ QAQ_FN void qaq_tcq_walk_finish(const int k, const float * v, const float * M,
     }
 }
 
-QAQ_FN void qaq_tcq_walk_ref(const int k, const float * v, uint8_t * b) {
-    const int K = 1 << k;
-    const int H = QAQ_TCQ_STATES >> k;
+// the block's end: the least-squares scale of the walk's values (saturated at 65504; 0 when degenerate) and the
+// packed inputs
+QAQ_FN void qaq_tcq_pack(const int k, const float amax, const float * u, const uint8_t * b, uint16_t * d,
+                         uint8_t * qs) {
     const float * T = qaq_tcq_codebook(k);
-    float M[2][QAQ_TCQ_STATES >> 2];
-    uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
-    float * Mp = M[0];
-    float * Mn = M[1];
-    qaq_tcq_walk_start(k, Mp);
-    for (int t = 0; t < QK_TCQ - 1; ++t) {
-        for (int lo = 0; lo < H; ++lo) {
-            uint32_t best = 0x7FFFFFFFu;
-            for (int top = 0; top < K; ++top) {
-                const int s = top*H + lo;
-                const float e = qaq_fsub(v[t], T[s]);
-                const uint32_t c = (qaq_f32_bits(qaq_fadd(Mp[s >> k], qaq_fmul(e, e))) & ~(uint32_t) (K - 1)) |
-                                   (uint32_t) top;
-                best = c < best ? c : best;
-            }
-            Mn[lo] = qaq_bits_f32(best);
-            bp[t + 1][lo] = (uint8_t) (best & (uint32_t) (K - 1));
-        }
-        float * tmp = Mp;
-        Mp = Mn;
-        Mn = tmp;
-    }
-    qaq_tcq_walk_finish(k, v, Mp, (const uint8_t (*)[QAQ_TCQ_STATES >> 2]) bp, b);
-}
-
-// one block: the scale, the walk (walk: qaq_tcq_walk_ref or a port with the same results), the packed inputs
-QAQ_FN void qaq_tcq_quantize_block(const int k, const float * x, uint16_t * d, uint8_t * qs, qaq_tcq_walk_t walk) {
-    const float * T = qaq_tcq_codebook(k);
-    float amax  = 0.0f;
-    float sumx2 = 0.0f;
-    *d = 0;
-    memset(qs, 0, (size_t) (QK_TCQ*k/8));
-    if (!qaq_stats(x, QK_TCQ, &amax, &sumx2) || !qaq_fle(sumx2, INFINITY)) {  // zeros, an infinity or a NaN
-        return;
-    }
-    float u[QK_TCQ];
-    float v[QK_TCQ];
-    uint8_t b[QK_TCQ];
-    float su2 = 0.0f;
-    for (int j = 0; j < QK_TCQ; ++j) {
-        u[j] = qaq_fdiv(x[j], amax);
-        su2  = qaq_fadd(su2, qaq_fmul(u[j], u[j]));
-    }
-    const float g = qaq_fdiv(k == 3 ? QAQ_TCQ3_RHO : QAQ_TCQ2_RHO, qaq_fsqrt(qaq_fdiv(su2, (float) QK_TCQ)));
-    for (int j = 0; j < QK_TCQ; ++j) {
-        v[j] = qaq_fmul(u[j], g);
-    }
-    walk(k, v, b);
     float suc = 0.0f;
     float scc = 0.0f;
     int s = 0;
@@ -1134,32 +1151,67 @@ QAQ_FN void qaq_tcq_quantize_block(const int k, const float * x, uint16_t * d, u
             qs[j/4] |= (uint8_t) (b[j] << 2*(j%4));
         }
     }
+    *d = 0;
     if (qaq_fgt(suc, 0.0f) && qaq_fgt(scc, 0.0f)) {
         const float ds = qaq_fmul(qaq_fdiv(suc, scc), amax);
         *d = qaq_fp32_to_fp16(qaq_fgt(65504.0f, ds) ? ds : 65504.0f);
     }
 }
 
-// the states of a block's values from its inputs, each from the last inputs (no serial walk): s[j] = the low 8 bits
-// of b_j | b_{j-1} << k | b_{j-2} << 2k | b_{j-3} << 3k (inputs before value 0 are 0)
-QAQ_FN void qaq_tcq_states(const int k, const uint8_t * qs, uint8_t * s) {
-    uint8_t b[QK_TCQ + 3] = { 0, 0, 0 };
-    for (int j = 0; j < QK_TCQ; ++j) {
-        b[j + 3] = (uint8_t) qaq_tcq_input(k, qs, j);
+#if !QAQ_COMMON_GPU  // the GPU's quantizer spreads the groups over a warp instead (ggml-qaq.cuh)
+
+QAQ_FN void qaq_tcq_walk_ref(const int k, const float * v, uint8_t * b) {
+    const int H = QAQ_TCQ_STATES >> k;
+    float M[2][QAQ_TCQ_STATES >> 2];
+    uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
+    qaq_tcq_walk_start(k, M[0]);
+    for (int t = 0; t < QK_TCQ - 1; ++t) {
+        for (int lo = 0; lo < H; ++lo) {
+            qaq_tcq_walk_group(k, lo, v[t], M[t & 1], M[(t + 1) & 1], bp[t + 1]);
+        }
     }
-    for (int j = 0; j < QK_TCQ; ++j) {
-        s[j] = (uint8_t) (b[j + 3] | b[j + 2] << k | b[j + 1] << 2*k | b[j] << 3*k);
-    }
+    qaq_tcq_walk_finish(k, v, M[(QK_TCQ - 1) & 1], (const uint8_t (*)[QAQ_TCQ_STATES >> 2]) bp, b);
 }
 
-QAQ_FN void qaq_tcq_dequantize_block(const int k, const uint16_t h, const uint8_t * qs, float * y) {
-    const float * T = qaq_tcq_codebook(k);
-    const float d = qaq_fp16_to_fp32(h);
-    uint8_t s[QK_TCQ];
-    qaq_tcq_states(k, qs, s);
-    for (int j = 0; j < QK_TCQ; ++j) {
-        y[j] = qaq_fmul(d, T[s[j]]);
+// one block: the scale, the walk (walk: qaq_tcq_walk_ref or a port with the same results), the packed inputs
+QAQ_FN void qaq_tcq_quantize_block(const int k, const float * x, uint16_t * d, uint8_t * qs, qaq_tcq_walk_t walk) {
+    float u[QK_TCQ];
+    float v[QK_TCQ];
+    uint8_t b[QK_TCQ];
+    float amax = 0.0f;
+    if (!qaq_tcq_prepare(k, x, d, qs, u, v, &amax)) {
+        return;
     }
+    walk(k, v, b);
+    qaq_tcq_pack(k, amax, u, b, d, qs);
 }
 
 #endif // !QAQ_COMMON_GPU
+
+// the state of value j from its input and the inputs before it (no serial walk): the low 8 bits of
+// b_j | b_{j-1} << k | b_{j-2} << 2k | b_{j-3} << 3k (inputs before value 0 are 0)
+QAQ_FN int qaq_tcq_state(const int k, const uint8_t * qs, const int j) {
+    int s = 0;
+    for (int i = j - (k == 3 ? 2 : 3); i <= j; ++i) {
+        s = (s << k) | (i >= 0 ? qaq_tcq_input(k, qs, i) : 0);
+    }
+    return s & (QAQ_TCQ_STATES - 1);
+}
+
+// the states of a block's values
+QAQ_FN void qaq_tcq_states(const int k, const uint8_t * qs, uint8_t * s) {
+    for (int j = 0; j < QK_TCQ; ++j) {
+        s[j] = (uint8_t) qaq_tcq_state(k, qs, j);
+    }
+}
+
+// value j of a block
+QAQ_FN float qaq_tcq_value(const int k, const uint16_t h, const uint8_t * qs, const int j) {
+    return qaq_fmul(qaq_fp16_to_fp32(h), qaq_tcq_codebook(k)[qaq_tcq_state(k, qs, j)]);
+}
+
+QAQ_FN void qaq_tcq_dequantize_block(const int k, const uint16_t h, const uint8_t * qs, float * y) {
+    for (int j = 0; j < QK_TCQ; ++j) {
+        y[j] = qaq_tcq_value(k, h, qs, j);
+    }
+}

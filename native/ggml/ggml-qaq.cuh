@@ -353,3 +353,202 @@ template <typename T, int ne>
 static __host__ __device__ __forceinline__ void dequantize_V_qaq2h(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
     dequantize_V_qaq_impl<T, ne, block_qaq2h, qaq2h_get_int, QK_QAQH>(vx, dst, i0);
 }
+
+// ---------------------------------------------------------------------------------------------------------------------
+// tcq3 / tcq2 (trellis-coded, 64 values per block, kbits = 3 or 2): the value of element j is d * c[state_j], the
+// state from the last inputs (qaq_tcq_state); the quantizer is a Viterbi walk, spread over a warp.
+
+// the states of elements j0 .. j0 + 3 of a block (j0 a multiple of 4) from the inputs j0 - 3 .. j0 + 3, read once
+template <int kbits>
+static __host__ __device__ __forceinline__ void qaq_tcq_states4(const uint8_t * __restrict__ qs, const int j0, int * s) {
+    int b[7];
+#pragma unroll
+    for (int i = 0; i < 7; ++i) {
+        b[i] = j0 - 3 + i >= 0 ? qaq_tcq_input(kbits, qs, j0 - 3 + i) : 0;
+    }
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+        s[l] = (b[l] << 3*kbits | b[l + 1] << 2*kbits | b[l + 2] << kbits | b[l + 3]) & (QAQ_TCQ_STATES - 1);
+    }
+}
+
+// dequantize_kernel_t (qk = QK_TCQ, qr = 1): values iqs and iqs + 1 of block ib
+template <int kbits, typename block_t>
+static __host__ __device__ __forceinline__ void dequantize_tcq(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const block_t * x = (const block_t *) vx + ib;
+    v.x = qaq_tcq_value(kbits, x->d, x->qs, iqs + 0);
+    v.y = qaq_tcq_value(kbits, x->d, x->qs, iqs + 1);
+}
+
+static __host__ __device__ __forceinline__ void dequantize_tcq3(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    dequantize_tcq<3, block_tcq3>(vx, ib, iqs, v);
+}
+
+static __host__ __device__ __forceinline__ void dequantize_tcq2(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    dequantize_tcq<2, block_tcq2>(vx, ib, iqs, v);
+}
+
+// What the quantizer of one block keeps between its phases: shared memory, one per warp (5.3 KiB).
+struct qaq_tcq_scratch {
+    float   u[QK_TCQ];
+    float   v[QK_TCQ];
+    float   M[2][QAQ_TCQ_STATES >> 2];
+    uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
+    uint8_t b[QK_TCQ];
+    float   amax;
+    int     live;
+};
+
+// The quantizer of one tcq block by a group of lanes sharing a scratch, bit-exact with qaq_tcq_quantize_block and
+// qaq_tcq_walk_ref: lane 0 starts the block (qaq_tcq_prepare) and ends it (qaq_tcq_walk_finish, qaq_tcq_pack); each
+// step of the walk spreads its groups lo = lane, lane + n, ... over the lanes (qaq_tcq_walk_group: a group reads the
+// previous step's costs only, so the lanes are independent within a step). lanes_t runs the phases: one(f) runs f on
+// lane 0, each(f) runs f(lane) on every lane, both followed by a barrier of the group. On the device the group is a
+// warp (qaq_warp_lanes); tests/native/test_cuda_host.cu runs this same function with the lanes one after another.
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+#pragma nv_exec_check_disable  // lanes_t is host-only (the test) or device-only (a warp): each instance runs on its side
+#endif
+template <int kbits, typename lanes_t>
+static __host__ __device__ void qaq_tcq_quantize_block_lanes(const float * __restrict__ x, uint16_t * d, uint8_t * qs,
+                                                             qaq_tcq_scratch & sm, const lanes_t & lanes) {
+    lanes.one([&]() {
+        sm.live = qaq_tcq_prepare(kbits, x, d, qs, sm.u, sm.v, &sm.amax);
+        qaq_tcq_walk_start(kbits, sm.M[0]);
+    });
+    if (!sm.live) {
+        return;
+    }
+    for (int t = 0; t < QK_TCQ - 1; ++t) {
+        lanes.each([&](const int lane) {
+            for (int lo = lane; lo < (QAQ_TCQ_STATES >> kbits); lo += lanes_t::n) {
+                qaq_tcq_walk_group(kbits, lo, sm.v[t], sm.M[t & 1], sm.M[(t + 1) & 1], sm.bp[t + 1]);
+            }
+        });
+    }
+    lanes.one([&]() {
+        qaq_tcq_walk_finish(kbits, sm.v, sm.M[(QK_TCQ - 1) & 1], sm.bp, sm.b);
+        qaq_tcq_pack(kbits, sm.amax, sm.u, sm.b, d, qs);
+    });
+}
+
+#ifdef __CUDACC__
+// the lanes of a warp: every lane of the warp calls the quantizer for the same block
+struct qaq_warp_lanes {
+    static constexpr int n = WARP_SIZE;
+    template <typename F> __device__ __forceinline__ void one(F f) const {
+        if (threadIdx.x % WARP_SIZE == 0) {
+            f();
+        }
+        __syncwarp();
+    }
+    template <typename F> __device__ __forceinline__ void each(F f) const {
+        f((int) (threadIdx.x % WARP_SIZE));
+        __syncwarp();
+    }
+};
+
+// set_rows / cpy block quantizers, the signature of the others (quantize_f32_qaq*_block), but called by all 32 lanes
+// of a warp for the same block: the kernels that call them give each warp one block (their template parameter
+// lanes = WARP_SIZE) and run at most QAQ_TCQ_WARPS warps per CUDA block, each with its scratch in shared memory
+#define QAQ_TCQ_WARPS 8
+
+static __device__ void quantize_f32_tcq3_block(const float * __restrict__ x, block_tcq3 * __restrict__ y) {
+    __shared__ qaq_tcq_scratch sm[QAQ_TCQ_WARPS];
+    qaq_tcq_quantize_block_lanes<3>(x, &y->d, y->qs, sm[threadIdx.x / WARP_SIZE], qaq_warp_lanes());
+}
+
+static __device__ void quantize_f32_tcq2_block(const float * __restrict__ x, block_tcq2 * __restrict__ y) {
+    __shared__ qaq_tcq_scratch sm[QAQ_TCQ_WARPS];
+    qaq_tcq_quantize_block_lanes<2>(x, &y->d, y->qs, sm[threadIdx.x / WARP_SIZE], qaq_warp_lanes());
+}
+#endif // __CUDACC__
+
+// Flash attention, vector kernel: sum over elements 4 iqs .. 4 iqs + 3 of c[state] times the int8 values of q (one int
+// of Q as q8_1), and ne (2 or 4) values of a V row from element i0 (a multiple of ne)
+template <int kbits>
+static __host__ __device__ __forceinline__ float qaq_tcq_dot4(const uint8_t * __restrict__ qs, const int iqs, const int q) {
+    const float * T = qaq_tcq_codebook(kbits);
+    int s[4];
+    qaq_tcq_states4<kbits>(qs, 4*iqs, s);
+    float sum = 0.0f;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+        sum += T[s[l]] * (float) (int8_t) (q >> 8*l);
+    }
+    return sum;
+}
+
+template <int D, int nthreads, int kbits, typename block_t>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_tcq_impl(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+
+    static_assert(D % QK_TCQ == 0, "tcq K types need a head size that is a multiple of 64");
+    const block_t * K = (const block_t *) K_c;
+    GGML_UNUSED(Q_v);
+
+    float sum = 0.0f;
+
+#pragma unroll
+    for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
+        const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
+
+        const int ib  = k_KQ / (QK_TCQ/sizeof(int));
+        const int iqs = k_KQ % (QK_TCQ/sizeof(int));
+
+        const float dot = qaq_tcq_dot4<kbits>(K[ib].qs, iqs, Q_q8[k_KQ_0/nthreads]);
+
+        const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
+        sum += qaq_fp16_to_fp32(K[ib].d) * Q_ds.x * dot;
+    }
+
+    return sum;
+}
+
+template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_tcq3(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    return vec_dot_fattn_vec_KQ_tcq_impl<D, nthreads, 3, block_tcq3>(K_c, Q_v, Q_q8, Q_ds_v);
+}
+
+template <int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_tcq2(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    return vec_dot_fattn_vec_KQ_tcq_impl<D, nthreads, 2, block_tcq2>(K_c, Q_v, Q_q8, Q_ds_v);
+}
+
+template <typename T, int ne, int kbits, typename block_t>
+static __host__ __device__ __forceinline__ void dequantize_V_tcq_impl(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    static_assert(ne == 2 || ne == 4, "bad ne");
+    const block_t * x = (const block_t *) vx + i0 / QK_TCQ;
+    const int j0 = (int) (i0 % QK_TCQ);
+
+    const float * C = qaq_tcq_codebook(kbits);
+    const float   d = qaq_fp16_to_fp32(x->d);
+    int s[4];
+    qaq_tcq_states4<kbits>(x->qs, j0 & ~3, s);
+
+#pragma unroll
+    for (int l = 0; l < ne; ++l) {
+        const float v = qaq_fmul(d, C[s[(j0 & 3) + l]]);
+        if constexpr (std::is_same_v<T, float>) {
+            ((float *) dst)[l] = v;
+        } else {
+#ifdef FP16_AVAILABLE
+            static_assert(std::is_same_v<T, half>, "bad type");
+            ((half *) dst)[l] = __float2half(v);
+#else
+            static_assert(std::is_same_v<T, void>, "bad type");
+#endif // FP16_AVAILABLE
+        }
+    }
+}
+
+template <typename T, int ne>
+static __host__ __device__ __forceinline__ void dequantize_V_tcq3(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    dequantize_V_tcq_impl<T, ne, 3, block_tcq3>(vx, dst, i0);
+}
+
+template <typename T, int ne>
+static __host__ __device__ __forceinline__ void dequantize_V_tcq2(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    dequantize_V_tcq_impl<T, ne, 2, block_tcq2>(vx, dst, i0);
+}

@@ -47,6 +47,25 @@ void dequantize_row_qaq2l(const block_qaq2l * x, float * y, int64_t k);
 void dequantize_row_qaq4h(const block_qaq4h * x, float * y, int64_t k);
 void dequantize_row_qaq3h(const block_qaq3h * x, float * y, int64_t k);
 void dequantize_row_qaq2h(const block_qaq2h * x, float * y, int64_t k);
+void quantize_row_tcq3_ref (const float * x, block_tcq3  * y, int64_t k);
+void quantize_row_tcq2_ref (const float * x, block_tcq2  * y, int64_t k);
+void dequantize_row_tcq3 (const block_tcq3  * x, float * y, int64_t k);
+void dequantize_row_tcq2 (const block_tcq2  * x, float * y, int64_t k);
+}
+
+// the tcq quantizers' lanes (a warp on the device: quantize_f32_tcq*_block) run one after another here, in reverse order: within a step no
+// lane may read what another writes
+struct host_lanes {
+    static constexpr int n = WARP_SIZE;
+    template <typename F> void one(F f) const { f(); }
+    template <typename F> void each(F f) const { for (int lane = n - 1; lane >= 0; --lane) f(lane); }
+};
+static qaq_tcq_scratch host_scratch;
+static void quantize_f32_tcq3_block_host(const float * x, block_tcq3 * y) {
+    qaq_tcq_quantize_block_lanes<3>(x, &y->d, y->qs, host_scratch, host_lanes());
+}
+static void quantize_f32_tcq2_block_host(const float * x, block_tcq2 * y) {
+    qaq_tcq_quantize_block_lanes<2>(x, &y->d, y->qs, host_scratch, host_lanes());
 }
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -215,6 +234,44 @@ static int check_type(const char * name, int nb,
     return fails;
 }
 
+// the flash-attention K.Q core of the tcq types (qaq_tcq_dot4: 4 elements against an int of q8_1 values, times the
+// block scale) against the C reference's dequantized values, on quantized and random blocks: equal to float rounding
+template <typename block_t, int kbits>
+static int check_tcq_dot(const char * name, int nb, void (*quant_ref)(const float *, block_t *, int64_t),
+                         void (*deq_ref)(const block_t *, float *, int64_t)) {
+    result r;
+    std::vector<float> x(QK_TCQ), y(QK_TCQ);
+    for (int i = 0; i < nb; ++i) {
+        block_t b;
+        if (i % 2 == 0) {
+            gen_block(0, x.data(), QK_TCQ);
+            quant_ref(x.data(), &b, QK_TCQ);
+        } else {
+            for (size_t k = 0; k < sizeof(b); ++k) ((uint8_t *) &b)[k] = (uint8_t) rnd();
+            b.d = 0x3C00;  // 1.0: random scales would only test fp16 overflow
+        }
+        deq_ref(&b, y.data(), QK_TCQ);
+        bool ok = true;
+        for (int iqs = 0; iqs < QK_TCQ/4; ++iqs) {
+            const int q = (int) rnd();
+            double want = 0.0, mag = 0.0;
+            for (int l = 0; l < 4; ++l) {
+                want += (double) y[4*iqs + l] * (int8_t) (q >> 8*l);
+                mag  += std::fabs((double) y[4*iqs + l] * (int8_t) (q >> 8*l));
+            }
+            const double got = (double) qaq_fp16_to_fp32(b.d) * qaq_tcq_dot4<kbits>(b.qs, iqs, q);
+            ok = ok && std::fabs(got - want) <= 1e-6*mag + 1e-30;
+        }
+        ++r.blocks;
+        r.bad += !ok;
+    }
+    int fails = 0;
+    char what[96];
+    snprintf(what, sizeof(what), "%s K.Q (flash attention, q8_1 Q)", name);
+    report(what, r, fails);
+    return fails;
+}
+
 #define CHECK(t, qk) check_type<block_##t, qk>(#t, nb, quantize_row_##t##_ref, dequantize_row_##t, \
     quantize_f32_##t##_block, dequantize_##t, dequantize_V_##t<float, 4>, dequantize_V_##t<float, 2>)
 
@@ -229,6 +286,12 @@ int main(int argc, char ** argv) {
     fails += CHECK(qaq4h, QK_QAQH);
     fails += CHECK(qaq3h, QK_QAQH);
     fails += CHECK(qaq2h, QK_QAQH);
+    fails += check_type<block_tcq3, QK_TCQ>("tcq3", nb, quantize_row_tcq3_ref, dequantize_row_tcq3,
+        quantize_f32_tcq3_block_host, dequantize_tcq3, dequantize_V_tcq3<float, 4>, dequantize_V_tcq3<float, 2>);
+    fails += check_type<block_tcq2, QK_TCQ>("tcq2", nb, quantize_row_tcq2_ref, dequantize_row_tcq2,
+        quantize_f32_tcq2_block_host, dequantize_tcq2, dequantize_V_tcq2<float, 4>, dequantize_V_tcq2<float, 2>);
+    fails += check_tcq_dot<block_tcq3, 3>("tcq3", nb, quantize_row_tcq3_ref, dequantize_row_tcq3);
+    fails += check_tcq_dot<block_tcq2, 2>("tcq2", nb, quantize_row_tcq2_ref, dequantize_row_tcq2);
     printf("%s: %d check(s) failed\n", fails ? "FAIL" : "PASS", fails);
     return fails ? 1 : 0;
 }
