@@ -46,12 +46,11 @@ class Scores:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
 
 
-# cache types without a CUDA flash-attention kernel (ggml-cuda fattn: f16, q4_0, q4_1, q5_0, q5_1, q8_0, bf16,
-# and qaq-gguf's qaq3/qaq2/qaq4l/qaq3l/qaq2l, patches/0008 and 0014)
 # cache types a GPU backend has no kernels for (flash attention, the cache write): left out of the default candidates
-# of a build that has that backend, since a profile using them would be refused there. The trellis types (patches/0032)
-# are CPU-only so far.
-NO_GPU_KERNELS = {"CUDA": ("iq4_nl", "tcq3", "tcq2"), "Metal": ("tcq3", "tcq2"), "Vulkan": ("tcq3", "tcq2")}
+# of a build that has that backend, since a profile using them would be refused there. iq4_nl has no CUDA
+# flash-attention kernel; the trellis types (patches/0032) have CUDA and Vulkan kernels (patches/0033, 0035), no
+# Metal ones yet.
+NO_GPU_KERNELS = {"CUDA": ("iq4_nl",), "Metal": ("tcq3", "tcq2"), "Vulkan": ()}
 
 
 # the score of a (layer, type) the type cannot hold: finite, so that a profile stores it, and never chosen

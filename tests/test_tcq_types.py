@@ -3,7 +3,8 @@ them. The ops they share with the qaq types (reference bytes, numpy port byte fo
 the K.q dot product, FLASH_ATTN_EXT over head sizes and GQA) are in tests/test_qaq_types.py and
 tests/test_flash_attn_cpu.py, parametrized over both families.
 
-Here: one codebook in three places (the C header, the numpy port, the generator), the error the trellis buys over the
+Here: one codebook in four places (the C header, the numpy port, the generator, the Vulkan shaders' copy in
+patches/0035; CUDA compiles the header), the error the trellis buys over the
 scalar types of the same size, blocks with nothing to code, damaged scales refused, and the types in a real model's
 cache: a K-shift and a saved state.
 """
@@ -41,6 +42,15 @@ def test_one_codebook_in_the_header_the_port_and_the_generator(k):
     np.testing.assert_array_equal(table.view(np.uint32), c.view(np.uint32))
     rho_c = re.search(rf"#define QAQ_TCQ{k}_RHO (\S+)f", HEADER.read_text()).group(1)
     assert np.float32(float.fromhex(rho_c)) == np.float32(rho) == quants.TCQ_RHO[k]
+    # the Vulkan shaders' copy (GLSL has no hex floats: the float32 bits) and their walk scales
+    patch = next((HEADER.parents[2] / "patches").glob("*-ggml-vulkan-tcq3-and-tcq2.patch")).read_text()
+    m = re.search(rf"\+const uint tcq{k}_codebook_bits\[256\] = uint\[256\]\(\n((?:\+.*\n)+?)\+?.*\);", patch)
+    assert m, f"tcq{k}_codebook_bits not in the Vulkan patch"
+    glsl = np.array([int(v, 16) for v in re.findall(r"0x([0-9A-F]{8})u", m.group(0))], np.uint32)
+    np.testing.assert_array_equal(glsl, c.view(np.uint32))
+    rho_glsl = re.search(r"const float rho = uintBitsToFloat\(TCQ_K == 3u \? (0x[0-9A-F]+)u : (0x[0-9A-F]+)u\);",
+                         patch).group(1 if k == 3 else 2)
+    assert np.uint32(int(rho_glsl, 16)) == np.float32(rho).view(np.uint32)
 
 
 @pytest.mark.parametrize("name,scalar,lo,hi", [("tcq3", "qaq3h", 0.76, 0.90), ("tcq2", "qaq2h", 0.72, 0.86)])

@@ -29,7 +29,7 @@ def _skip(why: str):
         pytest.fail(f"QAQ_REQUIRE_VULKAN=1, but: {why}")
     pytest.skip(why)
 
-QAQ_TYPES = ["qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h"]
+QAQ_TYPES = ["qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l", "qaq4h", "qaq3h", "qaq2h", "tcq3", "tcq2"]
 LEAN = {"qaq4l", "qaq3l", "qaq2l"}
 
 
@@ -93,15 +93,17 @@ def _backend_ops(op: str, params: str, timeout: int, **env: str) -> str:
     return out
 
 
+@pytest.mark.parametrize("family", ["qaq", "tcq"])
 @pytest.mark.parametrize("op", ["SET_ROWS", "GET_ROWS", "CPY"])
-def test_backend_ops_qaq_types_match_cpu(quant_run, op):
-    """llama.cpp's test-backend-ops qaq cases (patches/0009, 0016, 0026): Vulkan against the CPU backend."""
-    _backend_ops(op, "qaq", timeout=1800)
+def test_backend_ops_qaq_types_match_cpu(quant_run, op, family):
+    """llama.cpp's test-backend-ops qaq and tcq cases (patches/0009, 0016, 0026, 0034): Vulkan against the CPU
+    backend."""
+    _backend_ops(op, family, timeout=1800)
 
 
 # every qaq type with itself, and mixed pairs: qaq beside upstream types (either side) and two qaq types
 FA_PAIRS = [(t, t) for t in QAQ_TYPES] + [("f16", "qaq3"), ("q8_0", "qaq2h"), ("qaq4l", "q4_0"), ("qaq3h", "qaq4h"),
-                                          ("qaq2", "qaq3l"), ("qaq4h", "f16")]
+                                          ("qaq2", "qaq3l"), ("qaq4h", "f16"), ("q8_0", "tcq3"), ("tcq2", "qaq3h")]
 
 
 def _fa_params(tk: str, tv: str, heads: str, nr2: str, nb: str, kv: str = "512|113") -> str:
@@ -186,7 +188,7 @@ def test_info_lists_the_vulkan_device_and_its_cache_types(vulkan_llama):
     assert vk and vk[0]["type"] == "gpu", info["devices"]
     types = vk[0]["kv_cache_types"]
     assert {"f16", "q8_0", "q4_0", "qaq3", "qaq2", "qaq4l", "qaq3l", "qaq2l"} <= set(types["128"]), types
-    assert {"qaq4h", "qaq3h", "qaq2h", "qaq3", "qaq2"} <= set(types["64"]), types
+    assert {"qaq4h", "qaq3h", "qaq2h", "qaq3", "qaq2", "tcq3", "tcq2"} <= set(types["64"]), types
     assert "qaq4l" not in types["64"]  # a 128-value block does not fit a 64-value head: not listed
     r = subprocess.run([sys.executable, "-m", "qaq_gguf.cli", "info"], capture_output=True, text=True, env=_env(),
                        timeout=600)
@@ -262,6 +264,7 @@ def _kld(p, q) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name,budget,candidates,n_tok", [
     ("smollm2", 3.5, None, 256),
+    ("smollm2", 3.0, "q8_0,qaq4h,tcq3,tcq2", 256),  # the trellis types in most layers
     # head 256: lavapipe compiled Gemma's pipelines (its Q4_K matmuls, head-256 attention) for over 25 minutes on the
     # 2-core VM without finishing: run by hand (-m vulkan_head256) on a faster machine or a real GPU, not in CI
     pytest.param("gemma", 4.0, "q8_0,qaq3,qaq2", 128, marks=pytest.mark.vulkan_head256)])
@@ -280,11 +283,13 @@ def test_calibrated_profile_on_vulkan_matches_cpu(vulkan_llama, request, eval_te
     from qaq_gguf import calibrate
 
     model = request.getfixturevalue(model_name)
-    if candidates is None:  # the default candidates of this CPU build, less the types Vulkan has no kernels for (tcq)
+    if candidates is None:  # the default candidates of this CPU build, less any type Vulkan has no kernels for
         candidates = ",".join(c for c in calibrate.default_candidates() if c not in calibrate.NO_GPU_KERNELS["Vulkan"])
     f = _calibrated(model, calib_file, tmp_path / "p.gguf", budget, "--exact-cells", "0", "--candidates", candidates)
     p = profile.read_profile(f)
-    assert len(set(zip(p.type_k, p.type_v))) > 1 and any(t.startswith("qaq") for t in p.type_k + p.type_v)
+    assert len(set(zip(p.type_k, p.type_v))) > 1 and any(t.startswith(("qaq", "tcq")) for t in p.type_k + p.type_v)
+    if "tcq" in candidates:
+        assert {"tcq3", "tcq2"} & set(p.type_k + p.type_v), (p.type_k, p.type_v)
     assert p.k_mean is not None and p.v_mean is not None  # the transforms run on Vulkan too
     f16 = profile.write_profile(profile.make_profile(p.model, "f16", "f16"), tmp_path / "f16.gguf")
     tok = qaq_gguf.Llama(str(model), vocab_only=True, verbose=False).tokenize(eval_text[:6000].encode())[:n_tok]
@@ -304,10 +309,10 @@ def test_calibrated_profile_on_vulkan_matches_cpu(vulkan_llama, request, eval_te
     assert top_vk >= top_cpu - 0.05
 
 
-@pytest.mark.parametrize("tk,tv", [("bf16", "qaq3"), ("tcq3", "tcq2")])
+@pytest.mark.parametrize("tk,tv", [("bf16", "qaq3")])
 def test_profile_without_a_vulkan_kernel_is_refused_by_name(vulkan_llama, gemma, tmp_path, tk, tv):
-    """A pair the Vulkan flash attention has no kernel for (bf16 keys with qaq3 values; the trellis types, CPU-only
-    so far) is refused, naming the pair and the device, never run on another device or converted silently."""
+    """A pair the Vulkan flash attention has no kernel for (bf16 keys with qaq3 values) is refused, naming the pair
+    and the device, never run on another device or converted silently."""
     import qaq_gguf
     from qaq_gguf import profile
 

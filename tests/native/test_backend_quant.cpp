@@ -23,7 +23,7 @@
 
 static const ggml_type qaq_types[] = {
     GGML_TYPE_QAQ3, GGML_TYPE_QAQ2, GGML_TYPE_QAQ4L, GGML_TYPE_QAQ3L, GGML_TYPE_QAQ2L,
-    GGML_TYPE_QAQ4H, GGML_TYPE_QAQ3H, GGML_TYPE_QAQ2H,
+    GGML_TYPE_QAQ4H, GGML_TYPE_QAQ3H, GGML_TYPE_QAQ2H, GGML_TYPE_TCQ3, GGML_TYPE_TCQ2,
 };
 
 // rows of n values: Gaussian at many scales (including ones that saturate or underflow the scales), plus edge rows
