@@ -47,10 +47,9 @@ class Scores:
 
 
 # cache types a GPU backend has no kernels for (flash attention, the cache write): left out of the default candidates
-# of a build that has that backend, since a profile using them would be refused there. iq4_nl has no CUDA
-# flash-attention kernel; the trellis types (patches/0032) have CUDA and Vulkan kernels (patches/0033, 0035), no
-# Metal ones yet.
-NO_GPU_KERNELS = {"CUDA": ("iq4_nl",), "Metal": ("tcq3", "tcq2"), "Vulkan": ()}
+# of a build that has that backend, since a profile using them would be refused there: iq4_nl has no CUDA
+# flash-attention kernel. (The trellis types have CPU, CUDA, Vulkan and Metal kernels: patches/0032, 0033, 0035, 0036.)
+NO_GPU_KERNELS = {"CUDA": ("iq4_nl",)}
 
 
 # the score of a (layer, type) the type cannot hold: finite, so that a profile stores it, and never chosen

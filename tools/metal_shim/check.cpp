@@ -25,6 +25,10 @@ void dequantize_row_qaq2l(const void * x, float * y, int64_t k);
 void dequantize_row_qaq4h(const void * x, float * y, int64_t k);
 void dequantize_row_qaq3h(const void * x, float * y, int64_t k);
 void dequantize_row_qaq2h(const void * x, float * y, int64_t k);
+void quantize_row_tcq3_ref (const float * x, void * y, int64_t k);
+void quantize_row_tcq2_ref (const float * x, void * y, int64_t k);
+void dequantize_row_tcq3 (const void * x, float * y, int64_t k);
+void dequantize_row_tcq2 (const void * x, float * y, int64_t k);
 }
 
 static std::mt19937_64 rng(1234);
@@ -94,6 +98,10 @@ int main(int argc, char ** argv) {
         dequantize_qaq3h<float4x4>, dequantize_qaq3h_t4<float4>, n);
     bad += check_type<block_qaq2h, 64, 4, 16>("qaq2h", quantize_row_qaq2h_ref, dequantize_row_qaq2h, quantize_qaq2h,
         dequantize_qaq2h<float4x4>, dequantize_qaq2h_t4<float4>, n);
+    bad += check_type<block_tcq3, 64, 4, 16>("tcq3", quantize_row_tcq3_ref, dequantize_row_tcq3, quantize_tcq3,
+        dequantize_tcq3<float4x4>, dequantize_tcq3_t4<float4>, n);
+    bad += check_type<block_tcq2, 64, 4, 16>("tcq2", quantize_row_tcq2_ref, dequantize_row_tcq2, quantize_tcq2,
+        dequantize_tcq2<float4x4>, dequantize_tcq2_t4<float4>, n);
     bad += check_type<block_qaq4l, 128, 8, 32>("qaq4l", quantize_row_qaq4l_ref, dequantize_row_qaq4l, quantize_qaq4l,
         dequantize_qaq4l<float4x4>, dequantize_qaq4l_t4<float4>, n);
     bad += check_type<block_qaq3l, 128, 8, 32>("qaq3l", quantize_row_qaq3l_ref, dequantize_row_qaq3l, quantize_qaq3l,

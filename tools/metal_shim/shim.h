@@ -11,3 +11,4 @@ struct float4   { float v[4]; float & operator[](int i) { return v[i]; } };
 struct float4x4 { float4 c[4]; float4 & operator[](int i) { return c[i]; } };
 using std::isfinite;
 using std::fabs;
+using std::sqrt;  // float sqrt as in MSL (the global ::sqrt is the double one)
