@@ -18,8 +18,9 @@
 # new or gone kernels are reported without failing. --update writes the new figures as the baseline (commit them).
 # Exit 2: no nvcc or no patched tree.
 #
-# Time (2-core AMD EPYC VM shared with other jobs, nvcc 13.0): 232-242 s cold for the default 12 files (9-16 s each
-# for the four, 16-28 s per FA instance), 1 s with a warm ccache: `ccache nvcc` is used when ccache >= 4 is on PATH
+# Time (2-core AMD EPYC VM shared with other jobs, nvcc 13.0): 232-242 s cold for the first 12 files (9-16 s each
+# for the four, 16-28 s per qaq FA instance); the two tcq FA instances add about 80 s each (Intel Xeon VM, 2 cores);
+# 1 s with a warm ccache: `ccache nvcc` is used when ccache >= 4 is on PATH
 # (CCACHE=off disables it), CCACHE_DIR defaulting to ~/.cache/qaq-gguf/ccache as in .ci/run, compiler_check
 # "%compiler% --version". A change to native/ggml or to the patched tree misses the cache for the files it touches.
 # Env: LLAMA_SRC (the patched tree; default the newest ~/.cache/qaq-gguf/src/llama.cpp-*), NVCC, CUDA_ARCH (sm_90a),
