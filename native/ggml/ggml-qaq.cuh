@@ -190,11 +190,19 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq(
     return sum;
 }
 
-template <int D, int nthreads, typename block_t, int (*get_int)(const block_t *, int), int qk = QK_QAQL>
-static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq_lean(
+// the 4 values of int iqs of a block (get_int: codebook levels as int8) against an int of Q's q8_1 values, unscaled
+template <typename block_t, int (*get_int)(const block_t *, int)>
+static __device__ __forceinline__ float qaq_dot4_levels(const block_t * __restrict__ x, const int iqs, const int q) {
+    return (float) ggml_cuda_dp4a(get_int(x, iqs), q, 0);
+}
+
+// K types of qk-value blocks under one fp16 scale d (the lean, head-64 and trellis types): sum over the ints of a row
+// of d * Q's scale * dot4(block, int, Q's int)
+template <int D, int nthreads, typename block_t, float (*dot4)(const block_t *, int, int), int qk = QK_QAQL>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq_fp16_scale(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
 
-    static_assert(D % qk == 0, "lean (head-64) K types need a head size that is a multiple of 128 (64)");
+    static_assert(D % qk == 0, "a K type of blocks of qk values needs a head size that is a multiple of qk");
     const block_t * K = (const block_t *) K_c;
     GGML_UNUSED(Q_v);
 
@@ -207,11 +215,10 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq_lean(
         const int ib  = k_KQ / (qk/sizeof(int));
         const int iqs = k_KQ % (qk/sizeof(int));
 
-        const int v    = get_int(K + ib, iqs);
-        const int sumi = ggml_cuda_dp4a(v, Q_q8[k_KQ_0/nthreads], 0);
+        const float dot = dot4(K + ib, iqs, Q_q8[k_KQ_0/nthreads]);
 
         const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
-        sum += qaq_fp16_to_fp32(K[ib].d) * Q_ds.x * sumi;
+        sum += qaq_fp16_to_fp32(K[ib].d) * Q_ds.x * dot;
     }
 
     return sum;
@@ -232,37 +239,37 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq2(
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq4l(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq4l, qaq4l_get_int>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_qaq4l, qaq_dot4_levels<block_qaq4l, qaq4l_get_int>>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq3l(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq3l, qaq3l_get_int>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_qaq3l, qaq_dot4_levels<block_qaq3l, qaq3l_get_int>>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq2l(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq2l, qaq2l_get_int>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_qaq2l, qaq_dot4_levels<block_qaq2l, qaq2l_get_int>>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq4h(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq4h, qaq4h_get_int, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_qaq4h, qaq_dot4_levels<block_qaq4h, qaq4h_get_int>, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq3h(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq3h, qaq3h_get_int, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_qaq3h, qaq_dot4_levels<block_qaq3h, qaq3h_get_int>, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_qaq2h(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_qaq_lean<D, nthreads, block_qaq2h, qaq2h_get_int, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_qaq2h, qaq_dot4_levels<block_qaq2h, qaq2h_get_int>, QK_QAQH>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 // ne (2 or 4) consecutive values of a V row from element i0 (a multiple of ne), as half or float; qk values per block
@@ -465,11 +472,11 @@ static __device__ void quantize_f32_tcq2_block(const float * __restrict__ x, blo
 
 // Flash attention, vector kernel: sum over elements 4 iqs .. 4 iqs + 3 of c[state] times the int8 values of q (one int
 // of Q as q8_1), and ne (2 or 4) values of a V row from element i0 (a multiple of ne)
-template <int kbits>
-static __host__ __device__ __forceinline__ float qaq_tcq_dot4(const uint8_t * __restrict__ qs, const int iqs, const int q) {
+template <int kbits, typename block_t>
+static __host__ __device__ __forceinline__ float qaq_tcq_dot4(const block_t * __restrict__ x, const int iqs, const int q) {
     const float * T = qaq_tcq_codebook(kbits);
     int s[4];
-    qaq_tcq_states4<kbits>(qs, 4*iqs, s);
+    qaq_tcq_states4<kbits>(x->qs, 4*iqs, s);
     float sum = 0.0f;
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
@@ -478,42 +485,16 @@ static __host__ __device__ __forceinline__ float qaq_tcq_dot4(const uint8_t * __
     return sum;
 }
 
-template <int D, int nthreads, int kbits, typename block_t>
-static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_tcq_impl(
-    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-
-    static_assert(D % QK_TCQ == 0, "tcq K types need a head size that is a multiple of 64");
-    const block_t * K = (const block_t *) K_c;
-    GGML_UNUSED(Q_v);
-
-    float sum = 0.0f;
-
-#pragma unroll
-    for (int k_KQ_0 = 0; k_KQ_0 < int(D/sizeof(int)); k_KQ_0 += nthreads) {
-        const int k_KQ = k_KQ_0 + (nthreads == WARP_SIZE ? threadIdx.x : threadIdx.x % nthreads);
-
-        const int ib  = k_KQ / (QK_TCQ/sizeof(int));
-        const int iqs = k_KQ % (QK_TCQ/sizeof(int));
-
-        const float dot = qaq_tcq_dot4<kbits>(K[ib].qs, iqs, Q_q8[k_KQ_0/nthreads]);
-
-        const float2 Q_ds = ((const float2 *) Q_ds_v)[k_KQ_0/nthreads];
-        sum += qaq_fp16_to_fp32(K[ib].d) * Q_ds.x * dot;
-    }
-
-    return sum;
-}
-
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_tcq3(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_tcq_impl<D, nthreads, 3, block_tcq3>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_tcq3, qaq_tcq_dot4<3, block_tcq3>, QK_TCQ>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 template <int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_tcq2(
     const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
-    return vec_dot_fattn_vec_KQ_tcq_impl<D, nthreads, 2, block_tcq2>(K_c, Q_v, Q_q8, Q_ds_v);
+    return vec_dot_fattn_vec_KQ_qaq_fp16_scale<D, nthreads, block_tcq2, qaq_tcq_dot4<2, block_tcq2>, QK_TCQ>(K_c, Q_v, Q_q8, Q_ds_v);
 }
 
 template <typename T, int ne, int kbits, typename block_t>

@@ -259,7 +259,7 @@ static int check_tcq_dot(const char * name, int nb, void (*quant_ref)(const floa
                 want += (double) y[4*iqs + l] * (int8_t) (q >> 8*l);
                 mag  += std::fabs((double) y[4*iqs + l] * (int8_t) (q >> 8*l));
             }
-            const double got = (double) qaq_fp16_to_fp32(b.d) * qaq_tcq_dot4<kbits>(b.qs, iqs, q);
+            const double got = (double) qaq_fp16_to_fp32(b.d) * qaq_tcq_dot4<kbits>(&b, iqs, q);
             ok = ok && std::fabs(got - want) <= 1e-6*mag + 1e-30;
         }
         ++r.blocks;
