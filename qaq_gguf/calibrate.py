@@ -92,14 +92,20 @@ def default_candidates() -> list[str]:
     return cands
 
 
+def _fits_per_layer(ident: profile.ModelIdentity, cands: Sequence[str]) -> dict[int, list[str]]:
+    """For each layer with a cache, the candidates that can hold both its K and V rows (whole blocks)."""
+    return {il: [c for c in cands
+                 if cachetypes.fits(c, ident.head_dim_k[il]) and cachetypes.fits(c, ident.head_dim_v[il])]
+            for il in range(ident.n_layer) if ident.has_kv(il)}
+
+
 def fitting_candidates(ident: profile.ModelIdentity, cands: Sequence[str], *,
                        quiet: bool = False) -> tuple[list[str], dict[int, list[str]]]:
     """(kept, per_layer): the candidates that can hold some layer's K and V rows (whole blocks of the head size),
     and for each layer with a cache those that can hold both of its rows. A type no layer can hold is left out,
     with one line saying which and why; a layer no quantized candidate fits is refused by name (ValueError)."""
-    layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
-    per_layer = {il: [c for c in cands if cachetypes.fits(c, ident.head_dim_k[il])
-                      and cachetypes.fits(c, ident.head_dim_v[il])] for il in layers}
+    per_layer = _fits_per_layer(ident, cands)
+    layers = list(per_layer)  # the layers with a cache, in order
     kept = [c for c in cands if any(c in per_layer[il] for il in layers)]
     left = [c for c in cands if c not in kept]
     if left and not quiet:
@@ -397,10 +403,8 @@ def _scored(scores: Scores, candidates: Sequence[str] | None) -> list[str]:
     in these scores is refused by name."""
     if not candidates:
         return list(scores.candidates)
-    ident = scores.ident
-    layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
-    cands = [c for c in candidates if c in scores.candidates or any(
-        cachetypes.fits(c, ident.head_dim_k[il]) and cachetypes.fits(c, ident.head_dim_v[il]) for il in layers)]
+    per_layer = _fits_per_layer(scores.ident, candidates)
+    cands = [c for c in candidates if c in scores.candidates or any(c in fit for fit in per_layer.values())]
     missing = [c for c in cands if c not in scores.candidates]
     if missing:
         raise ValueError(f"candidates {', '.join(missing)} were not measured in these scores (measured: "
