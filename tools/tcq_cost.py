@@ -11,8 +11,10 @@ Two encoders, compiled here with ``cc -O3 -march=native -ffp-contract=off``, one
   step one pass that keeps per predecessor group the best cost with its argmin in the cost's low bits, so one
   integer min does compare and select (``trellis.viterbi(..., tagged=True)``, the same rule in numpy).
 Each encoder's walks are checked equal to numpy's before anything is timed. The scalar side is ggml-cpu's own
-``quantize_row_qaq3h`` / ``quantize_row_qaq3l`` (the vectorized from_float SET_ROWS calls), beside the native cache
-type ``tcq3``'s own (``quantize_row_tcq3``: the scale, one AVX2 walk, the packing).
+``quantize_row_qaq3h`` / ``quantize_row_qaq3l`` (the vectorized from_float SET_ROWS calls) and ``quantize_row_qaq3``
+(the 3.5-bit type issue 24's speed goal names), beside the native cache type ``tcq3``'s own (``quantize_row_tcq3``:
+the scale, one walk, AVX-512 or AVX2 as the build targets, the packing). Each row carries its ratio to the scalar
+type of its size (``x_scalar``) and to ``qaq3`` (``x_qaq3``).
 
 Reads: per row of 64 values, the K.q product with three q8_0 query rows at once (``ggml_cpu_vec_dot_rows``: the
 query heads of one KV head in SmolLM2's decode) and the row conversion to f32 for V (``ggml_cpu_dequantize_row``),
@@ -234,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             q = getattr(cpu, f"quantize_row_{tname}")
             q.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             out = np.empty(x.size, np.uint8)  # more than the quantized rows need
-            configs = {tname: lambda: q(x.ctypes.data, out.ctypes.data, x.size)}
+            q3 = cpu.quantize_row_qaq3
+            q3.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            configs = {tname: lambda: q(x.ctypes.data, out.ctypes.data, x.size),
+                       "qaq3": lambda: q3(x.ctypes.data, out.ctypes.data, x.size)}
             native = cpu.quantize_row_tcq3  # the cache type tcq3 (patches/0032): scale, one walk, packing
             native.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             configs["tcq3 (ggml-cpu)"] = lambda: native(x.ctypes.data, out.ctypes.data, x.size)
@@ -254,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     fn()
                     times[c].append((time.perf_counter() - t0) / args.rows)
-            base = statistics.median(times[tname])
+            base = 1e6 * statistics.median(times[tname])
+            base3 = 1e6 * statistics.median(times["qaq3"])
             for c, ts in times.items():
                 us = 1e6 * statistics.median(ts)
-                rows.append({"head_dim": d, "config": c, "us_per_row": us, "x_scalar": us / (1e6 * base)})
-                print(f"d={d:<4} {c:<16} {us:9.2f} us/row  {us / (1e6 * base):8.1f}x {tname}")
+                rows.append({"head_dim": d, "config": c, "us_per_row": us, "x_scalar": us / base,
+                             "x_qaq3": us / base3})
+                print(f"d={d:<4} {c:<16} {us:9.2f} us/row  {us / base:8.2f}x {tname}  {us / base3:8.2f}x qaq3")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     command = "python3 tools/tcq_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = {"command": command, "machine": cpu_name(), "rows": args.rows, "rounds": args.rounds, "results": rows}

@@ -1102,12 +1102,9 @@ QAQ_FN void qaq_tcq_walk_group(const int k, const int lo, const float vt, const 
     bpt[lo] = (uint8_t) (best & (uint32_t) (K - 1));
 }
 
-// the walk's end, shared by every implementation: M holds the group costs after value QK_TCQ - 2 and bp[t][lo] the
-// top chosen for group lo at value t; the last value's state is the first of the least cost, then the walk is read
-// back from the tops into its inputs b
-QAQ_FN void qaq_tcq_walk_finish(const int k, const float * v, const float * M,
-                                const uint8_t (*bp)[QAQ_TCQ_STATES >> 2], uint8_t * b) {
-    const int H = QAQ_TCQ_STATES >> k;
+// the walk's last state: with M the group costs after value QK_TCQ - 2, the first state of the least cost of the
+// last value (what a vectorized port computes per lane, then across lanes: the least cost, then the lowest state)
+QAQ_FN int qaq_tcq_walk_last(const int k, const float * v, const float * M) {
     const float * T = qaq_tcq_codebook(k);
     int s = 0;
     float bc = INFINITY;
@@ -1119,6 +1116,13 @@ QAQ_FN void qaq_tcq_walk_finish(const int k, const float * v, const float * M,
             s = i;
         }
     }
+    return s;
+}
+
+// the walk read back from its last state s: bp[t][lo] holds the top chosen for group lo at value t; writes the
+// walk's inputs b
+QAQ_FN void qaq_tcq_walk_back(const int k, int s, const uint8_t (*bp)[QAQ_TCQ_STATES >> 2], uint8_t * b) {
+    const int H = QAQ_TCQ_STATES >> k;
     for (int t = QK_TCQ - 1; t >= 0; --t) {
         b[t] = (uint8_t) (s & ((1 << k) - 1));
         if (t == 0) {
@@ -1127,6 +1131,12 @@ QAQ_FN void qaq_tcq_walk_finish(const int k, const float * v, const float * M,
         const int lo = s >> k;
         s = bp[t][lo]*H + lo;
     }
+}
+
+// the walk's end: its last state, then the walk read back into its inputs b
+QAQ_FN void qaq_tcq_walk_finish(const int k, const float * v, const float * M,
+                                const uint8_t (*bp)[QAQ_TCQ_STATES >> 2], uint8_t * b) {
+    qaq_tcq_walk_back(k, qaq_tcq_walk_last(k, v, M), bp, b);
 }
 
 // the block's end: the least-squares scale of the walk's values (saturated at 65504; 0 when degenerate) and the

@@ -535,7 +535,7 @@ void dequantize_row_qaq2h_cpu(const void * GGML_RESTRICT x, float * GGML_RESTRIC
 // ---------------------------------------------------------------------------------------------------------------------
 // tcq3 / tcq2: the trellis-coded types (ggml-qaq-common.h)
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
 // qaq_tcq_walk_ref, 8 states per instruction: per step and group of 8 lo, the K candidate costs of each lo, tagged
 // with their top in the low k bits, and one integer min (the float costs are >= 0: their bits order as int32). The
 // same operations in the same order per state as the reference (built with -ffp-contract=off), so the same walks.
@@ -572,17 +572,111 @@ static inline __attribute__((always_inline)) void qaq_tcq_walk_avx2_k(const floa
         Mp = Mn;
         Mn = tmp;
     }
-    qaq_tcq_walk_finish(k, v, Mp, (const uint8_t (*)[QAQ_TCQ_STATES >> 2]) bp, b);
+    // qaq_tcq_walk_last per lane (the first least cost of states i = lane mod 8), then across the lanes
+    const __m256 vl = _mm256_set1_ps(v[QK_TCQ - 1]);
+    __m256  bc = _mm256_set1_ps(INFINITY);
+    __m256i bi = _mm256_setzero_si256();
+    for (int i = 0; i < QAQ_TCQ_STATES; i += 8) {
+        const __m256 ms = k == 3 ? _mm256_broadcast_ss(Mp + (i >> 3))
+                                 : _mm256_set_m128(_mm_broadcast_ss(Mp + (i >> 2) + 1), _mm_broadcast_ss(Mp + (i >> 2)));
+        const __m256 e = _mm256_sub_ps(vl, _mm256_loadu_ps(T + i));
+        const __m256 c = _mm256_add_ps(ms, _mm256_mul_ps(e, e));
+        const __m256 lt = _mm256_cmp_ps(c, bc, _CMP_LT_OQ);
+        bc = _mm256_blendv_ps(bc, c, lt);
+        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi),
+            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(i))), lt));
+    }
+    float lc[8];
+    int   li[8];
+    _mm256_storeu_ps(lc, bc);
+    _mm256_storeu_si256((__m256i *) li, bi);
+    int s = li[0];
+    for (int l = 1; l < 8; ++l) {
+        if (lc[l] < lc[0] || (lc[l] == lc[0] && li[l] < s)) {
+            lc[0] = lc[l];
+            s = li[l];
+        }
+    }
+    qaq_tcq_walk_back(k, s, (const uint8_t (*)[QAQ_TCQ_STATES >> 2]) bp, b);
 }
 
-static void qaq_tcq_walk_avx2(int k, const float * v, uint8_t * b) {
+#endif
+
+#if defined(__AVX512F__)
+// the same walk, 16 states per instruction, the group costs kept in registers: step t's costs of the states
+// top*H + lo .. +15 need M[(top*H + lo) >> k ..], one register of M permuted (k = 3: two costs, each 8 times;
+// k = 2: four, each 4 times). The same operations in the same order per state as the reference, so the same walks.
+static inline __attribute__((always_inline)) void qaq_tcq_walk_avx512_k(const float * GGML_RESTRICT v,
+                                                                        uint8_t * GGML_RESTRICT b, const int k) {
+    enum { R = (QAQ_TCQ_STATES >> 2) / 16 };  // registers of group costs at k = 2 (k = 3 uses half)
+    const int K = 1 << k;
+    const int H = QAQ_TCQ_STATES >> k;
+    const float * T = qaq_tcq_codebook(k);
+    float M[QAQ_TCQ_STATES >> 2];
+    uint8_t bp[QK_TCQ][QAQ_TCQ_STATES >> 2];
+    qaq_tcq_walk_start(k, M);
+    __m512 Mp[R];
+    for (int r = 0; r < H/16; ++r) {
+        Mp[r] = _mm512_loadu_ps(M + 16*r);
+    }
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lane = _mm512_srlv_epi32(iota, _mm512_set1_epi32(k));
+    const __m512i clear = _mm512_set1_epi32(~(K - 1));
+    for (int t = 0; t < QK_TCQ - 1; ++t) {
+        const __m512 vt = _mm512_set1_ps(v[t]);
+        __m512 Mn[R];
+        for (int lo = 0; lo < H; lo += 16) {
+            __m512i best = _mm512_set1_epi32(0x7FFFFFFF);
+            for (int top = 0; top < K; ++top) {
+                const int s = top*H + lo;  // states s .. s+15 come from M[s >> k ..], in register (s >> k) / 16
+                const __m512 ms = _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32((s >> k) & 15)),
+                                                        Mp[(s >> k) >> 4]);
+                const __m512 e = _mm512_sub_ps(vt, _mm512_loadu_ps(T + s));
+                const __m512i c = _mm512_castps_si512(_mm512_add_ps(ms, _mm512_mul_ps(e, e)));
+                // (c & clear) | top in one instruction (truth table 0xEA)
+                best = _mm512_min_epi32(best, _mm512_ternarylogic_epi32(c, clear, _mm512_set1_epi32(top), 0xEA));
+            }
+            Mn[lo >> 4] = _mm512_castsi512_ps(best);
+            _mm_storeu_si128((__m128i *) (bp[t + 1] + lo),
+                             _mm512_cvtepi32_epi8(_mm512_and_si512(best, _mm512_set1_epi32(K - 1))));
+        }
+        for (int r = 0; r < H/16; ++r) {
+            Mp[r] = Mn[r];
+        }
+    }
+    // qaq_tcq_walk_last per lane (the first least cost of states i = lane mod 16), then across the lanes
+    const __m512 vl = _mm512_set1_ps(v[QK_TCQ - 1]);
+    __m512  bc = _mm512_set1_ps(INFINITY);
+    __m512i bi = _mm512_setzero_si512();
+    for (int i = 0; i < QAQ_TCQ_STATES; i += 16) {
+        const __m512 ms = _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32((i >> k) & 15)),
+                                                Mp[(i >> k) >> 4]);
+        const __m512 e = _mm512_sub_ps(vl, _mm512_loadu_ps(T + i));
+        const __m512 c = _mm512_add_ps(ms, _mm512_mul_ps(e, e));
+        const __mmask16 lt = _mm512_cmp_ps_mask(c, bc, _CMP_LT_OQ);
+        bc = _mm512_mask_mov_ps(bc, lt, c);
+        bi = _mm512_mask_mov_epi32(bi, lt, _mm512_add_epi32(iota, _mm512_set1_epi32(i)));
+    }
+    const __mmask16 least = _mm512_cmp_ps_mask(bc, _mm512_set1_ps(_mm512_reduce_min_ps(bc)), _CMP_EQ_OQ);
+    qaq_tcq_walk_back(k, _mm512_mask_reduce_min_epi32(least, bi), (const uint8_t (*)[QAQ_TCQ_STATES >> 2]) bp, b);
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+#define QAQ_TCQ_WALK_K qaq_tcq_walk_avx512_k
+#else
+#define QAQ_TCQ_WALK_K qaq_tcq_walk_avx2_k
+#endif
+// the vectorized walk with k a constant (the loops unroll)
+static void qaq_tcq_walk_simd(int k, const float * v, uint8_t * b) {
     if (k == 3) {
-        qaq_tcq_walk_avx2_k(v, b, 3);
+        QAQ_TCQ_WALK_K(v, b, 3);
     } else {
-        qaq_tcq_walk_avx2_k(v, b, 2);
+        QAQ_TCQ_WALK_K(v, b, 2);
     }
 }
-#define QAQ_TCQ_WALK qaq_tcq_walk_avx2
+#define QAQ_TCQ_WALK qaq_tcq_walk_simd
 #else
 #define QAQ_TCQ_WALK qaq_tcq_walk_ref
 #endif
