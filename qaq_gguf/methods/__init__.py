@@ -49,6 +49,7 @@ REGISTRY: dict[str, str] = {
     "turboquant": "TurboQuant (arXiv 2504.19874): random rotation + Lloyd-Max scalar codes, optional QJL residual",
     "lattice": "E8 / D4 lattice vector codes (QuIP#'s E8P, arXiv 2402.04396) on rotated rows: lattice-e8:2, lattice-d4:3",
     "tcq": "trellis-coded quantization, a bit-shift trellis with a computed codebook (QTIP, arXiv 2406.11235): tcq:3",
+    "pairbits": "bits per RoPE pair (keys) / channel (values) by calibrated energy, Lloyd-Max codes (Block-GTQ style)",
 }
 
 # the methods from papers (what `--methods all` runs); identity and ggml are the lab's own checks

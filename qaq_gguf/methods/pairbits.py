@@ -1,0 +1,196 @@
+"""Bits per RoPE pair by measured energy (issue 24's Block-GTQ-style candidate): a key's pairs, and a value's channels,
+get different integer bit widths, chosen per layer and KV head from calibration, on top of a Lloyd-Max scalar code.
+
+Why: after a Hadamard rotation every coordinate of a key carries the same error, so the logit error follows the
+arithmetic mean of the pairs' weights; with bits per pair it follows their geometric mean (reverse water-filling).
+RoPE keeps each pair's energy (it rotates within the pair), so an allocation fitted on calibration keys holds at
+every position. On SmolLM2's calibration keys the geometric mean of ``a_p * b_p`` (query rms times key rms per
+channel) is 0.45x the arithmetic mean squared (median over layers and heads; values: 0.92x, little to gain there).
+Block-GTQ (arXiv 2606.24033, ``../shared/ref/low-bit-keys.md``) reports key logit MAE -32...-80% at 2-3 bits.
+
+What is done (settings ``pairbits:3``, ``pairbits:2.5``: the average code bits per value; ``pairbits:3/vt``: keys
+as below, values through the trellis code of the same bits, one walk, as the native ``tcq3``: values gain little
+from bits by energy, and the trellis is the better code):
+
+- **Fit** (per layer and KV head, on calibration activations, as cached: post-RoPE keys): each group's scale
+  ``sigma_g`` (rms of its values; a group is a RoPE pair of the keys, or one channel of the values or of key
+  dimensions RoPE leaves alone) and weight ``w_g``: keys ``sum over the group of q_sq * sigma^2`` (the logit error
+  a unit relative error of the group causes; ``q_sq`` includes the logit scale), values ``sigma_g^2``. Bits: start
+  at 0 everywhere, then give one more bit to the group with the largest gain per stored bit, ``w_g * (D(b) -
+  D(b + 1)) / size_g`` (``D``: the Lloyd-Max distortion of N(0, 1) at b bits), until the row holds ``round(B * d)``
+  bits; at most 8 per value.
+- **Code** (per row, i.e. token and KV head): ``u_c = x_c / sigma_c``, each coordinate to the nearest level of its
+  ``b_c``-bit Lloyd-Max quantizer of N(0, 1) after dividing by the row's rms of ``u`` (0 bits: 0), then one
+  least-squares scale per row in fp16 (16 bits per row, as the trellis and lean types). No rotation.
+- **Bits**: ``B + 16 / d`` per value, plus the static side information (an fp16 sigma and a 4-bit width per group
+  of every head and layer) spread over the cache's tokens at ``n_ctx``.
+
+Departures / simulation: Q is not rounded (as the lattice and trellis rewrites); the reconstruction is stored in the
+f16 cache.
+"""
+from __future__ import annotations
+
+import heapq
+import re
+from functools import lru_cache
+
+import numpy as np
+
+from . import Bits, MethodError, layer_shapes, row_bits, tcq
+from ..trellis import STATE_BITS
+from .turboquant import lloyd_max
+
+DEFAULTS = ("3", "2.5")
+MAX_BITS = 8
+
+
+@lru_cache(maxsize=None)
+def distortions() -> tuple[float, ...]:
+    """Mean squared error of the b-bit Lloyd-Max quantizer on N(0, 1), b = 0 (the variance, 1) to MAX_BITS, measured
+    on 2^20 Gaussian samples (seed 0)."""
+    x = np.random.default_rng(0).standard_normal(1 << 20)
+    d = [1.0]
+    for b in range(1, MAX_BITS + 1):
+        levels, thr = lloyd_max(b)
+        d.append(float(np.mean((levels[np.searchsorted(thr, x)] - x) ** 2)))
+    return tuple(d)
+
+
+def groups(head_dim: int, rope) -> list[np.ndarray]:
+    """The key dimensions coded with one width: each RoPE pair, and each dimension RoPE leaves alone."""
+    if rope is None:
+        return [np.array([c]) for c in range(head_dim)]
+    pairs = rope.pairs(head_dim)
+    out = [np.asarray(p) for p in pairs]
+    seen = set(pairs.ravel().tolist())
+    out += [np.array([c]) for c in range(head_dim) if c not in seen]
+    return out
+
+
+def allocate(weights: np.ndarray, sizes: np.ndarray, total: int) -> np.ndarray:
+    """Integer bits per group: the greedy reverse water-filling of ``total`` stored bits (the widths times the group
+    sizes) by gain per stored bit, ``w * (D(b) - D(b + 1)) / size``; groups whose next bit would overshoot are
+    skipped. Returns the width of each group."""
+    dist = distortions()
+    b = np.zeros(len(weights), np.int64)
+    heap = [(-w * (dist[0] - dist[1]) / s, i) for i, (w, s) in enumerate(zip(weights, sizes))]
+    heapq.heapify(heap)
+    left = total
+    while heap and left > 0:
+        _, i = heapq.heappop(heap)
+        if sizes[i] > left:
+            continue
+        b[i] += 1
+        left -= int(sizes[i])
+        if b[i] < MAX_BITS:
+            heapq.heappush(heap, (-weights[i] * (dist[b[i]] - dist[b[i] + 1]) / sizes[i], i))
+    return b
+
+
+def quantize(x: np.ndarray, sigma: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Rows x (..., d) coded with per-dimension scales sigma (d,) and widths (d,): Lloyd-Max levels of each
+    dimension's width at the row's rms, one least-squares fp16 scale per row (float32 out)."""
+    x = np.asarray(x, np.float64)
+    shape = x.shape
+    d = shape[-1]
+    u = x.reshape(-1, d) / sigma
+    rms = np.sqrt(np.mean(u * u, axis=1, keepdims=True))
+    un = u / np.where(rms > 0, rms, 1.0)
+    c = np.zeros_like(un)
+    for b in np.unique(width):
+        if b == 0:
+            continue
+        cols = width == b
+        levels, thr = lloyd_max(int(b))
+        c[:, cols] = levels[np.searchsorted(thr, un[:, cols])]
+    r = c * sigma  # the reconstruction up to the row scale: y = s * c * sigma
+    rr = np.sum(r * r, axis=1)
+    s = np.where(rr > 0, np.sum(x.reshape(-1, d) * r, axis=1) / np.where(rr > 0, rr, 1.0), 0.0)
+    s = s.astype(np.float16).astype(np.float64)
+    return (s[:, None] * r).reshape(shape).astype(np.float32)
+
+
+class PairBits:
+    paper = "Block-GTQ (arXiv 2606.24033): integer bits per RoPE pair by energy; Max (1960), Lloyd-Max quantizers"
+    headline = "Block-GTQ: key logit MAE -32...-80% at 2-3 bits on 10 models"
+    rewrites = frozenset({"k", "v"})
+    observes = frozenset({"k", "v"})
+    name = "pairbits"
+
+    def __init__(self, bits: float, values_tcq: bool = False):
+        self.b, self.values_tcq = bits, values_tcq
+        self.setting = f"{bits:g}" + ("/vt" if values_tcq else "")
+        self.label = f"pairbits:{self.setting}"
+        self.fingerprint: str | None = None
+        self._layers: dict[int, tuple[int, int, int]] = {}
+        # (layer, kind) -> (sigma (n_head_kv, d), width (n_head_kv, d))
+        self.codes: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._side_bits: dict[tuple[int, str], int] = {}  # (layer, kind) -> static bits (scales, widths)
+
+    def fit(self, calib) -> None:
+        """Per layer, kind and KV head: the groups' scales and weights from the calibration activations, then the
+        widths for B bits per value."""
+        self.codes.clear()
+        self._side_bits.clear()
+        for il, layer in calib.layers.items():
+            for kind, x in (("k", layer.k),) + ((("v", layer.v),) if not self.values_tcq else ()):
+                n_head_kv, d = x.shape[1], x.shape[2]
+                grp = groups(d, layer.rope) if kind == "k" else [np.array([c]) for c in range(d)]
+                sizes = np.array([len(g) for g in grp])
+                sig = np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, axis=0))  # (n_head_kv, d)
+                sigma = np.empty((n_head_kv, d))
+                width = np.empty((n_head_kv, d), np.int64)
+                for h in range(n_head_kv):
+                    s2 = np.array([np.mean(sig[h, g] ** 2) for g in grp])
+                    if kind == "k":
+                        w = np.array([np.sum(layer.q_sq[h, g] * sig[h, g] ** 2) for g in grp])
+                    else:
+                        w = s2 * sizes
+                    wid = allocate(w, sizes, int(round(self.b * d)))
+                    for g, s, b in zip(grp, np.sqrt(s2), wid):
+                        sigma[h, g] = s if s > 0 else 1.0
+                        width[h, g] = b
+                self.codes[(il, kind)] = (sigma, width)
+                self._side_bits[(il, kind)] = n_head_kv * (16 + 4) * len(grp)
+        self._layers = layer_shapes(calib)
+        self.fingerprint = calib.ident.fingerprint
+
+    def begin(self, n_ctx: int) -> None:
+        pass
+
+    def apply(self, il: int, kind: str, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        if kind not in ("k", "v"):
+            return x
+        if kind == "v" and self.values_tcq:
+            return tcq.quantize(x, int(self.b), STATE_BITS, is_v=True, factors=(1.0,))
+        if (il, kind) not in self.codes:
+            raise MethodError(f"{self.label}: layer {il} was not calibrated")
+        sigma, width = self.codes[(il, kind)]
+        y = np.empty_like(np.asarray(x, np.float32))
+        for h in range(x.shape[1]):
+            y[:, h] = quantize(x[:, h], sigma[h], width[h])
+        return y
+
+    def bits(self, n_ctx: int) -> Bits:
+        bk, bv = row_bits(self.label, self._layers, lambda d: self.b + 16 / d)
+        nk = sum(h * dk for h, dk, _ in self._layers.values())
+        nv = sum(h * dv for h, _, dv in self._layers.values())
+        side_k = sum(v for (_, kind), v in self._side_bits.items() if kind == "k") / (nk * max(n_ctx, 1))
+        side_v = sum(v for (_, kind), v in self._side_bits.items() if kind == "v") / (nv * max(n_ctx, 1))
+        values = "values by the trellis code" if self.values_tcq else "values by channel energy"
+        return Bits(bk + side_k, bv + side_v,
+                    f"{self.b:g} bits/value, keys by pair energy, {values}, + fp16 scale per head row; static scales "
+                    f"and widths {side_k:.4f} (K) / {side_v:.4f} (V) bits/value at {n_ctx} tokens")
+
+
+def make(setting: str) -> PairBits:
+    """``3``, ``2.5`` (average code bits per value, between 1 and 8); ``3/vt``: values by the trellis code (2, 3 or
+    4 bits)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*", setting, flags=re.IGNORECASE)
+    if not m or not 1 <= float(m.group(1)) <= MAX_BITS:
+        raise MethodError(f"pairbits:{setting}: the setting is the average bits per value, 1 to {MAX_BITS}, "
+                          "optionally /vt (values by the trellis code), e.g. pairbits:3, pairbits:2.5, pairbits:3/vt")
+    bits, vt = float(m.group(1)), bool(m.group(2))
+    if vt and bits not in (2, 3, 4):
+        raise MethodError(f"pairbits:{setting}: /vt codes values with the trellis of 2, 3 or 4 bits per value")
+    return PairBits(bits, vt)
