@@ -121,3 +121,32 @@ def test_bits_settings_and_fingerprint():
     for bad in ("0.5", "9", "x", "2.5/vt", "3/w1"):
         with pytest.raises(MethodError, match="pairbits"):
             methods.make(f"pairbits:{bad}")
+
+
+def test_shared_patterns():
+    """/p1: every head's widths, in its groups' weight order, are one pattern of the right total; with as many
+    patterns as heads each head keeps the distortion of its own allocation."""
+    calib = synthetic_calibration(n_layer=3, head_dim=64, n_tok=256, n_ctx=64, n_head_kv=2)
+    own = methods.make("pairbits:3")[0]
+    own.fit(calib)
+    one = methods.make("pairbits:3/p1")[0]
+    one.fit(calib)
+    many = methods.make("pairbits:3/p12")[0]
+    many.fit(calib)
+    d = np.array(pairbits.distortions())
+    for kind in ("k", "v"):
+        seen = set()
+        for il, layer in calib.layers.items():
+            sigma, width = one.codes[(il, kind)]
+            for h in range(width.shape[0]):
+                assert int(width[h].sum()) == 3 * 64
+                if kind == "k":
+                    p = layer.rope.pairs(64)
+                    w = np.array([np.sum(layer.q_sq[h, g] * sigma[h, g] ** 2) for g in p])
+                    seen.add(tuple(width[h, p[np.argsort(-w, kind="stable"), 0]]))
+                    cost = lambda wid: float(np.sum(w * d[wid[h, p[:, 0]]]))  # noqa: E731
+                    assert cost(many.codes[(il, kind)][1]) == pytest.approx(cost(own.codes[(il, kind)][1]))
+        if kind == "k":
+            assert len(seen) == 1
+    # no widths stored per head: the static side information is the scales alone
+    assert one.bits(512).k == pytest.approx(3.25 + 32 * 16 / (64 * 512))

@@ -10,7 +10,9 @@ Block-GTQ (arXiv 2606.24033, ``../shared/ref/low-bit-keys.md``) reports key logi
 
 What is done (settings ``pairbits:3``, ``pairbits:2.5``: the average code bits per value; ``pairbits:3/vt``: keys
 as below, values through the trellis code of the same bits, one walk, as the native ``tcq3``: values gain little
-from bits by energy, and the trellis is the better code):
+from bits by energy, and the trellis is the better code; ``/pN``: N width patterns shared by the model instead of
+one allocation per head, each head taking the best of them over its groups in weight order, the layout a native type
+could fix with a per-head permutation of the pairs; no widths stored then):
 
 - **Fit** (per layer and KV head, on calibration activations, as cached: post-RoPE keys): each group's scale
   ``sigma_g`` (rms of its values; a group is a RoPE pair of the keys, or one channel of the values or of key
@@ -117,9 +119,9 @@ class PairBits:
     observes = frozenset({"k", "v"})
     name = "pairbits"
 
-    def __init__(self, bits: float, values_tcq: bool = False):
-        self.b, self.values_tcq = bits, values_tcq
-        self.setting = f"{bits:g}" + ("/vt" if values_tcq else "")
+    def __init__(self, bits: float, values_tcq: bool = False, patterns: int = 0):
+        self.b, self.values_tcq, self.patterns = bits, values_tcq, patterns
+        self.setting = f"{bits:g}" + ("/vt" if values_tcq else "") + (f"/p{patterns}" if patterns else "")
         self.label = f"pairbits:{self.setting}"
         self.fingerprint: str | None = None
         self._layers: dict[int, tuple[int, int, int]] = {}
@@ -129,31 +131,62 @@ class PairBits:
 
     def fit(self, calib) -> None:
         """Per layer, kind and KV head: the groups' scales and weights from the calibration activations, then the
-        widths for B bits per value."""
+        widths for B bits per value (with /pN: the best of N width patterns shared by the whole model)."""
         self.codes.clear()
         self._side_bits.clear()
+        heads = []  # (layer, kind, head, groups, sizes, weights, widths)
         for il, layer in calib.layers.items():
             for kind, x in (("k", layer.k),) + ((("v", layer.v),) if not self.values_tcq else ()):
                 n_head_kv, d = x.shape[1], x.shape[2]
                 grp = groups(d, layer.rope) if kind == "k" else [np.array([c]) for c in range(d)]
                 sizes = np.array([len(g) for g in grp])
                 sig = np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, axis=0))  # (n_head_kv, d)
-                sigma = np.empty((n_head_kv, d))
-                width = np.empty((n_head_kv, d), np.int64)
+                sigma = np.ones((n_head_kv, d))
                 for h in range(n_head_kv):
                     s2 = np.array([np.mean(sig[h, g] ** 2) for g in grp])
                     if kind == "k":
                         w = np.array([np.sum(layer.q_sq[h, g] * sig[h, g] ** 2) for g in grp])
                     else:
                         w = s2 * sizes
-                    wid = allocate(w, sizes, int(round(self.b * d)))
-                    for g, s, b in zip(grp, np.sqrt(s2), wid):
-                        sigma[h, g] = s if s > 0 else 1.0
-                        width[h, g] = b
-                self.codes[(il, kind)] = (sigma, width)
-                self._side_bits[(il, kind)] = n_head_kv * (16 + 4) * len(grp)
+                    for g, sg in zip(grp, np.sqrt(s2)):
+                        sigma[h, g] = sg if sg > 0 else 1.0
+                    heads.append((il, kind, h, grp, sizes, w, allocate(w, sizes, int(round(self.b * d)))))
+                self.codes[(il, kind)] = (sigma, np.zeros((n_head_kv, d), np.int64))
+                self._side_bits[(il, kind)] = n_head_kv * (16 + (0 if self.patterns else 4)) * len(grp)
+        if self.patterns:
+            heads = self._shared_patterns(heads)
+        for il, kind, h, grp, _, _, wid in heads:
+            for g, b in zip(grp, wid):
+                self.codes[(il, kind)][1][h, g] = b
         self._layers = layer_shapes(calib)
         self.fingerprint = calib.ident.fingerprint
+
+    def _shared_patterns(self, heads: list) -> list:
+        """Per kind, N width patterns over the groups sorted by weight (descending), picked greedily from the heads'
+        own allocations to least total distortion; each head takes the best of them. What a native type with a
+        fixed width layout over a per-head permutation could hold."""
+        dist = np.array(distortions())
+        out = []
+        for kind in ("k", "v"):
+            mine = [hd for hd in heads if hd[1] == kind]
+            if not mine:
+                continue
+            if len({(len(hd[4]), tuple(hd[4])) for hd in mine}) > 1:
+                raise MethodError(f"{self.label}: shared patterns need one group layout in every layer")
+            order = [np.argsort(-hd[5], kind="stable") for hd in mine]
+            ws = [hd[5][o] for hd, o in zip(mine, order)]
+            cands = list(dict.fromkeys(tuple(hd[6][o]) for hd, o in zip(mine, order)))
+            cost = np.array([[float(np.sum(w * dist[np.array(c)])) for c in cands] for w in ws])  # heads x cands
+            chosen: list[int] = []
+            for _ in range(min(self.patterns, len(cands))):
+                base = cost[:, chosen].min(axis=1) if chosen else np.full(len(ws), np.inf)
+                chosen.append(int(np.argmin(np.minimum(base[:, None], cost).sum(axis=0))))
+            for hd, o, row in zip(mine, order, cost):
+                pat = np.array(cands[chosen[int(np.argmin(row[chosen]))]])
+                wid = np.empty_like(pat)
+                wid[o] = pat
+                out.append((*hd[:6], wid))
+        return out
 
     def begin(self, n_ctx: int) -> None:
         pass
@@ -185,12 +218,14 @@ class PairBits:
 
 def make(setting: str) -> PairBits:
     """``3``, ``2.5`` (average code bits per value, between 1 and 8); ``3/vt``: values by the trellis code (2, 3 or
-    4 bits)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*", setting, flags=re.IGNORECASE)
-    if not m or not 1 <= float(m.group(1)) <= MAX_BITS:
+    4 bits); ``/pN``: N width patterns shared by the whole model, each head the best of them over its groups sorted
+    by weight."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*(?:/\s*p(\d+))?\s*", setting, flags=re.IGNORECASE)
+    if not m or not 1 <= float(m.group(1)) <= MAX_BITS or (m.group(3) and int(m.group(3)) < 1):
         raise MethodError(f"pairbits:{setting}: the setting is the average bits per value, 1 to {MAX_BITS}, "
-                          "optionally /vt (values by the trellis code), e.g. pairbits:3, pairbits:2.5, pairbits:3/vt")
+                          "optionally /vt (values by the trellis code) and /pN (N width patterns shared by the "
+                          "model), e.g. pairbits:3, pairbits:2.5, pairbits:3/vt, pairbits:3/vt/p1")
     bits, vt = float(m.group(1)), bool(m.group(2))
     if vt and bits not in (2, 3, 4):
         raise MethodError(f"pairbits:{setting}: /vt codes values with the trellis of 2, 3 or 4 bits per value")
-    return PairBits(bits, vt)
+    return PairBits(bits, vt, int(m.group(3) or 0))
