@@ -150,3 +150,19 @@ def test_shared_patterns():
             assert len(seen) == 1
     # no widths stored per head: the static side information is the scales alone
     assert one.bits(512).k == pytest.approx(3.25 + 32 * 16 / (64 * 512))
+
+
+def test_centred_keys():
+    calib = synthetic_calibration(n_layer=2, head_dim=64, n_tok=128, n_ctx=64)
+    m = methods.make("pairbits:3/vt/c/p1")[0]
+    assert (m.centre, m.values_tcq, m.patterns) == (True, True, 1)
+    m.fit(calib)
+    layer = calib.layers[1]
+    mean = m.key_mean[1]
+    sigma, width = m.codes[(1, "k")]
+    p0 = layer.rope.pairs(64)[0]
+    np.testing.assert_allclose(sigma[0, p0[0]] ** 2, np.mean((layer.k[:, 0, p0] - mean[0, p0]) ** 2), rtol=1e-5)
+    k = layer.k[:6]
+    got = m.apply(1, "k", k, layer.pos[:6])
+    want = np.stack([pairbits.quantize(k[:, h] - mean[h], sigma[h], width[h]) for h in range(k.shape[1])], axis=1)
+    np.testing.assert_array_equal(got, want)

@@ -152,3 +152,44 @@ def test_tagged_walks_are_as_good_as_plain_ones():
         np.testing.assert_allclose(et, ep, rtol=1e-5)
         assert np.mean(np.all(plain == tagged, axis=1)) > 0.9
         np.testing.assert_array_equal(trellis.states_from_inputs(trellis.walk_inputs(tagged, k), k, L), tagged)
+
+
+def test_rebalance_is_exact_for_attention_and_balances_the_pairs():
+    """/rb: queries divided by what the keys are multiplied by, per RoPE pair (q.k unchanged before the code);
+    after it the pairs' key and query rms agree up to one factor per head."""
+    calib = synthetic_calibration(n_layer=2, head_dim=64, n_tok=128, n_ctx=64, n_head=4, n_head_kv=2)
+    m = methods.make("tcq:3/w1/rb")[0]
+    assert m.rewrites == {"q", "k", "v"}
+    m.fit(calib)
+    layer = calib.layers[1]
+    d = m.pair_scale[1]
+    q = np.random.default_rng(0).standard_normal((5, 4, 64)).astype(np.float32)
+    qr = m.apply(1, "q", q, np.arange(5))
+    k = layer.k[:5]
+    for j in range(4):  # query head j reads KV head j // 2
+        np.testing.assert_allclose(np.sum(qr[:, j] * k[:, j // 2] * d[j // 2], axis=-1),
+                                   np.sum(q[:, j] * k[:, j // 2], axis=-1), rtol=1e-5, atol=1e-5)
+    pairs = layer.rope.pairs(64)
+    for h in range(2):
+        np.testing.assert_array_equal(d[h, pairs[:, 0]], d[h, pairs[:, 1]])
+        a = np.sqrt(layer.q_sq[h, pairs].mean(axis=1)) / d[h, pairs[:, 0]]
+        b = np.sqrt(np.mean(layer.k[:, h][:, pairs] ** 2, axis=(0, 2))) * d[h, pairs[:, 0]]
+        np.testing.assert_allclose(a / b, (a / b)[0], rtol=1e-6)
+    assert m.apply(1, "k", k, np.arange(5)).shape == k.shape
+
+
+def test_centred_keys():
+    """/c: the keys less their calibration mean (as cached) are coded; the values are not touched by it."""
+    calib = synthetic_calibration(n_layer=2, head_dim=64, n_tok=128, n_ctx=64)
+    m = methods.make("tcq:3/L6/w1/c")[0]
+    m.fit(calib)
+    layer = calib.layers[0]
+    mean = layer.k.astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(m.key_mean[0], mean, rtol=1e-5, atol=1e-5)
+    k = layer.k[:6]
+    np.testing.assert_array_equal(m.apply(0, "k", k, layer.pos[:6]),
+                                  tcq.quantize(k - m.key_mean[0], 3, 6, is_v=False, factors=tcq.WALKS[1]))
+    v = layer.v[:6]
+    np.testing.assert_array_equal(m.apply(0, "v", v, layer.pos[:6]),
+                                  tcq.quantize(v, 3, 6, is_v=True, factors=tcq.WALKS[1]))
+    assert methods.make("tcq:3/w1/c/rb")[0].label == "tcq:3/w1/c/rb"

@@ -119,9 +119,11 @@ class PairBits:
     observes = frozenset({"k", "v"})
     name = "pairbits"
 
-    def __init__(self, bits: float, values_tcq: bool = False, patterns: int = 0):
-        self.b, self.values_tcq, self.patterns = bits, values_tcq, patterns
-        self.setting = f"{bits:g}" + ("/vt" if values_tcq else "") + (f"/p{patterns}" if patterns else "")
+    def __init__(self, bits: float, values_tcq: bool = False, patterns: int = 0, centre: bool = False):
+        self.b, self.values_tcq, self.patterns, self.centre = bits, values_tcq, patterns, centre
+        self.setting = (f"{bits:g}" + ("/vt" if values_tcq else "") + ("/c" if centre else "")
+                        + (f"/p{patterns}" if patterns else ""))
+        self.key_mean: dict[int, np.ndarray] = {}  # /c: layer -> (n_head_kv, head_dim) mean key, as cached
         self.label = f"pairbits:{self.setting}"
         self.fingerprint: str | None = None
         self._layers: dict[int, tuple[int, int, int]] = {}
@@ -134,9 +136,11 @@ class PairBits:
         widths for B bits per value (with /pN: the best of N width patterns shared by the whole model)."""
         self.codes.clear()
         self._side_bits.clear()
+        self.key_mean = {il: tcq.key_mean(layer) for il, layer in calib.layers.items()} if self.centre else {}
         heads = []  # (layer, kind, head, groups, sizes, weights, widths)
         for il, layer in calib.layers.items():
-            for kind, x in (("k", layer.k),) + ((("v", layer.v),) if not self.values_tcq else ()):
+            keys = layer.k - self.key_mean[il] if self.centre else layer.k
+            for kind, x in (("k", keys),) + ((("v", layer.v),) if not self.values_tcq else ()):
                 n_head_kv, d = x.shape[1], x.shape[2]
                 grp = groups(d, layer.rope) if kind == "k" else [np.array([c]) for c in range(d)]
                 sizes = np.array([len(g) for g in grp])
@@ -198,6 +202,8 @@ class PairBits:
             return tcq.quantize(x, int(self.b), STATE_BITS, is_v=True, factors=(1.0,))
         if (il, kind) not in self.codes:
             raise MethodError(f"{self.label}: layer {il} was not calibrated")
+        if kind == "k" and self.centre:  # q.(k - m) = q.k - q.m: the same shift for every key of a query
+            x = x - self.key_mean[il]
         sigma, width = self.codes[(il, kind)]
         y = np.empty_like(np.asarray(x, np.float32))
         for h in range(x.shape[1]):
@@ -218,14 +224,16 @@ class PairBits:
 
 def make(setting: str) -> PairBits:
     """``3``, ``2.5`` (average code bits per value, between 1 and 8); ``3/vt``: values by the trellis code (2, 3 or
-    4 bits); ``/pN``: N width patterns shared by the whole model, each head the best of them over its groups sorted
+    4 bits); ``/c``: keys centred (their calibration mean subtracted, as ``tcq:.../c``); ``/pN``: N width patterns
+    shared by the whole model, each head the best of them over its groups sorted
     by weight."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*(?:/\s*p(\d+))?\s*", setting, flags=re.IGNORECASE)
-    if not m or not 1 <= float(m.group(1)) <= MAX_BITS or (m.group(3) and int(m.group(3)) < 1):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*(/\s*c)?\s*(?:/\s*p(\d+))?\s*", setting,
+                     flags=re.IGNORECASE)
+    if not m or not 1 <= float(m.group(1)) <= MAX_BITS or (m.group(4) and int(m.group(4)) < 1):
         raise MethodError(f"pairbits:{setting}: the setting is the average bits per value, 1 to {MAX_BITS}, "
                           "optionally /vt (values by the trellis code) and /pN (N width patterns shared by the "
                           "model), e.g. pairbits:3, pairbits:2.5, pairbits:3/vt, pairbits:3/vt/p1")
     bits, vt = float(m.group(1)), bool(m.group(2))
     if vt and bits not in (2, 3, 4):
         raise MethodError(f"pairbits:{setting}: /vt codes values with the trellis of 2, 3 or 4 bits per value")
-    return PairBits(bits, vt, int(m.group(3) or 0))
+    return PairBits(bits, vt, int(m.group(4) or 0), bool(m.group(3)))

@@ -76,6 +76,29 @@ def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict 
     return scoring.rotate(y, r) if r else y
 
 
+def key_mean(layer) -> np.ndarray:
+    """The mean key as cached (post-RoPE) per KV head, over the calibration tokens. (n_head_kv, head_dim)"""
+    return np.mean(np.asarray(layer.k, np.float64), axis=0).astype(np.float32)
+
+
+def rebalance_scales(layer, mean: np.ndarray | None = None) -> np.ndarray:
+    """Per KV head and dimension, the key scale of its RoPE pair, sqrt(query rms / key rms) over the pair (the
+    queries are scaled by the inverse: exact for attention), normalized to geometric mean 1 per head; dimensions
+    RoPE leaves alone get their own; keys less ``mean`` when centred. (n_head_kv, head_dim)"""
+    k = np.asarray(layer.k, np.float64) - (0.0 if mean is None else mean)
+    n_head_kv, d = k.shape[1], k.shape[2]
+    b2 = np.mean(k * k, axis=0)  # (n_head_kv, d)
+    pairs = layer.rope.pairs(d) if layer.rope is not None else np.zeros((0, 2), np.int64)
+    grp = [np.asarray(p) for p in pairs] + [np.array([c]) for c in range(d) if c not in set(pairs.ravel().tolist())]
+    out = np.ones((n_head_kv, d))
+    for h in range(n_head_kv):
+        for g in grp:
+            a, b = np.mean(layer.q_sq[h, g]), np.mean(b2[h, g])
+            out[h, g] = np.sqrt(np.sqrt(a / b)) if a > 0 and b > 0 else 1.0
+        out[h] /= np.exp(np.mean(np.log(out[h])))
+    return out
+
+
 class Trellis:
     paper = ("Tseng et al., QTIP: quantization with trellises and incoherence processing (arXiv 2406.11235); "
              "Marcellin & Fischer, trellis coded quantization (1990)")
@@ -84,10 +107,17 @@ class Trellis:
     observes = frozenset({"k", "v"})
     name = "tcq"
 
-    def __init__(self, bits: int, state_bits: int = STATE_BITS, walks: int = len(SCALE_FACTORS)):
+    def __init__(self, bits: int, state_bits: int = STATE_BITS, walks: int = len(SCALE_FACTORS),
+                 centre: bool = False, rebalance: bool = False):
         self.b, self.state_bits, self.walks = bits, state_bits, walks
+        self.centre, self.rebalance = centre, rebalance
         self.setting = (f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
-                        + (f"/w{walks}" if walks != len(SCALE_FACTORS) else ""))
+                        + (f"/w{walks}" if walks != len(SCALE_FACTORS) else "") + ("/c" if centre else "")
+                        + ("/rb" if rebalance else ""))
+        self.key_mean: dict[int, np.ndarray] = {}  # /c: layer -> (n_head_kv, head_dim) mean key, as cached
+        if rebalance:  # keys scaled per RoPE pair, queries by the inverse: Q is rewritten too
+            self.rewrites = self.observes = frozenset({"q", "k", "v"})
+        self.pair_scale: dict[int, np.ndarray] = {}  # /rb: layer -> (n_head_kv, head_dim) key scales
         self.label = f"tcq:{self.setting}"
         self.fingerprint: str | None = None
         self._layers: dict[int, tuple[int, int, int]] = {}
@@ -96,6 +126,9 @@ class Trellis:
     def fit(self, calib) -> None:
         """Nothing is learnt from the model (the codebook is computed); records the shapes and the fingerprint."""
         codebook(self.b, self.state_bits)
+        self.key_mean = {il: key_mean(layer) for il, layer in calib.layers.items()} if self.centre else {}
+        self.pair_scale = {il: rebalance_scales(layer, self.key_mean.get(il)) for il, layer in calib.layers.items()} \
+            if self.rebalance else {}
         self._layers = layer_shapes(calib)
         self.fingerprint = calib.ident.fingerprint
 
@@ -103,6 +136,17 @@ class Trellis:
         pass
 
     def apply(self, il: int, kind: str, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        if self.centre and kind == "k":  # q.(k - m) = q.k - q.m: the same shift for every key of a query
+            if il not in self.key_mean:
+                raise MethodError(f"{self.label}: layer {il} was not calibrated")
+            x = x - self.key_mean[il]
+        if self.rebalance and kind in ("q", "k"):
+            if il not in self.pair_scale:
+                raise MethodError(f"{self.label}: layer {il} was not calibrated")
+            d = self.pair_scale[il]
+            if kind == "q":  # query head j reads KV head j // (n_head / n_head_kv)
+                return (x / np.repeat(d, x.shape[1] // d.shape[0], axis=0)).astype(np.float32)
+            x = x * d
         if kind not in ("k", "v"):
             return x
         return quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks])
@@ -118,8 +162,10 @@ class Trellis:
 
 def make(setting: str) -> Trellis:
     """``3``, ``2``, ``3/L12``, ``3/L6/w1`` (bits per value; optionally the trellis' state bits L and the walks per
-    row w)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(?:/\s*w(\d+))?\s*", setting, flags=re.IGNORECASE)
+    row w); ``/c``: keys centred (their calibration mean, as cached, subtracted: attention is shift-invariant per
+    query); ``/rb``: keys rebalanced against the queries per RoPE pair, as calibrated profiles do."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(?:/\s*w(\d+))?\s*(/\s*c)?\s*(/\s*rb)?\s*", setting,
+                     flags=re.IGNORECASE)
     if not m:
         raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits> and /w<walks>, e.g. tcq:3, "
                           "tcq:2/L12, tcq:3/L6/w1")
@@ -132,4 +178,4 @@ def make(setting: str) -> Trellis:
         raise MethodError(f"tcq:{setting}: state bits L between {bits + 1} and {MAX_STATE_BITS}")
     if walks not in WALKS:
         raise MethodError(f"tcq:{setting}: walks per row {', '.join(map(str, WALKS))}")
-    return Trellis(bits, L, walks)
+    return Trellis(bits, L, walks, bool(m.group(4)), bool(m.group(5)))
