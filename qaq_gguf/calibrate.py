@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _native, cachetypes, chat, collect, llama, profile, scoring, solver, transforms
+from . import _native, cachetypes, chat, collect, llama, profile, rope, scoring, solver, transforms
 from .progress import progress_bar
 
 
@@ -273,8 +273,8 @@ class _Run:
         self.bos = bos
         self.mass, self.n_mass = np.zeros(SINK_MAX), 0
         self.layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
-        self.partner = {il: transforms.pair_partner(ident.head_dim_k[il], min(ident.n_rot, ident.head_dim_k[il]),
-                                                    bool(ident.rope_neox)) if ident.rope_neox is not None
+        self.partner = {il: rope.pair_partner(ident.head_dim_k[il], min(ident.n_rot, ident.head_dim_k[il]),
+                                              bool(ident.rope_neox)) if ident.rope_neox is not None
                         else np.arange(ident.head_dim_k[il]) for il in self.layers}
         self.sk = np.zeros((ident.n_layer, len(cands)))
         self.sv = np.zeros((ident.n_layer, len(cands)))

@@ -5,6 +5,9 @@ quantizes, and rotates the reconstruction back (:func:`rope`). The parameters co
 metadata (:func:`rope_params`) the way llama.cpp's loader reads them: ``{arch}.rope.freq_base`` (default 10000),
 linear scaling ``{arch}.rope.scaling.factor``, and for sliding-window layers the architecture's own SWA base.
 Only plain and NeoX RoPE with linear scaling are ported; YaRN, LongRoPE and multi-section RoPE are refused.
+
+Which dimensions RoPE rotates together (:func:`pair_partner`) is also what the key transforms and the lab's codes
+by RoPE pair are built on: it has this one home.
 """
 from __future__ import annotations
 
@@ -18,6 +21,17 @@ import numpy as np
 _SWA_BASE_ARCHS = ("gemma3", "gemma3n")
 
 
+def pair_partner(head_dim: int, n_rot: int, neox: bool) -> np.ndarray:
+    """For each dimension of a head, the dimension RoPE rotates it with (itself from n_rot on)."""
+    p = np.arange(head_dim)
+    half = n_rot // 2
+    if neox:
+        p[:half], p[half:n_rot] = np.arange(half, n_rot), np.arange(half)
+    else:
+        p[:n_rot:2], p[1:n_rot:2] = np.arange(1, n_rot, 2), np.arange(0, n_rot, 2)
+    return p
+
+
 class RopeError(ValueError):
     """The model's RoPE is not one this port reproduces."""
 
@@ -29,11 +43,16 @@ class RopeParams:
     freq_base: float
     freq_scale: float   # 1 / linear scaling factor
 
+    def partner(self, head_dim: int) -> np.ndarray:
+        """For each dimension, the one it is rotated with (:func:`pair_partner`)."""
+        return pair_partner(head_dim, min(self.n_rot, head_dim), self.neox)
+
     def pairs(self, head_dim: int) -> np.ndarray:
-        """(n_pairs, 2) dimension indices rotated together; dimensions >= n_rot are not rotated."""
-        half = self.n_rot // 2
-        i = np.arange(half)
-        return np.stack([i, i + half], axis=1) if self.neox else np.stack([2 * i, 2 * i + 1], axis=1)
+        """(n_pairs, 2) dimension indices rotated together, in order of the first; dimensions >= n_rot are not
+        rotated."""
+        p = self.partner(head_dim)
+        i = np.flatnonzero(p > np.arange(head_dim))
+        return np.stack([i, p[i]], axis=1)
 
     def theta(self, pos: np.ndarray) -> np.ndarray:
         """(len(pos), n_rot/2) rotation angles, computed as ggml does (float32 powers of the base)."""

@@ -27,17 +27,6 @@ from . import cachetypes, scoring
 SCALE_MIN, SCALE_MAX = 1.0 / 64, 64.0   # calibration's range for d (the runtime accepts [1/256, 256])
 
 
-def pair_partner(head_dim: int, n_rot: int, neox: bool) -> np.ndarray:
-    """For each dimension of a head, the dimension RoPE rotates it with (itself beyond n_rot)."""
-    p = np.arange(head_dim)
-    half = n_rot // 2
-    if neox:
-        p[:half], p[half:n_rot] = np.arange(half, n_rot), np.arange(half)
-    else:
-        p[:n_rot:2], p[1:n_rot:2] = np.arange(1, n_rot, 2), np.arange(0, n_rot, 2)
-    return p
-
-
 def rebalance_scales(q_sq: np.ndarray, k_var: np.ndarray, partner: np.ndarray) -> np.ndarray:
     """Per-dimension key scales d (shape of ``q_sq``: (n_head_kv, head_dim)) from the mean squared query (over the
     query heads of each KV head) and the variance of the centred keys; one value per RoPE pair

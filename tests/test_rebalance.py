@@ -10,7 +10,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from qaq_gguf import Llama, ProfileError, calibrate, collect, evaluate, profile, transforms
+from qaq_gguf import Llama, ProfileError, calibrate, collect, evaluate, profile, rope, transforms
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def stats(gemma, gemma_ident, calib_text) -> calibrate.Scores:
         a = chunk[il]
         m = calibrate._Moments()
         m.add(a, skip_first=True)
-        partner = transforms.pair_partner(ident.head_dim_k[il], ident.n_rot, ident.rope_neox)
+        partner = rope.pair_partner(ident.head_dim_k[il], ident.n_rot, ident.rope_neox)
         for k, val in (("k_mean", m.k_mean()), ("k_scale", m.scales(partner)), ("v_mean", m.v_mean()),
                        ("k_first", a.k[0]), ("v_first", a.v[0])):
             parts[k].append(np.asarray(val, np.float32).ravel())

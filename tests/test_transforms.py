@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qaq_gguf import cachetypes, scoring, transforms
+from qaq_gguf import cachetypes, rope, scoring, transforms
 
 
 def test_pair_partner_neox_and_norm():
-    p = transforms.pair_partner(8, 8, neox=True)
+    p = rope.pair_partner(8, 8, neox=True)
     np.testing.assert_array_equal(p, [4, 5, 6, 7, 0, 1, 2, 3])
-    p = transforms.pair_partner(8, 8, neox=False)
+    p = rope.pair_partner(8, 8, neox=False)
     np.testing.assert_array_equal(p, [1, 0, 3, 2, 5, 4, 7, 6])
-    p = transforms.pair_partner(8, 4, neox=True)  # partial RoPE: the last 4 dims rotate with nothing
+    p = rope.pair_partner(8, 4, neox=True)  # partial RoPE: the last 4 dims rotate with nothing
     np.testing.assert_array_equal(p, [2, 3, 0, 1, 4, 5, 6, 7])
 
 
@@ -22,7 +22,7 @@ def test_rebalance_scales_are_pairwise_and_normalised():
     rng = np.random.default_rng(0)
     q_sq = rng.uniform(0.01, 4, (2, 16))
     k_var = rng.uniform(0.01, 4, (2, 16))
-    partner = transforms.pair_partner(16, 16, neox=True)
+    partner = rope.pair_partner(16, 16, neox=True)
     d = transforms.rebalance_scales(q_sq, k_var, partner)
     np.testing.assert_array_equal(d, d[:, partner])               # one scale per RoPE pair
     np.testing.assert_allclose(np.exp(np.log(d).mean(axis=1)), 1.0, rtol=1e-5)  # geometric mean 1
@@ -47,7 +47,7 @@ def test_rebalancing_cuts_the_logit_error_of_a_rotated_quantizer():
     qspread = np.concatenate([qspread, qspread])
     k = (rng.standard_normal((n, 1, d_head)) * spread).astype(np.float32)
     q = (rng.standard_normal((n, 1, d_head)) * qspread).astype(np.float32)
-    partner = transforms.pair_partner(d_head, d_head, neox=True)
+    partner = rope.pair_partner(d_head, d_head, neox=True)
     q_sq, k_var = (q[:, 0] ** 2).mean(0)[None], k[:, 0].var(0)[None]
     d = transforms.rebalance_scales(q_sq, k_var, partner)
     gain = float(transforms.rebalance_gain(q_sq, k_var, d)[0])
