@@ -166,3 +166,94 @@ def test_centred_keys():
     got = m.apply(1, "k", k, layer.pos[:6])
     want = np.stack([pairbits.quantize(k[:, h] - mean[h], sigma[h], width[h]) for h in range(k.shape[1])], axis=1)
     np.testing.assert_array_equal(got, want)
+
+
+def _rotated_reference(x, scale, parts, trellis):
+    """One row at a time: y = scale * x; each group rotated, over its rms, to the nearest level (or the trellis walk)
+    at the row's rms, back; a least-squares fp16 scale in the y domain; y / scale."""
+    from qaq_gguf.trellis import codebook, viterbi
+    out = np.empty(x.shape, np.float32)
+    flat = out.reshape(-1, x.shape[-1])
+    for i, row in enumerate(x.reshape(-1, x.shape[-1]).astype(np.float64)):
+        y = row * scale
+        us = [pairbits.orthogonal(len(idx)) @ y[idx] / sig for _, idx, sig in parts]
+        rms = np.sqrt(np.sum([np.sum(u * u) for u in us]) / sum(len(u) for u in us)) or 1.0
+        r = np.zeros_like(y)
+        for (b, idx, sig), u in zip(parts, us):
+            if trellis and 2 <= b <= 4:
+                table, rho = codebook(b)
+                c = table[viterbi((u / rms * rho)[None], table, b)[0]] / rho
+            else:
+                levels, _ = lloyd_max(b)
+                c = np.array([levels[np.argmin(np.abs(levels - v))] for v in u / rms])
+            r[idx] = pairbits.orthogonal(len(idx)).T @ (c * sig)
+        s = float(np.float16(np.dot(y, r) / np.dot(r, r))) if np.dot(r, r) > 0 else 0.0
+        flat[i] = s * r / scale
+    return out
+
+
+@pytest.mark.parametrize("trellis", [False, True])
+def test_rotated_round_trip_matches_the_reference(trellis):
+    rng = np.random.default_rng(5)
+    d = 16
+    scale = rng.uniform(0.3, 3.0, d)
+    width = np.array([0, 3, 3, 2, 5, 3, 1, 2, 3, 3, 4, 4, 0, 2, 3, 3])
+    parts = [(int(b), np.flatnonzero(width == b), float(rng.uniform(0.5, 2))) for b in np.unique(width) if b]
+    x = rng.standard_normal((7, d)).astype(np.float32)
+    got = pairbits.quantize_rotated(x, scale, parts, trellis)
+    np.testing.assert_allclose(got, _rotated_reference(x, scale, parts, trellis), rtol=1e-5, atol=1e-6)
+    assert np.all(got[:, width == 0] == 0)
+    q = pairbits.orthogonal(5)
+    np.testing.assert_allclose(q @ q.T, np.eye(5), atol=1e-12)
+    z = np.zeros((2, d), np.float32)
+    np.testing.assert_array_equal(pairbits.quantize_rotated(z, scale, parts, trellis), z)
+
+
+def test_rotated_groups_fit_and_beat_the_unrotated_code():
+    """/h: the keys' scales are the profiles' rebalancing (of the centred keys with /c), the groups are the
+    dimensions of each width with their rms after scaling; in sample the q_sq-weighted key error falls against the
+    code without rotation at the same widths, and /t (trellis inside) below that."""
+    calib = synthetic_calibration(n_layer=2, head_dim=64, n_tok=256, n_ctx=64)
+    plain = methods.make("pairbits:3/vt/c")[0]
+    rot = methods.make("pairbits:3/vt/c/h")[0]
+    tr = methods.make("pairbits:3/vt/c/h/t")[0]
+    for m in (plain, rot, tr):
+        m.fit(calib)
+    layer = calib.layers[1]
+    kc = np.asarray(layer.k, np.float64) - rot.key_mean[1]
+    from qaq_gguf import transforms
+    want = transforms.rebalance_scales(layer.q_sq, np.mean(kc * kc, axis=0), tcq.key_partner(layer))
+    width = rot.codes[(1, "k")][1]
+    np.testing.assert_array_equal(width, plain.codes[(1, "k")][1])
+    for h, (scale, parts) in enumerate(rot.rot[(1, "k")]):
+        np.testing.assert_allclose(scale, want[h], rtol=1e-6)
+        assert sorted(np.concatenate([idx for _, idx, _ in parts]).tolist()) == np.flatnonzero(width[h]).tolist()
+        for b, idx, sig in parts:
+            assert np.all(width[h, idx] == b)
+            assert sig == pytest.approx(np.sqrt(np.mean((kc[:, h][:, idx] * scale[idx]) ** 2)), rel=1e-6)
+    err = [np.sum(layer.q_sq * (m.apply(1, "k", layer.k, layer.pos) - layer.k) ** 2) for m in (plain, rot, tr)]
+    assert err[2] < err[1] < err[0]
+    assert tr.label == "pairbits:3/vt/c/h/t" and tr.bits(512).k == plain.bits(512).k
+    for bad in ("3/t", "3/vt/t/h", "3/h/c"):
+        with pytest.raises(MethodError, match="pairbits"):
+            methods.make(f"pairbits:{bad}")
+
+
+def test_exact_first_position():
+    """/x: rows at position 0 exact for keys and values, left out of the scales, widths and mean, and counted."""
+    calib = synthetic_calibration(n_layer=2, head_dim=64, n_tok=128, n_ctx=64)
+    layer = calib.layers[0]
+    m = methods.make("pairbits:3/vt/c/h/x")[0]
+    m.fit(calib)
+    ref = methods.make("pairbits:3/vt/c/h")[0]
+    ref.fit(dataclasses.replace(calib, layers={il: methods.without_first(ly) for il, ly in calib.layers.items()}))
+    np.testing.assert_array_equal(m.key_mean[0], ref.key_mean[0])
+    np.testing.assert_array_equal(m.codes[(0, "k")][1], ref.codes[(0, "k")][1])
+    k, v, pos = layer.k[60:70], layer.v[60:70], layer.pos[60:70]
+    first = pos == 0
+    got, want = m.apply(0, "k", k, pos), ref.apply(0, "k", k, pos)
+    np.testing.assert_array_equal(got[~first], want[~first])
+    np.testing.assert_array_equal(got[first], (k - m.key_mean[0])[first])
+    np.testing.assert_array_equal(m.apply(0, "v", v, pos)[first], v[first])
+    assert m.bits(512).k == pytest.approx(ref.bits(512).k + 2 * 16 / 512)
+    assert m.label == "pairbits:3/vt/c/h/x"

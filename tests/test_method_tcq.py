@@ -193,3 +193,33 @@ def test_centred_keys():
     np.testing.assert_array_equal(m.apply(0, "v", v, layer.pos[:6]),
                                   tcq.quantize(v, 3, 6, is_v=True, factors=tcq.WALKS[1]))
     assert methods.make("tcq:3/w1/c/rb")[0].label == "tcq:3/w1/c/rb"
+
+
+def test_exact_first_position():
+    """/x: rows at position 0 come back as they went in (after /c, /rb: the cache's own form), the statistics leave
+    them out, and the exact cell's two f16 rows are counted."""
+    calib = synthetic_calibration(n_layer=2, head_dim=64, n_tok=128, n_ctx=64)
+    layer = calib.layers[1]
+    assert np.sum(layer.pos == 0) == 2
+    m = methods.make("tcq:3/w1/c/rb/x")[0]
+    assert (m.centre, m.rebalance, m.exact, m.label) == (True, True, True, "tcq:3/w1/c/rb/x")
+    m.fit(calib)
+    keep = layer.pos != 0
+    np.testing.assert_allclose(m.key_mean[1], layer.k[keep].astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(m.pair_scale[1], tcq.rebalance_scales(methods.without_first(layer), m.key_mean[1]))
+    k, pos = layer.k[60:70], layer.pos[60:70]
+    got = m.apply(1, "k", k, pos)
+    kc = (k - m.key_mean[1]) * m.pair_scale[1]
+    first = pos == 0
+    np.testing.assert_array_equal(got[first], kc[first].astype(np.float32))
+    np.testing.assert_array_equal(got[~first], tcq.quantize(kc, 3, 8, is_v=False, factors=(1.0,))[~first])
+    v = layer.v[60:70]
+    np.testing.assert_array_equal(m.apply(1, "v", v, pos)[first], v[first])
+    plain = methods.make("tcq:3/w1/c/rb")[0]
+    plain.fit(calib)
+    assert m.bits(512).k == pytest.approx(plain.bits(512).k + 2 * 16 / 512)
+    assert m.bits(512).v == pytest.approx(plain.bits(512).v + 2 * 16 / 512)
+    assert "position 0 exact" in m.bits(512).detail
+    for bad in ("3/x/c", "3/rb/c", "3/x/x"):
+        with pytest.raises(MethodError, match="tcq"):
+            methods.make(f"tcq:{bad}")

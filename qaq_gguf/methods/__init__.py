@@ -27,6 +27,7 @@ and ``make(setting)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -173,6 +174,32 @@ def row_bits(label: str, layers: dict[int, tuple[int, int, int]], per_value_k, p
     bk = sum(h * dk * per_value_k(dk) for h, dk, _ in layers.values()) / nk
     bv = sum(h * dv * per_value_v(dv) for h, _, dv in layers.values()) / nv
     return bk, bv
+
+
+EXACT_FIRST_ROWS = 2  # the profiles' exact cell for position 0 and its scratch row, f16 (patches/0031)
+
+
+def exact_first(x: np.ndarray, y: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``y`` (rows coded from ``x``, (n_tok, ...)) with the rows at position 0 as they came: what a calibrated
+    profile's exact cell keeps (the attention sink, whatever token it holds; docs/calibration.md)."""
+    first = np.asarray(pos) == 0
+    if not first.any():
+        return y
+    y = np.array(y, np.float32)
+    y[first] = np.asarray(x, np.float32)[first]
+    return y
+
+
+def without_first(layer: CalibLayer) -> CalibLayer:
+    """The layer's calibration tokens less those at position 0: statistics for a code whose position 0 is exact."""
+    keep = np.asarray(layer.pos) != 0
+    per_token = ("k", "v", "pos", "q_norm2", "k_weight", "v_weight", "attn_recv", "attn_last")
+    return dataclasses.replace(layer, **{f: getattr(layer, f)[keep] for f in per_token})
+
+
+def exact_first_bits(n_ctx: int) -> float:
+    """Bits per value the exact cell costs at ``n_ctx`` cells: EXACT_FIRST_ROWS f16 rows beside the cache."""
+    return 16 * EXACT_FIRST_ROWS / max(n_ctx, 1)
 
 
 def uniform_quantize(x: np.ndarray, bits: int, axis: int, *, group: int | None = None) -> np.ndarray:

@@ -12,7 +12,9 @@ What is done (settings ``pairbits:3``, ``pairbits:2.5``: the average code bits p
 as below, values through the trellis code of the same bits, one walk, as the native ``tcq3``: values gain little
 from bits by energy, and the trellis is the better code; ``/pN``: N width patterns shared by the model instead of
 one allocation per head, each head taking the best of them over its groups in weight order, the layout a native type
-could fix with a per-head permutation of the pairs; no widths stored then):
+could fix with a per-head permutation of the pairs; no widths stored then; ``/h``: the keys scaled by the profiles'
+rebalancing and every group of equal width rotated before its code (:func:`quantize_rotated`), ``/t`` the trellis
+inside those groups, ``/x`` position 0 exact as a profile's exact cell; docs/benchmarks.md has what each does):
 
 - **Fit** (per layer and KV head, on calibration activations, as cached: post-RoPE keys): each group's scale
   ``sigma_g`` (rms of its values; a group is a RoPE pair of the keys, or one channel of the values or of key
@@ -38,8 +40,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import Bits, MethodError, layer_shapes, row_bits, tcq
-from ..trellis import STATE_BITS
+from . import (Bits, MethodError, exact_first, exact_first_bits, layer_shapes, row_bits, tcq,
+               without_first)
+from .. import transforms
+from ..trellis import STATE_BITS, codebook, viterbi
 from .turboquant import lloyd_max
 
 DEFAULTS = ("3", "2.5")
@@ -58,15 +62,12 @@ def distortions() -> tuple[float, ...]:
     return tuple(d)
 
 
-def groups(head_dim: int, rope) -> list[np.ndarray]:
-    """The key dimensions coded with one width: each RoPE pair, and each dimension RoPE leaves alone."""
-    if rope is None:
-        return [np.array([c]) for c in range(head_dim)]
-    pairs = rope.pairs(head_dim)
-    out = [np.asarray(p) for p in pairs]
-    seen = set(pairs.ravel().tolist())
-    out += [np.array([c]) for c in range(head_dim) if c not in seen]
-    return out
+def groups(partner: np.ndarray) -> list[np.ndarray]:
+    """The key dimensions coded with one width: each RoPE pair (``partner``: :func:`tcq.key_partner`), then each
+    dimension RoPE leaves alone."""
+    i = np.arange(len(partner))
+    return ([np.array([c, partner[c]]) for c in np.flatnonzero(partner > i)]
+            + [np.array([c]) for c in np.flatnonzero(partner == i)])
 
 
 def allocate(weights: np.ndarray, sizes: np.ndarray, total: int) -> np.ndarray:
@@ -112,6 +113,43 @@ def quantize(x: np.ndarray, sigma: np.ndarray, width: np.ndarray) -> np.ndarray:
     return (s[:, None] * r).reshape(shape).astype(np.float32)
 
 
+@lru_cache(maxsize=None)
+def orthogonal(n: int) -> np.ndarray:
+    """A fixed random orthogonal matrix of size n (QR of a Gaussian matrix, seed n): the rotation inside a group of
+    equal width, whose size need not be a power of two (a native type would fix the sizes and use Hadamard)."""
+    q, r = np.linalg.qr(np.random.default_rng(n).standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def quantize_rotated(x: np.ndarray, scale: np.ndarray, parts: list, trellis: bool = False) -> np.ndarray:
+    """Rows x (..., d) coded in groups of equal width: ``y = scale * x``, each group ``(b, idx, sig)`` rotated by
+    ``orthogonal(len(idx))`` and divided by its calibrated rms ``sig``, then at the rows' rms of those coordinates
+    coded by the b-bit Lloyd-Max quantizer (``trellis``: widths 2-4 by the trellis code, one walk), rotated back; one
+    least-squares fp16 scale per row in the ``y`` domain; returned as ``y / scale`` (float32). Dimensions in no group
+    (0 bits) are 0."""
+    x = np.asarray(x, np.float64)
+    shape, d = x.shape, x.shape[-1]
+    y = x.reshape(-1, d) * scale
+    us = [(y[:, idx] @ orthogonal(len(idx)).T) / sig for _, idx, sig in parts]
+    n = sum(u.shape[1] for u in us)
+    rms = np.sqrt(sum(np.sum(u * u, axis=1) for u in us) / max(n, 1))[:, None] if us else np.ones((len(y), 1))
+    rms = np.where(rms > 0, rms, 1.0)
+    r = np.zeros_like(y)
+    for (b, idx, sig), u in zip(parts, us):
+        un = u / rms
+        if trellis and 2 <= b <= 4:
+            table, rho = codebook(int(b), STATE_BITS)
+            c = table[viterbi(un * rho, table, int(b))].astype(np.float64) / rho
+        else:
+            levels, thr = lloyd_max(int(b))
+            c = levels[np.searchsorted(thr, un)]
+        r[:, idx] = (c * sig) @ orthogonal(len(idx))
+    rr = np.sum(r * r, axis=1)
+    s = np.where(rr > 0, np.sum(y * r, axis=1) / np.where(rr > 0, rr, 1.0), 0.0)
+    s = s.astype(np.float16).astype(np.float64)
+    return (s[:, None] * r / scale).reshape(shape).astype(np.float32)
+
+
 class PairBits:
     paper = "Block-GTQ (arXiv 2606.24033): integer bits per RoPE pair by energy; Max (1960), Lloyd-Max quantizers"
     headline = "Block-GTQ: key logit MAE -32...-80% at 2-3 bits on 10 models"
@@ -119,9 +157,12 @@ class PairBits:
     observes = frozenset({"k", "v"})
     name = "pairbits"
 
-    def __init__(self, bits: float, values_tcq: bool = False, patterns: int = 0, centre: bool = False):
+    def __init__(self, bits: float, values_tcq: bool = False, patterns: int = 0, centre: bool = False,
+                 rotated: bool = False, trellis: bool = False, exact: bool = False):
         self.b, self.values_tcq, self.patterns, self.centre = bits, values_tcq, patterns, centre
+        self.rotated, self.trellis, self.exact = rotated, trellis, exact
         self.setting = (f"{bits:g}" + ("/vt" if values_tcq else "") + ("/c" if centre else "")
+                        + ("/h" if rotated else "") + ("/t" if trellis else "") + ("/x" if exact else "")
                         + (f"/p{patterns}" if patterns else ""))
         self.key_mean: dict[int, np.ndarray] = {}  # /c: layer -> (n_head_kv, head_dim) mean key, as cached
         self.label = f"pairbits:{self.setting}"
@@ -130,19 +171,22 @@ class PairBits:
         # (layer, kind) -> (sigma (n_head_kv, d), width (n_head_kv, d))
         self.codes: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
         self._side_bits: dict[tuple[int, str], int] = {}  # (layer, kind) -> static bits (scales, widths)
+        # /h: (layer, kind) -> per KV head (scale (d,), [(width, dims, group rms)])
+        self.rot: dict[tuple[int, str], list[tuple[np.ndarray, list]]] = {}
 
     def fit(self, calib) -> None:
         """Per layer, kind and KV head: the groups' scales and weights from the calibration activations, then the
         widths for B bits per value (with /pN: the best of N width patterns shared by the whole model)."""
         self.codes.clear()
         self._side_bits.clear()
-        self.key_mean = {il: tcq.key_mean(layer) for il, layer in calib.layers.items()} if self.centre else {}
+        layers = {il: without_first(layer) if self.exact else layer for il, layer in calib.layers.items()}
+        self.key_mean = {il: tcq.key_mean(layer) for il, layer in layers.items()} if self.centre else {}
         heads = []  # (layer, kind, head, groups, sizes, weights, widths)
-        for il, layer in calib.layers.items():
+        for il, layer in layers.items():
             keys = layer.k - self.key_mean[il] if self.centre else layer.k
             for kind, x in (("k", keys),) + ((("v", layer.v),) if not self.values_tcq else ()):
                 n_head_kv, d = x.shape[1], x.shape[2]
-                grp = groups(d, layer.rope) if kind == "k" else [np.array([c]) for c in range(d)]
+                grp = groups(tcq.key_partner(layer)) if kind == "k" else [np.array([c]) for c in range(d)]
                 sizes = np.array([len(g) for g in grp])
                 sig = np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, axis=0))  # (n_head_kv, d)
                 sigma = np.ones((n_head_kv, d))
@@ -162,8 +206,28 @@ class PairBits:
         for il, kind, h, grp, _, _, wid in heads:
             for g, b in zip(grp, wid):
                 self.codes[(il, kind)][1][h, g] = b
+        self.rot.clear()
+        if self.rotated:
+            for (il, kind), (_, width) in self.codes.items():
+                self.rot[(il, kind)] = self._rotated_parts(il, layers[il], kind, width)
         self._layers = layer_shapes(calib)
         self.fingerprint = calib.ident.fingerprint
+
+    def _rotated_parts(self, il: int, layer, kind: str, width: np.ndarray) -> list[tuple[np.ndarray, list]]:
+        """/h: per KV head, the keys' rebalancing scales (the profiles' own, of the centred keys with /c; values:
+        1) and the groups of equal width with their calibrated rms after scaling."""
+        x = np.asarray(layer.k if kind == "k" else layer.v, np.float64)
+        if kind == "k" and self.centre:
+            x = x - self.key_mean[il]
+        scale = (transforms.rebalance_scales(layer.q_sq, np.mean(x * x, axis=0), tcq.key_partner(layer))
+                 if kind == "k" else np.ones(x.shape[1:], np.float32)).astype(np.float64)
+        out = []
+        for h in range(x.shape[1]):
+            y = x[:, h] * scale[h]
+            parts = [(int(b), np.flatnonzero(width[h] == b), 0.0) for b in np.unique(width[h]) if b > 0]
+            parts = [(b, idx, float(np.sqrt(np.mean(y[:, idx] ** 2))) or 1.0) for b, idx, _ in parts]
+            out.append((scale[h], parts))
+        return out
 
     def _shared_patterns(self, heads: list) -> list:
         """Per kind, N width patterns over the groups sorted by weight (descending), picked greedily from the heads'
@@ -199,7 +263,8 @@ class PairBits:
         if kind not in ("k", "v"):
             return x
         if kind == "v" and self.values_tcq:
-            return tcq.quantize(x, int(self.b), STATE_BITS, is_v=True, factors=(1.0,))
+            y = tcq.quantize(x, int(self.b), STATE_BITS, is_v=True, factors=(1.0,))
+            return exact_first(x, y, pos) if self.exact else y
         if (il, kind) not in self.codes:
             raise MethodError(f"{self.label}: layer {il} was not calibrated")
         if kind == "k" and self.centre:  # q.(k - m) = q.k - q.m: the same shift for every key of a query
@@ -207,8 +272,12 @@ class PairBits:
         sigma, width = self.codes[(il, kind)]
         y = np.empty_like(np.asarray(x, np.float32))
         for h in range(x.shape[1]):
-            y[:, h] = quantize(x[:, h], sigma[h], width[h])
-        return y
+            if self.rotated:
+                scale, parts = self.rot[(il, kind)][h]
+                y[:, h] = quantize_rotated(x[:, h], scale, parts, self.trellis)
+            else:
+                y[:, h] = quantize(x[:, h], sigma[h], width[h])
+        return exact_first(x, y, pos) if self.exact else y
 
     def bits(self, n_ctx: int) -> Bits:
         bk, bv = row_bits(self.label, self._layers, lambda d: self.b + 16 / d)
@@ -217,23 +286,29 @@ class PairBits:
         side_k = sum(v for (_, kind), v in self._side_bits.items() if kind == "k") / (nk * max(n_ctx, 1))
         side_v = sum(v for (_, kind), v in self._side_bits.items() if kind == "v") / (nv * max(n_ctx, 1))
         values = "values by the trellis code" if self.values_tcq else "values by channel energy"
-        return Bits(bk + side_k, bv + side_v,
+        ex = exact_first_bits(n_ctx) if self.exact else 0.0
+        return Bits(bk + side_k + ex, bv + side_v + ex,
                     f"{self.b:g} bits/value, keys by pair energy, {values}, + fp16 scale per head row; static scales "
                     f"and widths {side_k:.4f} (K) / {side_v:.4f} (V) bits/value at {n_ctx} tokens")
 
 
 def make(setting: str) -> PairBits:
     """``3``, ``2.5`` (average code bits per value, between 1 and 8); ``3/vt``: values by the trellis code (2, 3 or
-    4 bits); ``/c``: keys centred (their calibration mean subtracted, as ``tcq:.../c``); ``/pN``: N width patterns
-    shared by the whole model, each head the best of them over its groups sorted
-    by weight."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*(/\s*c)?\s*(?:/\s*p(\d+))?\s*", setting,
-                     flags=re.IGNORECASE)
-    if not m or not 1 <= float(m.group(1)) <= MAX_BITS or (m.group(4) and int(m.group(4)) < 1):
+    4 bits); ``/c``: keys centred (their calibration mean subtracted, as ``tcq:.../c``); ``/h``: keys rebalanced
+    per RoPE pair (as profiles) and every group of equal width rotated (:func:`quantize_rotated`); ``/t`` (with
+    ``/h``): widths 2-4 by the trellis code inside the groups; ``/x``: rows at position 0 exact (``tcq:.../x``); ``/pN``: N width patterns shared by the whole model,
+    each head the best of them over its groups sorted by weight."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*(/\s*c)?\s*(/\s*h)?\s*(/\s*t)?\s*(/\s*x)?\s*(?:/\s*p(\d+))?\s*",
+                     setting, flags=re.IGNORECASE)
+    if (not m or not 1 <= float(m.group(1)) <= MAX_BITS or (m.group(7) and int(m.group(7)) < 1)
+            or (m.group(5) and not m.group(4))):
         raise MethodError(f"pairbits:{setting}: the setting is the average bits per value, 1 to {MAX_BITS}, "
-                          "optionally /vt (values by the trellis code) and /pN (N width patterns shared by the "
-                          "model), e.g. pairbits:3, pairbits:2.5, pairbits:3/vt, pairbits:3/vt/p1")
+                          "optionally /vt (values by the trellis code), /c (keys centred), /h (keys rebalanced, "
+                          "groups of equal width rotated), /t (with /h: trellis inside the groups), /x (position 0 exact) and /pN (N width "
+                          "patterns shared by the model), in that order, e.g. pairbits:3, pairbits:2.5, "
+                          "pairbits:3/vt, pairbits:3/vt/c/h/t/x, pairbits:3/vt/p1")
     bits, vt = float(m.group(1)), bool(m.group(2))
     if vt and bits not in (2, 3, 4):
         raise MethodError(f"pairbits:{setting}: /vt codes values with the trellis of 2, 3 or 4 bits per value")
-    return PairBits(bits, vt, int(m.group(4) or 0), bool(m.group(3)))
+    return PairBits(bits, vt, int(m.group(7) or 0), bool(m.group(3)), bool(m.group(4)), bool(m.group(5)),
+                    bool(m.group(6)))

@@ -36,9 +36,9 @@ import time
 
 import numpy as np
 
-from .. import scoring
+from .. import scoring, transforms
 from ..trellis import STATE_BITS, codebook, viterbi
-from . import Bits, MethodError, layer_shapes, row_bits
+from . import Bits, MethodError, exact_first, exact_first_bits, layer_shapes, row_bits, without_first
 
 DEFAULTS = ("3", "2")
 SCALE_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)  # walks tried per row at rms / rho times these
@@ -81,22 +81,17 @@ def key_mean(layer) -> np.ndarray:
     return np.mean(np.asarray(layer.k, np.float64), axis=0).astype(np.float32)
 
 
+def key_partner(layer) -> np.ndarray:
+    """For each key dimension of the layer, the one RoPE rotates it with (itself where there is no RoPE)."""
+    d = layer.k.shape[2]
+    return layer.rope.partner(d) if layer.rope is not None else np.arange(d)
+
+
 def rebalance_scales(layer, mean: np.ndarray | None = None) -> np.ndarray:
-    """Per KV head and dimension, the key scale of its RoPE pair, sqrt(query rms / key rms) over the pair (the
-    queries are scaled by the inverse: exact for attention), normalized to geometric mean 1 per head; dimensions
-    RoPE leaves alone get their own; keys less ``mean`` when centred. (n_head_kv, head_dim)"""
+    """The profiles' key scales per RoPE pair (:func:`qaq_gguf.transforms.rebalance_scales`) from the layer's
+    calibration queries and keys (less ``mean`` when centred). (n_head_kv, head_dim)"""
     k = np.asarray(layer.k, np.float64) - (0.0 if mean is None else mean)
-    n_head_kv, d = k.shape[1], k.shape[2]
-    b2 = np.mean(k * k, axis=0)  # (n_head_kv, d)
-    pairs = layer.rope.pairs(d) if layer.rope is not None else np.zeros((0, 2), np.int64)
-    grp = [np.asarray(p) for p in pairs] + [np.array([c]) for c in range(d) if c not in set(pairs.ravel().tolist())]
-    out = np.ones((n_head_kv, d))
-    for h in range(n_head_kv):
-        for g in grp:
-            a, b = np.mean(layer.q_sq[h, g]), np.mean(b2[h, g])
-            out[h, g] = np.sqrt(np.sqrt(a / b)) if a > 0 and b > 0 else 1.0
-        out[h] /= np.exp(np.mean(np.log(out[h])))
-    return out
+    return transforms.rebalance_scales(layer.q_sq, np.mean(k * k, axis=0), key_partner(layer))
 
 
 class Trellis:
@@ -108,12 +103,12 @@ class Trellis:
     name = "tcq"
 
     def __init__(self, bits: int, state_bits: int = STATE_BITS, walks: int = len(SCALE_FACTORS),
-                 centre: bool = False, rebalance: bool = False):
+                 centre: bool = False, rebalance: bool = False, exact: bool = False):
         self.b, self.state_bits, self.walks = bits, state_bits, walks
-        self.centre, self.rebalance = centre, rebalance
+        self.centre, self.rebalance, self.exact = centre, rebalance, exact
         self.setting = (f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
                         + (f"/w{walks}" if walks != len(SCALE_FACTORS) else "") + ("/c" if centre else "")
-                        + ("/rb" if rebalance else ""))
+                        + ("/rb" if rebalance else "") + ("/x" if exact else ""))
         self.key_mean: dict[int, np.ndarray] = {}  # /c: layer -> (n_head_kv, head_dim) mean key, as cached
         if rebalance:  # keys scaled per RoPE pair, queries by the inverse: Q is rewritten too
             self.rewrites = self.observes = frozenset({"q", "k", "v"})
@@ -124,10 +119,12 @@ class Trellis:
         self.stats: dict = {}
 
     def fit(self, calib) -> None:
-        """Nothing is learnt from the model (the codebook is computed); records the shapes and the fingerprint."""
+        """The codebook is computed, not learnt; /c and /rb take the keys' mean and pair scales from the calibration
+        tokens (less those at position 0 with /x); records the shapes and the fingerprint."""
         codebook(self.b, self.state_bits)
-        self.key_mean = {il: key_mean(layer) for il, layer in calib.layers.items()} if self.centre else {}
-        self.pair_scale = {il: rebalance_scales(layer, self.key_mean.get(il)) for il, layer in calib.layers.items()} \
+        layers = {il: without_first(layer) if self.exact else layer for il, layer in calib.layers.items()}
+        self.key_mean = {il: key_mean(layer) for il, layer in layers.items()} if self.centre else {}
+        self.pair_scale = {il: rebalance_scales(layer, self.key_mean.get(il)) for il, layer in layers.items()} \
             if self.rebalance else {}
         self._layers = layer_shapes(calib)
         self.fingerprint = calib.ident.fingerprint
@@ -149,26 +146,32 @@ class Trellis:
             x = x * d
         if kind not in ("k", "v"):
             return x
-        return quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks])
+        y = quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks])
+        return exact_first(x, y, pos) if self.exact else y
 
     def bits(self, n_ctx: int) -> Bits:
         bk, bv = row_bits(self.label, self._layers, lambda d: self.b + 16 / d)  # the fp16 row scale
+        if self.exact:
+            bk, bv = bk + exact_first_bits(n_ctx), bv + exact_first_bits(n_ctx)
         cost = ""
         if self.stats.get("rows"):
             cost = f"; numpy Viterbi {1e6 * self.stats['seconds'] / self.stats['rows']:.0f} us per row"
+        exact = f"; position 0 exact, {exact_first_bits(n_ctx):.4f} bits/value" if self.exact else ""
         return Bits(bk, bv, f"{1 << self.state_bits}-state bit-shift trellis, {self.b} bits/value + fp16 scale per "
-                            f"head row (codebook computed: 0 bits){cost}")
+                            f"head row (codebook computed: 0 bits){exact}{cost}")
 
 
 def make(setting: str) -> Trellis:
     """``3``, ``2``, ``3/L12``, ``3/L6/w1`` (bits per value; optionally the trellis' state bits L and the walks per
     row w); ``/c``: keys centred (their calibration mean, as cached, subtracted: attention is shift-invariant per
-    query); ``/rb``: keys rebalanced against the queries per RoPE pair, as calibrated profiles do."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(?:/\s*w(\d+))?\s*(/\s*c)?\s*(/\s*rb)?\s*", setting,
-                     flags=re.IGNORECASE)
+    query); ``/rb``: keys rebalanced against the queries per RoPE pair; ``/x``: the rows at position 0 kept exact (the
+    exact cell); as calibrated profiles do: ``3/w1/c/rb/x``."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(?:/\s*w(\d+))?\s*(/\s*c)?\s*(/\s*rb)?\s*(/\s*x)?\s*",
+                     setting, flags=re.IGNORECASE)
     if not m:
-        raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits> and /w<walks>, e.g. tcq:3, "
-                          "tcq:2/L12, tcq:3/L6/w1")
+        raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits>, /w<walks>, /c (keys "
+                          "centred), /rb (keys rebalanced) and /x (position 0 exact), in that order, e.g. tcq:3, "
+                          "tcq:2/L12, tcq:3/L6/w1, tcq:3/w1/c/rb/x")
     bits = int(m.group(1))
     L = int(m.group(2)) if m.group(2) else STATE_BITS
     walks = int(m.group(3)) if m.group(3) else len(SCALE_FACTORS)
@@ -178,4 +181,4 @@ def make(setting: str) -> Trellis:
         raise MethodError(f"tcq:{setting}: state bits L between {bits + 1} and {MAX_STATE_BITS}")
     if walks not in WALKS:
         raise MethodError(f"tcq:{setting}: walks per row {', '.join(map(str, WALKS))}")
-    return Trellis(bits, L, walks, bool(m.group(4)), bool(m.group(5)))
+    return Trellis(bits, L, walks, bool(m.group(4)), bool(m.group(5)), bool(m.group(6)))
