@@ -223,3 +223,43 @@ def test_exact_first_position():
     for bad in ("3/x/c", "3/rb/c", "3/x/x"):
         with pytest.raises(MethodError, match="tcq"):
             methods.make(f"tcq:{bad}")
+
+
+def test_ue5m3_row_scale():
+    """/s8: each row is a ue5m3 value (qaq3's scale byte) times the codewords of a walk, the better of the two bytes
+    around the least-squares scale; 3 + 8/d bits; a little more error than the fp16 scale, never a lot."""
+    from qaq_gguf import quants, scoring
+    x = (np.random.default_rng(4).standard_normal((200, 1, 64)) * 3).astype(np.float32)
+    y8 = tcq.quantize(x, 3, 8, is_v=True, factors=(1.0,), scale8=True)
+    y16 = tcq.quantize(x, 3, 8, is_v=True, factors=(1.0,))
+    table, _ = trellis.codebook(3, 8)
+    yr = scoring.rotate(y8, 64).reshape(-1, 64).astype(np.float64)
+    scales = quants.ue5m3_to_float(np.arange(1, quants.UE5M3_MAX + 1)).astype(np.float64)
+    for row in yr[:20]:  # some ue5m3 scale times codewords gives every value of the row
+        fits = [sc for sc in scales if np.all(np.min(np.abs(row[:, None] / sc - table[None]), axis=1) < 1e-5)]
+        assert len(fits) >= 1
+    e8, e16 = np.sum((y8 - x) ** 2), np.sum((y16 - x) ** 2)
+    assert e16 < e8 < 1.1 * e16
+    calib = synthetic_calibration(n_layer=2, head_dim=64, n_tok=16, n_ctx=16)
+    m = methods.make("tcq:3/s8/w1")[0]
+    m.fit(calib)
+    assert m.label == "tcq:3/s8/w1" and m.bits(512).k == pytest.approx(3.125) and "ue5m3" in m.bits(512).detail
+    with pytest.raises(MethodError):
+        methods.make("tcq:3/w1/s8")
+
+
+def test_unshrunk_row_scale():
+    """/u: each row's reconstruction has the row itself as its component along the row (to the fp16 scale), where the
+    least-squares scale shrinks it by about the code's relative error; the squared error rises a little."""
+    x = (np.random.default_rng(6).standard_normal((300, 1, 64)) * 2).astype(np.float32)
+    yu = tcq.quantize(x, 2, 8, is_v=True, factors=(1.0,), coherent=True)
+    yl = tcq.quantize(x, 2, 8, is_v=True, factors=(1.0,))
+    along = lambda y: np.sum(y * x, axis=-1) / np.sum(x * x, axis=-1)  # noqa: E731
+    np.testing.assert_allclose(along(yu), 1.0, atol=2.0 ** -10)
+    assert np.mean(along(yl)) < 0.95  # 2 bits: about 9% shrinkage
+    eu, el = np.sum((yu - x) ** 2), np.sum((yl - x) ** 2)
+    assert el < eu < 1.1 * el
+    m = methods.make("tcq:3/w1/c/rb/x/u")[0]
+    assert m.coherent and m.label == "tcq:3/w1/c/rb/x/u"
+    with pytest.raises(MethodError):
+        methods.make("tcq:3/u/x")

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from .. import scoring, transforms
+from .. import quants, scoring, transforms
 from ..trellis import STATE_BITS, codebook, viterbi
 from . import Bits, MethodError, exact_first, exact_first_bits, layer_shapes, row_bits, without_first
 
@@ -47,8 +47,9 @@ MAX_STATE_BITS = 14
 
 
 def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict | None = None,
-             factors: tuple[float, ...] = SCALE_FACTORS) -> np.ndarray:
-    """K (is_v False) or V rows x (..., d): rotation, trellis code, fp16 row scale, rotated back (float32)."""
+             factors: tuple[float, ...] = SCALE_FACTORS, scale8: bool = False, coherent: bool = False) -> np.ndarray:
+    """K (is_v False) or V rows x (..., d): rotation, trellis code, fp16 row scale (``scale8``: a ue5m3 byte, the
+    one of the two around the least-squares scale with the smaller error), rotated back (float32)."""
     x = np.asarray(x, np.float32)
     d = x.shape[-1]
     r = scoring.rotation_size(d, is_v)
@@ -63,12 +64,22 @@ def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict 
         s0 = np.where(live, rms / rho * f, 1.0)
         c = table[viterbi(xr / s0[:, None], table, k)].astype(np.float64)
         cc = np.sum(c * c, axis=1)
-        s = np.where(cc > 0, np.sum(xr * c, axis=1) / np.where(cc > 0, cc, 1.0), 0.0)
-        y = s.astype(np.float16).astype(np.float64)[:, None] * c
-        err = np.sum((y - xr) ** 2, axis=1)
-        take = err < best_err
-        best_err = np.where(take, err, best_err)
-        best[take] = y[take]
+        xc = np.sum(xr * c, axis=1)
+        if coherent:  # the reconstruction's component along x is x: <y, x> = |x|^2
+            s = np.where(xc > 0, np.sum(xr * xr, axis=1) / np.where(xc > 0, xc, 1.0), 0.0)
+        else:
+            s = np.where(cc > 0, xc / np.where(cc > 0, cc, 1.0), 0.0)
+        if scale8:
+            lo = quants.ue5m3_floor(s)
+            cands = [quants.ue5m3_to_float(np.minimum(lo + j, quants.UE5M3_MAX)).astype(np.float64) for j in (0, 1)]
+        else:
+            cands = [s.astype(np.float16).astype(np.float64)]
+        for sc in cands:
+            y = sc[:, None] * c
+            err = np.sum((y - xr) ** 2, axis=1)
+            take = err < best_err
+            best_err = np.where(take, err, best_err)
+            best[take] = y[take]
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + len(xr)
         stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
@@ -103,12 +114,13 @@ class Trellis:
     name = "tcq"
 
     def __init__(self, bits: int, state_bits: int = STATE_BITS, walks: int = len(SCALE_FACTORS),
-                 centre: bool = False, rebalance: bool = False, exact: bool = False):
-        self.b, self.state_bits, self.walks = bits, state_bits, walks
+                 centre: bool = False, rebalance: bool = False, exact: bool = False, scale8: bool = False,
+                 coherent: bool = False):
+        self.b, self.state_bits, self.walks, self.scale8, self.coherent = bits, state_bits, walks, scale8, coherent
         self.centre, self.rebalance, self.exact = centre, rebalance, exact
         self.setting = (f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
-                        + (f"/w{walks}" if walks != len(SCALE_FACTORS) else "") + ("/c" if centre else "")
-                        + ("/rb" if rebalance else "") + ("/x" if exact else ""))
+                        + ("/s8" if scale8 else "") + (f"/w{walks}" if walks != len(SCALE_FACTORS) else "") + ("/c" if centre else "")
+                        + ("/rb" if rebalance else "") + ("/x" if exact else "") + ("/u" if coherent else ""))
         self.key_mean: dict[int, np.ndarray] = {}  # /c: layer -> (n_head_kv, head_dim) mean key, as cached
         if rebalance:  # keys scaled per RoPE pair, queries by the inverse: Q is rewritten too
             self.rewrites = self.observes = frozenset({"q", "k", "v"})
@@ -146,39 +158,43 @@ class Trellis:
             x = x * d
         if kind not in ("k", "v"):
             return x
-        y = quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks])
+        y = quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks],
+                     scale8=self.scale8, coherent=self.coherent)
         return exact_first(x, y, pos) if self.exact else y
 
     def bits(self, n_ctx: int) -> Bits:
-        bk, bv = row_bits(self.label, self._layers, lambda d: self.b + 16 / d)  # the fp16 row scale
+        bk, bv = row_bits(self.label, self._layers, lambda d: self.b + (8 if self.scale8 else 16) / d)  # row scale
         if self.exact:
             bk, bv = bk + exact_first_bits(n_ctx), bv + exact_first_bits(n_ctx)
         cost = ""
         if self.stats.get("rows"):
             cost = f"; numpy Viterbi {1e6 * self.stats['seconds'] / self.stats['rows']:.0f} us per row"
         exact = f"; position 0 exact, {exact_first_bits(n_ctx):.4f} bits/value" if self.exact else ""
-        return Bits(bk, bv, f"{1 << self.state_bits}-state bit-shift trellis, {self.b} bits/value + fp16 scale per "
+        return Bits(bk, bv, f"{1 << self.state_bits}-state bit-shift trellis, {self.b} bits/value + "
+                            f"{'ue5m3' if self.scale8 else 'fp16'} scale per "
                             f"head row (codebook computed: 0 bits){exact}{cost}")
 
 
 def make(setting: str) -> Trellis:
     """``3``, ``2``, ``3/L12``, ``3/L6/w1`` (bits per value; optionally the trellis' state bits L and the walks per
-    row w); ``/c``: keys centred (their calibration mean, as cached, subtracted: attention is shift-invariant per
+    row w); ``/s8``: the row scale a ue5m3 byte (qaq3's scale format) instead of fp16, 3 + 8/d bits; ``/c``: keys centred (their calibration mean, as cached, subtracted: attention is shift-invariant per
     query); ``/rb``: keys rebalanced against the queries per RoPE pair; ``/x``: the rows at position 0 kept exact (the
-    exact cell); as calibrated profiles do: ``3/w1/c/rb/x``."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(?:/\s*w(\d+))?\s*(/\s*c)?\s*(/\s*rb)?\s*(/\s*x)?\s*",
+    exact cell); as calibrated profiles do: ``3/w1/c/rb/x``; ``/u``: each row's scale makes the reconstruction's
+    component along the row the row itself (``|x|^2 / <x, c>``, no shrinkage) instead of the least-squares scale."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(/\s*s8)?\s*(?:/\s*w(\d+))?\s*(/\s*c)?\s*(/\s*rb)?\s*(/\s*x)?\s*(/\s*u)?\s*",
                      setting, flags=re.IGNORECASE)
     if not m:
-        raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits>, /w<walks>, /c (keys "
-                          "centred), /rb (keys rebalanced) and /x (position 0 exact), in that order, e.g. tcq:3, "
+        raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits>, /s8 (ue5m3 scale), /w<walks>, /c (keys "
+                          "centred), /rb (keys rebalanced), /x (position 0 exact) and /u (unshrunk scale), in that order, e.g. tcq:3, "
                           "tcq:2/L12, tcq:3/L6/w1, tcq:3/w1/c/rb/x")
     bits = int(m.group(1))
     L = int(m.group(2)) if m.group(2) else STATE_BITS
-    walks = int(m.group(3)) if m.group(3) else len(SCALE_FACTORS)
+    walks = int(m.group(4)) if m.group(4) else len(SCALE_FACTORS)
     if bits not in (2, 3, 4):
         raise MethodError(f"tcq:{setting}: bits per value 2, 3 or 4")
     if not bits < L <= MAX_STATE_BITS:
         raise MethodError(f"tcq:{setting}: state bits L between {bits + 1} and {MAX_STATE_BITS}")
     if walks not in WALKS:
         raise MethodError(f"tcq:{setting}: walks per row {', '.join(map(str, WALKS))}")
-    return Trellis(bits, L, walks, bool(m.group(4)), bool(m.group(5)), bool(m.group(6)))
+    return Trellis(bits, L, walks, bool(m.group(5)), bool(m.group(6)), bool(m.group(7)), bool(m.group(3)),
+                   bool(m.group(8)))
