@@ -342,9 +342,8 @@ def _quantize_tcq(blocks: np.ndarray, k: int) -> np.ndarray:
         states = trellis.viterbi((u * g[:, None]).astype(f32), T, k, tagged=True)
         c = T[states]
         suc = _seqsum(np.ascontiguousarray((u * c).T))
-        scc = _seqsum(np.ascontiguousarray((c * c).T))
-        ok = live & (suc > 0) & (scc > 0)
-        ds = ((suc / np.where(ok, scc, f32(1))).astype(f32) * amax).astype(f32)
+        ok = live & (suc > 0)
+        ds = ((su2 / np.where(ok, suc, f32(1))).astype(f32) * amax).astype(f32)  # the unshrunk scale
         h = np.where(ok, np.minimum(ds, f32(65504)), f32(0)).astype(np.float16)
     b = np.where(live[:, None], trellis.walk_inputs(states, k), 0).astype(np.uint32)
     if k == 3:

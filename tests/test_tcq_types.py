@@ -53,14 +53,19 @@ def test_one_codebook_in_the_header_the_port_and_the_generator(k):
     assert np.uint32(int(rho_glsl, 16)) == np.float32(rho).view(np.uint32)
 
 
-@pytest.mark.parametrize("name,scalar,lo,hi", [("tcq3", "qaq3h", 0.76, 0.90), ("tcq2", "qaq2h", 0.72, 0.86)])
+@pytest.mark.parametrize("name,scalar,lo,hi", [("tcq3", "qaq3h", 0.78, 0.92), ("tcq2", "qaq2h", 0.79, 0.93)])
 def test_error_below_the_scalar_type_of_the_same_size(name, scalar, lo, hi):
     """On Gaussian rows (the Hadamard-rotated cache), at the same bits per value: the trellis's squared error is
-    below the scalar head-64 type's with its scale search (measured 0.83x at 3 bits, 0.79x at 2 bits)."""
+    below the scalar head-64 type's with its scale search (measured 0.85x at 3 bits, 0.86x at 2 bits; with the
+    least-squares scale, before the unshrunk one, 0.83x and 0.79x), and no block is shrunk: its reconstruction's
+    component along it is itself, to the fp16 scale's rounding."""
     assert cachetypes.bits(name) == cachetypes.bits(scalar)
     x = np.random.default_rng(3).standard_normal((256, 256)).astype(np.float32)
-    ratio = np.mean((quants.roundtrip(x, name) - x) ** 2) / np.mean((quants.roundtrip(x, scalar) - x) ** 2)
+    y = quants.roundtrip(x, name)
+    ratio = np.mean((y - x) ** 2) / np.mean((quants.roundtrip(x, scalar) - x) ** 2)
     assert lo < ratio < hi, ratio
+    xb, yb = x.reshape(-1, 64).astype(np.float64), y.reshape(-1, 64).astype(np.float64)
+    np.testing.assert_allclose(np.sum(xb * yb, axis=1) / np.sum(xb * xb, axis=1), 1.0, atol=2.0 ** -11)
 
 
 @pytest.mark.parametrize("name", ["tcq3", "tcq2"])
@@ -113,7 +118,8 @@ def test_context_shift_of_a_tcq3_key_cache(smollm2, smol_ident, eval_text, tmp_p
     ref, llm = Llama(str(smollm2), **KW), Llama(str(smollm2), kv_profile=str(p), **KW)
     assert {(r["type_k"], r["type_v"]) for r in llm.kv_layer_info()} == {("tcq3", "f16")}
     agree = shift_agreement(ref, llm, _tokens(ref, eval_text, 200))
-    assert agree[False] > 0.7 and agree[True] >= agree[False] - 0.15, agree
+    # 50 greedy tokens: plain tcq3 keys (no transforms) agree on 35-36 of them; a broken cache on a handful
+    assert agree[False] >= 0.6 and agree[True] >= agree[False] - 0.15, agree
 
 
 def test_state_round_trip(smollm2, smol_ident, tmp_path):

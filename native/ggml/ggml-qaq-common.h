@@ -905,8 +905,11 @@ QAQ_FN void qaq_quantize_block_qaq2h(const float * x, block_qaq2h * y QAQ_FIT_PA
 //   tcq2: 18 bytes / 64 values = 2.25 bits per value; b_j = bits 2*(j%4) .. +1 of qs[j/4]
 //
 // The quantizer: u = x / amax; the walk that minimises sum_j (u_j g - c[s_j])^2 for g = rho / rms(u) (the Viterbi
-// algorithm, in the tagged form of qaq_tcq_walk_ref); then the least-squares scale d = amax * (sum u c / sum c c),
-// saturated at 65504 and stored as fp16 (0 when the fit is degenerate). A block with a NaN or an infinity, or all
+// algorithm, in the tagged form of qaq_tcq_walk_ref); then the unshrunk scale d = amax * (sum u u / sum u c): the
+// block's reconstruction has x itself as its component along x (the least-squares scale, sum u c / sum c c, would
+// shrink every row by about the code's relative error, 2.4% at 3 bits and 9% at 2, and a logit reads a key's
+// norm directly; docs/benchmarks.md, "The unshrunk scale"), saturated at 65504 and stored as fp16 (0 when the fit
+// is degenerate). A block with a NaN or an infinity, or all
 // zeros, is stored as d = 0 with all inputs 0. The walk is the only costly part (256 states x 2^k predecessors per
 // value); decoding is a shift and a table load per value.
 #define QK_TCQ 64
@@ -1145,12 +1148,12 @@ QAQ_FN void qaq_tcq_pack(const int k, const float amax, const float * u, const u
                          uint8_t * qs) {
     const float * T = qaq_tcq_codebook(k);
     float suc = 0.0f;
-    float scc = 0.0f;
+    float suu = 0.0f;
     int s = 0;
     for (int j = 0; j < QK_TCQ; ++j) {
         s = ((s << k) | b[j]) & (QAQ_TCQ_STATES - 1);
         suc = qaq_fadd(suc, qaq_fmul(u[j], T[s]));
-        scc = qaq_fadd(scc, qaq_fmul(T[s], T[s]));
+        suu = qaq_fadd(suu, qaq_fmul(u[j], u[j]));
         if (k == 3) {
             const int bit = 3*(j%8);
             qs[3*(j/8) + bit/8] |= (uint8_t) (b[j] << (bit%8));
@@ -1162,8 +1165,8 @@ QAQ_FN void qaq_tcq_pack(const int k, const float amax, const float * u, const u
         }
     }
     *d = 0;
-    if (qaq_fgt(suc, 0.0f) && qaq_fgt(scc, 0.0f)) {
-        const float ds = qaq_fmul(qaq_fdiv(suc, scc), amax);
+    if (qaq_fgt(suc, 0.0f)) {
+        const float ds = qaq_fmul(qaq_fdiv(suu, suc), amax);
         *d = qaq_fp32_to_fp16(qaq_fgt(65504.0f, ds) ? ds : 65504.0f);
     }
 }
