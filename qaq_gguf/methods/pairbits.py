@@ -224,8 +224,8 @@ class PairBits:
         out = []
         for h in range(x.shape[1]):
             y = x[:, h] * scale[h]
-            parts = [(int(b), np.flatnonzero(width[h] == b), 0.0) for b in np.unique(width[h]) if b > 0]
-            parts = [(b, idx, float(np.sqrt(np.mean(y[:, idx] ** 2))) or 1.0) for b, idx, _ in parts]
+            groups_h = [(int(b), np.flatnonzero(width[h] == b)) for b in np.unique(width[h]) if b > 0]
+            parts = [(b, idx, float(np.sqrt(np.mean(y[:, idx] ** 2))) or 1.0) for b, idx in groups_h]
             out.append((scale[h], parts))
         return out
 

@@ -119,7 +119,8 @@ class Trellis:
         self.b, self.state_bits, self.walks, self.scale8, self.coherent = bits, state_bits, walks, scale8, coherent
         self.centre, self.rebalance, self.exact = centre, rebalance, exact
         self.setting = (f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
-                        + ("/s8" if scale8 else "") + (f"/w{walks}" if walks != len(SCALE_FACTORS) else "") + ("/c" if centre else "")
+                        + ("/s8" if scale8 else "") + (f"/w{walks}" if walks != len(SCALE_FACTORS) else "")
+                        + ("/c" if centre else "")
                         + ("/rb" if rebalance else "") + ("/x" if exact else "") + ("/u" if coherent else ""))
         self.key_mean: dict[int, np.ndarray] = {}  # /c: layer -> (n_head_kv, head_dim) mean key, as cached
         if rebalance:  # keys scaled per RoPE pair, queries by the inverse: Q is rewritten too
