@@ -248,18 +248,25 @@ def test_ue5m3_row_scale():
         methods.make("tcq:3/w1/s8")
 
 
-def test_unshrunk_row_scale():
+def test_row_scale_rules():
     """/u: each row's reconstruction has the row itself as its component along the row (to the fp16 scale), where the
-    least-squares scale shrinks it by about the code's relative error; the squared error rises a little."""
+    least-squares scale shrinks it by about the code's relative error; the squared error rises a little. /u<P> caps
+    the unshrunk scale at P% above least squares; /n makes the reconstruction as long as the row."""
     x = (np.random.default_rng(6).standard_normal((300, 1, 64)) * 2).astype(np.float32)
-    yu = tcq.quantize(x, 2, 8, is_v=True, factors=(1.0,), coherent=True)
-    yl = tcq.quantize(x, 2, 8, is_v=True, factors=(1.0,))
+    q = lambda rule: tcq.quantize(x, 2, 8, is_v=True, factors=(1.0,), rule=rule)  # noqa: E731
+    yu, yl, yc, yn = q("u"), q(""), q("u3"), q("n")
     along = lambda y: np.sum(y * x, axis=-1) / np.sum(x * x, axis=-1)  # noqa: E731
+    norm = lambda y: np.linalg.norm(y, axis=-1) / np.linalg.norm(x, axis=-1)  # noqa: E731
     np.testing.assert_allclose(along(yu), 1.0, atol=2.0 ** -10)
     assert np.mean(along(yl)) < 0.95  # 2 bits: about 9% shrinkage
+    np.testing.assert_allclose(along(yc), np.minimum(1.0, along(yl) * 1.03), atol=2.0 ** -10)  # the cap binds here
+    np.testing.assert_allclose(norm(yn), 1.0, atol=2.0 ** -10)
+    assert np.all(along(yl) < along(yn) + 2.0 ** -10) and np.all(along(yn) < along(yu) + 2.0 ** -10)
     eu, el = np.sum((yu - x) ** 2), np.sum((yl - x) ** 2)
     assert el < eu < 1.1 * el
-    m = methods.make("tcq:3/w1/c/rb/x/u")[0]
-    assert m.coherent and m.label == "tcq:3/w1/c/rb/x/u"
-    with pytest.raises(MethodError):
-        methods.make("tcq:3/u/x")
+    for setting, rule in (("tcq:3/w1/c/rb/x/u", "u"), ("tcq:3/w1/u5", "u5"), ("tcq:3/w1/n", "n"), ("tcq:3", "")):
+        m = methods.make(setting)[0]
+        assert m.rule == rule and m.label == setting
+    for bad in ("tcq:3/u/x", "tcq:3/n5", "tcq:3/un"):
+        with pytest.raises(MethodError):
+            methods.make(bad)

@@ -296,17 +296,17 @@ def make(setting: str) -> PairBits:
     """``3``, ``2.5`` (average code bits per value, between 1 and 8); ``3/vt``: values by the trellis code (2, 3 or
     4 bits); ``/c``: keys centred (their calibration mean subtracted, as ``tcq:.../c``); ``/h``: keys rebalanced
     per RoPE pair (as profiles) and every group of equal width rotated (:func:`quantize_rotated`); ``/t`` (with
-    ``/h``): widths 2-4 by the trellis code inside the groups; ``/x``: rows at position 0 exact (``tcq:.../x``); ``/pN``: N width patterns shared by the whole model,
-    each head the best of them over its groups sorted by weight."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(/\s*vt)?\s*(/\s*c)?\s*(/\s*h)?\s*(/\s*t)?\s*(/\s*x)?\s*(?:/\s*p(\d+))?\s*",
-                     setting, flags=re.IGNORECASE)
+    ``/h``): widths 2-4 by the trellis code inside the groups; ``/x``: rows at position 0 exact (``tcq:.../x``);
+    ``/pN``: N width patterns shared by the whole model, each head the best of them over its groups sorted by weight."""
+    m = re.fullmatch(r"""\s*(\d+(?:\.\d+)?)\s* (/\s*vt)?\s* (/\s*c)?\s* (/\s*h)?\s* (/\s*t)?\s* (/\s*x)?\s*
+                         (?:/\s*p(\d+))?\s*""", setting, flags=re.IGNORECASE | re.VERBOSE)
     if (not m or not 1 <= float(m.group(1)) <= MAX_BITS or (m.group(7) and int(m.group(7)) < 1)
             or (m.group(5) and not m.group(4))):
         raise MethodError(f"pairbits:{setting}: the setting is the average bits per value, 1 to {MAX_BITS}, "
                           "optionally /vt (values by the trellis code), /c (keys centred), /h (keys rebalanced, "
-                          "groups of equal width rotated), /t (with /h: trellis inside the groups), /x (position 0 exact) and /pN (N width "
-                          "patterns shared by the model), in that order, e.g. pairbits:3, pairbits:2.5, "
-                          "pairbits:3/vt, pairbits:3/vt/c/h/t/x, pairbits:3/vt/p1")
+                          "groups of equal width rotated), /t (with /h: trellis inside the groups), /x (position 0 "
+                          "exact) and /pN (N width patterns shared by the model), in that order, e.g. pairbits:3, "
+                          "pairbits:2.5, pairbits:3/vt, pairbits:3/vt/c/h/t/x, pairbits:3/vt/p1")
     bits, vt = float(m.group(1)), bool(m.group(2))
     if vt and bits not in (2, 3, 4):
         raise MethodError(f"pairbits:{setting}: /vt codes values with the trellis of 2, 3 or 4 bits per value")

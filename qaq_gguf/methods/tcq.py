@@ -47,9 +47,13 @@ MAX_STATE_BITS = 14
 
 
 def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict | None = None,
-             factors: tuple[float, ...] = SCALE_FACTORS, scale8: bool = False, coherent: bool = False) -> np.ndarray:
+             factors: tuple[float, ...] = SCALE_FACTORS, scale8: bool = False, rule: str = "") -> np.ndarray:
     """K (is_v False) or V rows x (..., d): rotation, trellis code, fp16 row scale (``scale8``: a ue5m3 byte, the
-    one of the two around the least-squares scale with the smaller error), rotated back (float32)."""
+    one of the two around the least-squares scale with the smaller error), rotated back (float32).
+
+    ``rule`` picks each walk's scale from its codewords c: ``""`` least squares (``<x, c> / |c|^2``); ``"u"``
+    unshrunk (``|x|^2 / <x, c>``: the reconstruction's component along x is x); ``"u<P>"`` unshrunk, at most P% above
+    least squares; ``"n"`` norm-matched (``|x| / |c|``: ``|y| = |x|``, between the two)."""
     x = np.asarray(x, np.float32)
     d = x.shape[-1]
     r = scoring.rotation_size(d, is_v)
@@ -65,10 +69,12 @@ def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict 
         c = table[viterbi(xr / s0[:, None], table, k)].astype(np.float64)
         cc = np.sum(c * c, axis=1)
         xc = np.sum(xr * c, axis=1)
-        if coherent:  # the reconstruction's component along x is x: <y, x> = |x|^2
-            s = np.where(xc > 0, np.sum(xr * xr, axis=1) / np.where(xc > 0, xc, 1.0), 0.0)
-        else:
-            s = np.where(cc > 0, xc / np.where(cc > 0, cc, 1.0), 0.0)
+        s = np.where(cc > 0, xc / np.where(cc > 0, cc, 1.0), 0.0)  # least squares
+        if rule.startswith("u"):  # the reconstruction's component along x is x: <y, x> = |x|^2
+            su = np.where(xc > 0, np.sum(xr * xr, axis=1) / np.where(xc > 0, xc, 1.0), 0.0)
+            s = np.minimum(su, s * (1 + int(rule[1:]) / 100)) if len(rule) > 1 else su
+        elif rule == "n":  # |y| = |x|
+            s = np.where(xc > 0, np.sqrt(np.sum(xr * xr, axis=1) / np.where(cc > 0, cc, 1.0)), 0.0)
         if scale8:
             lo = quants.ue5m3_floor(s)
             cands = [quants.ue5m3_to_float(np.minimum(lo + j, quants.UE5M3_MAX)).astype(np.float64) for j in (0, 1)]
@@ -115,13 +121,13 @@ class Trellis:
 
     def __init__(self, bits: int, state_bits: int = STATE_BITS, walks: int = len(SCALE_FACTORS),
                  centre: bool = False, rebalance: bool = False, exact: bool = False, scale8: bool = False,
-                 coherent: bool = False):
-        self.b, self.state_bits, self.walks, self.scale8, self.coherent = bits, state_bits, walks, scale8, coherent
+                 rule: str = ""):
+        self.b, self.state_bits, self.walks, self.scale8, self.rule = bits, state_bits, walks, scale8, rule
         self.centre, self.rebalance, self.exact = centre, rebalance, exact
         self.setting = (f"{bits}" + (f"/L{state_bits}" if state_bits != STATE_BITS else "")
                         + ("/s8" if scale8 else "") + (f"/w{walks}" if walks != len(SCALE_FACTORS) else "")
                         + ("/c" if centre else "")
-                        + ("/rb" if rebalance else "") + ("/x" if exact else "") + ("/u" if coherent else ""))
+                        + ("/rb" if rebalance else "") + ("/x" if exact else "") + (f"/{rule}" if rule else ""))
         self.key_mean: dict[int, np.ndarray] = {}  # /c: layer -> (n_head_kv, head_dim) mean key, as cached
         if rebalance:  # keys scaled per RoPE pair, queries by the inverse: Q is rewritten too
             self.rewrites = self.observes = frozenset({"q", "k", "v"})
@@ -160,7 +166,7 @@ class Trellis:
         if kind not in ("k", "v"):
             return x
         y = quantize(x, self.b, self.state_bits, is_v=kind == "v", stats=self.stats, factors=WALKS[self.walks],
-                     scale8=self.scale8, coherent=self.coherent)
+                     scale8=self.scale8, rule=self.rule)
         return exact_first(x, y, pos) if self.exact else y
 
     def bits(self, n_ctx: int) -> Bits:
@@ -178,16 +184,20 @@ class Trellis:
 
 def make(setting: str) -> Trellis:
     """``3``, ``2``, ``3/L12``, ``3/L6/w1`` (bits per value; optionally the trellis' state bits L and the walks per
-    row w); ``/s8``: the row scale a ue5m3 byte (qaq3's scale format) instead of fp16, 3 + 8/d bits; ``/c``: keys centred (their calibration mean, as cached, subtracted: attention is shift-invariant per
-    query); ``/rb``: keys rebalanced against the queries per RoPE pair; ``/x``: the rows at position 0 kept exact (the
-    exact cell); as calibrated profiles do: ``3/w1/c/rb/x``; ``/u``: each row's scale makes the reconstruction's
-    component along the row the row itself (``|x|^2 / <x, c>``, no shrinkage) instead of the least-squares scale."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:/\s*L(\d+))?\s*(/\s*s8)?\s*(?:/\s*w(\d+))?\s*(/\s*c)?\s*(/\s*rb)?\s*(/\s*x)?\s*(/\s*u)?\s*",
-                     setting, flags=re.IGNORECASE)
+    row w); ``/s8``: the row scale a ue5m3 byte (qaq3's scale format) instead of fp16, 3 + 8/d bits; ``/c``: keys
+    centred (their calibration mean, as cached, subtracted: attention is shift-invariant per query); ``/rb``: keys
+    rebalanced against the queries per RoPE pair; ``/x``: the rows at position 0 kept exact (the exact cell); as
+    calibrated profiles do: ``3/w1/c/rb/x``; the row scale's rule, last: ``/u`` each row's scale makes the
+    reconstruction's component along the row the row itself (``|x|^2 / <x, c>``, no shrinkage; the native types'
+    rule) instead of the least-squares scale, ``/u<P>`` the same at most P% above least squares, ``/n`` the
+    reconstruction as long as the row (``|x| / |c|``)."""
+    m = re.fullmatch(r"""\s*(\d+)\s* (?:/\s*L(\d+))?\s* (/\s*s8)?\s* (?:/\s*w(\d+))?\s* (/\s*c)?\s* (/\s*rb)?\s*
+                         (/\s*x)?\s* (?:/\s*(u\d*|n))?\s*""", setting, flags=re.IGNORECASE | re.VERBOSE)
     if not m:
-        raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits>, /s8 (ue5m3 scale), /w<walks>, /c (keys "
-                          "centred), /rb (keys rebalanced), /x (position 0 exact) and /u (unshrunk scale), in that order, e.g. tcq:3, "
-                          "tcq:2/L12, tcq:3/L6/w1, tcq:3/w1/c/rb/x")
+        raise MethodError(f"tcq:{setting}: settings are BITS, optionally /L<state bits>, /s8 (ue5m3 scale), "
+                          "/w<walks>, /c (keys centred), /rb (keys rebalanced), /x (position 0 exact) and /u, /u<P> "
+                          "or /n (the scale's rule), in that order, e.g. tcq:3, tcq:2/L12, tcq:3/L6/w1, "
+                          "tcq:3/w1/c/rb/x")
     bits = int(m.group(1))
     L = int(m.group(2)) if m.group(2) else STATE_BITS
     walks = int(m.group(4)) if m.group(4) else len(SCALE_FACTORS)
@@ -198,4 +208,4 @@ def make(setting: str) -> Trellis:
     if walks not in WALKS:
         raise MethodError(f"tcq:{setting}: walks per row {', '.join(map(str, WALKS))}")
     return Trellis(bits, L, walks, bool(m.group(5)), bool(m.group(6)), bool(m.group(7)), bool(m.group(3)),
-                   bool(m.group(8)))
+                   (m.group(8) or "").lower())
