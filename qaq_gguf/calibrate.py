@@ -7,7 +7,7 @@
 ``calibrate`` streams: each chunk's activations are scored under every candidate type and dropped, so memory
 stays at one chunk whatever the text length. The score of layer ``l``'s K in type ``t`` is the relative
 attention-output error QAQ's model predicts (``scoring.py``), averaged over chunks; the solver minimises the sum
-of the chosen scores under the size budget.
+of the chosen scores, keys' counted KEY_WEIGHT times, under the size budget.
 """
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ UNFIT = 1e30
 # of the queries at least SINK_DISTANCE positions after them (averaged over layers, heads, queries and chunks;
 # a position of a 512-token chunk drawing its uniform share gets ~0.003), at most SINK_MAX
 SINK_MASS = 0.02
+# The solver counts a key's predicted error this many times a value's: a layer's score is its own attention-output
+# error, and measured end to end (KLD against f16 over 8x1024 tokens) a key error costs more than the same score in
+# V. Weighted 2x, the 3.0-bit profiles of both models moved bits from V to K and measured 0.87x (Gemma 3) and 0.96x
+# (SmolLM2) the KLD, the bash manual and 4.0/2.5 bits alike (docs/benchmarks.md, "Keys weighted twice").
+KEY_WEIGHT = 2.0
 SINK_DISTANCE = 128
 SINK_MAX = 16
 
@@ -413,9 +418,10 @@ def _scored(scores: Scores, candidates: Sequence[str] | None) -> list[str]:
 
 
 def _costs(scores: Scores, cands: list[str]) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Cost matrices for the solver; a candidate whose blocks do not divide a layer's head size is forbidden."""
+    """Cost matrices for the solver (keys' scores times KEY_WEIGHT); a candidate whose blocks do not divide a layer's
+    head size is forbidden."""
     idx = [scores.candidates.index(c) for c in cands]
-    ck = scores.k[:, idx].copy()
+    ck = scores.k[:, idx] * KEY_WEIGHT
     cv = scores.v[:, idx].copy()
     for il in range(scores.ident.n_layer):
         if not scores.ident.has_kv(il):
@@ -464,7 +470,7 @@ def _profile_from(scores: Scores, cands: list[str], sol: solver.Allocation, *, a
     tk = [cands[j] for j in sol.choice_k]
     tv = [cands[j] for j in sol.choice_v]
     prov = {"method": f"qaq-{scores.settings.get('method', 'measured')}",
-            "predicted_error": float(sol.cost)}
+            "predicted_error": float(sol.cost), "key_weight": KEY_WEIGHT}
     prov.update({f"calib_{k}": v for k, v in scores.settings.items()})
     if avg_bits is not None:
         prov["budget_avg_bits"] = float(avg_bits)

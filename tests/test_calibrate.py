@@ -57,8 +57,9 @@ def test_allocation_respects_the_bits_budget(scores, budget):
     p = calibrate.allocate(scores, avg_bits=budget)
     assert profile.average_bits(p) <= budget + 1e-9
     assert p.provenance["budget_avg_bits"] == budget
-    ck, cv, _ = calibrate._costs(scores, scores.candidates)
-    cost = sum(scores.k[il, scores.candidates.index(p.type_k[il])] + scores.v[il, scores.candidates.index(
+    w = calibrate.KEY_WEIGHT  # the solver counts keys' scores this many times
+    assert p.provenance["key_weight"] == w
+    cost = sum(w * scores.k[il, scores.candidates.index(p.type_k[il])] + scores.v[il, scores.candidates.index(
         p.type_v[il])] for il in range(p.model.n_layer))
     assert cost == pytest.approx(p.provenance["predicted_error"])
     # no uniform pair of the same size or smaller predicts less error
@@ -66,7 +67,8 @@ def test_allocation_respects_the_bits_budget(scores, budget):
         for tv in scores.candidates:
             u = profile.make_profile(scores.ident, tk, tv)
             if profile.average_bits(u) <= budget:
-                ucost = scores.k[:, scores.candidates.index(tk)].sum() + scores.v[:, scores.candidates.index(tv)].sum()
+                ucost = (w * scores.k[:, scores.candidates.index(tk)].sum()
+                         + scores.v[:, scores.candidates.index(tv)].sum())
                 assert cost <= ucost + 1e-12
 
 
