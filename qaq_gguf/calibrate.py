@@ -59,13 +59,15 @@ UNFIT = 1e30
 # of the queries at least SINK_DISTANCE positions after them (averaged over layers, heads, queries and chunks;
 # a position of a 512-token chunk drawing its uniform share gets ~0.003), at most SINK_MAX
 SINK_MASS = 0.02
+SINK_DISTANCE = 128
+SINK_MAX = 16
+
 # The solver counts a key's predicted error this many times a value's: a layer's score is its own attention-output
 # error, and measured end to end (KLD against f16 over 8x1024 tokens) a key error costs more than the same score in
 # V. Weighted 2x, the 3.0-bit profiles of both models moved bits from V to K and measured 0.87x (Gemma 3) and 0.96x
-# (SmolLM2) the KLD, the bash manual and 4.0/2.5 bits alike (docs/benchmarks.md, "Keys weighted twice").
+# (SmolLM2) the KLD, 0.93x / 0.97x at 4.0 bits; on the bash manual 0.99x / 1.07x (docs/benchmarks.md, "Keys weighted
+# twice in the solver").
 KEY_WEIGHT = 2.0
-SINK_DISTANCE = 128
-SINK_MAX = 16
 
 
 def sink_mass(act: collect.LayerActivations, n: int = SINK_MAX, distance: int = SINK_DISTANCE) -> np.ndarray | None:
