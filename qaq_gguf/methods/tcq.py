@@ -59,6 +59,7 @@ def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict 
     r = scoring.rotation_size(d, is_v)
     xr = (scoring.rotate(x, r) if r else x).reshape(-1, d).astype(np.float64)
     table, rho = codebook(k, state_bits)
+    xx = np.sum(xr * xr, axis=1)  # |x|^2 per row
     rms = np.sqrt(np.mean(xr * xr, axis=1))
     live = rms > 0
     best_err = np.full(len(xr), np.inf)
@@ -71,10 +72,10 @@ def quantize(x: np.ndarray, k: int, state_bits: int, *, is_v: bool, stats: dict 
         xc = np.sum(xr * c, axis=1)
         s = np.where(cc > 0, xc / np.where(cc > 0, cc, 1.0), 0.0)  # least squares
         if rule.startswith("u"):  # the reconstruction's component along x is x: <y, x> = |x|^2
-            su = np.where(xc > 0, np.sum(xr * xr, axis=1) / np.where(xc > 0, xc, 1.0), 0.0)
+            su = np.where(xc > 0, xx / np.where(xc > 0, xc, 1.0), 0.0)
             s = np.minimum(su, s * (1 + int(rule[1:]) / 100)) if len(rule) > 1 else su
         elif rule == "n":  # |y| = |x|
-            s = np.where(xc > 0, np.sqrt(np.sum(xr * xr, axis=1) / np.where(cc > 0, cc, 1.0)), 0.0)
+            s = np.where(xc > 0, np.sqrt(xx / np.where(cc > 0, cc, 1.0)), 0.0)
         if scale8:
             lo = quants.ue5m3_floor(s)
             cands = [quants.ue5m3_to_float(np.minimum(lo + j, quants.UE5M3_MAX)).astype(np.float64) for j in (0, 1)]
