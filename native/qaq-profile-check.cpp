@@ -163,7 +163,7 @@ bool known_key(const std::string & k) {
         "qaq.kv.type_k", "qaq.kv.type_v", "qaq.kv.k_mean", "qaq.kv.k_scale", "qaq.kv.v_mean", "qaq.kv.exact_cells",
         "qaq.stats.candidates",
         "qaq.stats.score_k", "qaq.stats.score_v", "qaq.stats.k_mean", "qaq.stats.v_mean", "qaq.stats.k_first",
-        "qaq.stats.v_first",
+        "qaq.stats.v_first", "qaq.stats.gain_k", "qaq.stats.gain_v",
     };
     return keys.count(k) || k.rfind("qaq.provenance.", 0) == 0;
 }
@@ -336,6 +336,9 @@ profile_data check_profile(const std::string & path, bool embedded, const model_
     prof.floats("qaq.stats.k_first", n_k, -INFINITY, INFINITY, any.c_str());
     prof.floats("qaq.stats.v_mean",  n_v, -INFINITY, INFINITY, any.c_str());
     prof.floats("qaq.stats.v_first", n_v, -INFINITY, INFINITY, any.c_str());
+    const std::string gain_limit = strfmt("[0, %g]", (double) GAIN_LIMIT);
+    prof.floats("qaq.stats.gain_k", n_layer, 0.0f, GAIN_LIMIT, gain_limit.c_str());
+    prof.floats("qaq.stats.gain_v", n_layer, 0.0f, GAIN_LIMIT, gain_limit.c_str());
 
     for (int64_t i = 0; i < gguf_get_n_kv(prof.ctx); ++i) {
         const std::string key = gguf_get_key(prof.ctx, i);

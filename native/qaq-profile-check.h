@@ -60,6 +60,7 @@ std::string profile_fingerprint(const std::string & path);
 constexpr float MEAN_LIMIT = 65504.0f;       // |k_mean|, |v_mean|: the cache stores k - mean (an f16 range)
 constexpr float SCALE_MIN  = 1.0f/256.0f;    // k_scale
 constexpr float SCALE_MAX  = 256.0f;
+constexpr float GAIN_LIMIT = 1e6f;           // qaq.stats.gain_k / gain_v (one per layer): [0, GAIN_LIMIT]
 constexpr uint32_t EXACT_CELLS_MAX = 1024;   // qaq.kv.exact_cells (LLAMA_KV_EXACT_CELLS_MAX)
 
 } // namespace qaq

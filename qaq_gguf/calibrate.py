@@ -7,7 +7,8 @@
 ``calibrate`` streams: each chunk's activations are scored under every candidate type and dropped, so memory
 stays at one chunk whatever the text length. The score of layer ``l``'s K in type ``t`` is the relative
 attention-output error QAQ's model predicts (``scoring.py``), averaged over chunks; the solver minimises the sum
-of the chosen scores, keys' counted KEY_WEIGHT times, under the size budget.
+of the chosen scores under the size budget, each weighted by its layer's measured gain (ablate.gains: what a unit
+of that layer's score costs end to end) where the scores carry gains, else keys' counted KEY_WEIGHT times.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Scores:
     k_first: np.ndarray | None = None  # the first token's key and value (position 0, BOS) when it is kept exact
     v_first: np.ndarray | None = None
     exact_cells: int = 0               # the first KV cells kept exact in f16 (attention sinks, any token); 0: none
+    gain_k: np.ndarray | None = None   # per layer: measured end-to-end cost per unit of score (ablate.gains)
+    gain_v: np.ndarray | None = None
 
     def layers(self) -> list[int]:
         return [il for il in range(self.ident.n_layer) if self.ident.has_kv(il)]
@@ -62,11 +65,11 @@ SINK_MASS = 0.02
 SINK_DISTANCE = 128
 SINK_MAX = 16
 
-# The solver counts a key's predicted error this many times a value's: a layer's score is its own attention-output
-# error, and measured end to end (KLD against f16 over 8x1024 tokens) a key error costs more than the same score in
-# V. Weighted 2x, the 3.0-bit profiles of both models moved bits from V to K and measured 0.87x (Gemma 3) and 0.96x
-# (SmolLM2) the KLD, 0.93x / 0.97x at 4.0 bits; on the bash manual 0.99x / 1.07x (docs/benchmarks.md, "Keys weighted
-# twice in the solver").
+# Without measured gains (ablate.gains) the solver counts a key's predicted error this many times a value's: a layer's
+# score is its own attention-output error, and measured end to end (KLD against f16 over 8x1024 tokens) a key error
+# costs more than the same score in V. Weighted 2x, the 3.0-bit profiles of both models moved bits from V to K and
+# measured 0.87x (Gemma 3) and 0.96x (SmolLM2) the KLD, 0.93x / 0.97x at 4.0 bits; on the bash manual 0.99x / 1.07x
+# (docs/benchmarks.md, "Keys weighted twice in the solver").
 KEY_WEIGHT = 2.0
 
 
@@ -420,11 +423,15 @@ def _scored(scores: Scores, candidates: Sequence[str] | None) -> list[str]:
 
 
 def _costs(scores: Scores, cands: list[str]) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Cost matrices for the solver (keys' scores times KEY_WEIGHT); a candidate whose blocks do not divide a layer's
-    head size is forbidden."""
+    """Cost matrices for the solver: each layer's scores times its measured gain, or keys' times KEY_WEIGHT where
+    the scores carry no gains; a candidate whose blocks do not divide a layer's head size is forbidden."""
     idx = [scores.candidates.index(c) for c in cands]
-    ck = scores.k[:, idx] * KEY_WEIGHT
-    cv = scores.v[:, idx].copy()
+    if scores.gain_k is not None and scores.gain_v is not None:
+        ck = scores.k[:, idx] * scores.gain_k[:, None]
+        cv = scores.v[:, idx] * scores.gain_v[:, None]
+    else:
+        ck = scores.k[:, idx] * KEY_WEIGHT
+        cv = scores.v[:, idx].copy()
     for il in range(scores.ident.n_layer):
         if not scores.ident.has_kv(il):
             continue
@@ -471,8 +478,9 @@ def _profile_from(scores: Scores, cands: list[str], sol: solver.Allocation, *, a
                   n_ctx=None, provenance=None) -> profile.Profile:
     tk = [cands[j] for j in sol.choice_k]
     tv = [cands[j] for j in sol.choice_v]
-    prov = {"method": f"qaq-{scores.settings.get('method', 'measured')}",
-            "predicted_error": float(sol.cost), "key_weight": KEY_WEIGHT}
+    prov = {"method": f"qaq-{scores.settings.get('method', 'measured')}", "predicted_error": float(sol.cost)}
+    if scores.gain_k is None:
+        prov["key_weight"] = KEY_WEIGHT
     prov.update({f"calib_{k}": v for k, v in scores.settings.items()})
     if avg_bits is not None:
         prov["budget_avg_bits"] = float(avg_bits)
@@ -484,6 +492,7 @@ def _profile_from(scores: Scores, cands: list[str], sol: solver.Allocation, *, a
     p.candidates = list(scores.candidates)
     p.score_k = scores.k
     p.score_v = scores.v
+    p.gain_k, p.gain_v = scores.gain_k, scores.gain_v
     p.k_mean, p.k_scale, p.v_mean = centring_for(scores, tk, tv)
     p.stats = {k: getattr(scores, k) for k in ("k_mean", "v_mean", "k_first", "v_first")
                if getattr(scores, k) is not None}
@@ -545,4 +554,5 @@ def scores_from_profile(p: profile.Profile) -> Scores:
     return Scores(p.model, list(p.candidates), np.asarray(p.score_k, float).reshape(n, c),
                   np.asarray(p.score_v, float).reshape(n, c), settings,
                   k_mean=st.get("k_mean", p.k_mean), k_scale=p.k_scale, v_mean=st.get("v_mean"),
-                  k_first=st.get("k_first"), v_first=st.get("v_first"), exact_cells=p.exact_cells)
+                  k_first=st.get("k_first"), v_first=st.get("v_first"), exact_cells=p.exact_cells,
+                  gain_k=p.gain_k, gain_v=p.gain_v)

@@ -72,6 +72,9 @@ class Profile:
     candidates: list[str] = field(default_factory=list)
     score_k: np.ndarray | None = None
     score_v: np.ndarray | None = None
+    # per-layer measured gains (n_layer each; ablate.gains): the solver's weight on each layer's K / V scores
+    gain_k: np.ndarray | None = None
+    gain_v: np.ndarray | None = None
     # K/V transforms (transforms.py), flat, layer after layer (n_head_kv * head_dim values per layer): keys stored
     # centred (k_mean), rebalanced keys (k_scale: K stored times it, Q read divided by it), centred values (v_mean)
     k_mean: np.ndarray | None = None
@@ -344,6 +347,9 @@ def _add_keys(w: GGUFWriter, p: Profile) -> None:
         w.add_array("qaq.stats.candidates", list(p.candidates))
         w.add_array("qaq.stats.score_k", [float(x) for x in np.asarray(p.score_k, np.float32).ravel()])
         w.add_array("qaq.stats.score_v", [float(x) for x in np.asarray(p.score_v, np.float32).ravel()])
+        if p.gain_k is not None and p.gain_v is not None:
+            w.add_array("qaq.stats.gain_k", [float(x) for x in np.asarray(p.gain_k, np.float32)])
+            w.add_array("qaq.stats.gain_v", [float(x) for x in np.asarray(p.gain_v, np.float32)])
 
 
 def write_profile(p: Profile, path: str | Path) -> Path:
@@ -373,8 +379,9 @@ _KNOWN_KEYS = {
     "qaq.kv.type_k", "qaq.kv.type_v", "qaq.kv.k_mean", "qaq.kv.k_scale", "qaq.kv.v_mean", "qaq.kv.exact_cells",
     "qaq.stats.candidates",
     "qaq.stats.score_k", "qaq.stats.score_v", "qaq.stats.k_mean", "qaq.stats.v_mean", "qaq.stats.k_first",
-    "qaq.stats.v_first",
+    "qaq.stats.v_first", "qaq.stats.gain_k", "qaq.stats.gain_v",
 }
+GAIN_LIMIT = 1e6                # qaq.stats.gain_k / gain_v (one per layer): [0, GAIN_LIMIT]
 _INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
               GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
 
@@ -431,8 +438,9 @@ class _Fields:
             raise ProfileError(f"{self.path}: key {key} has {len(v)} entries, expected {n} ({what})")
         return v
 
-    def floats(self, key: str, n: int, lo: float = -np.inf, hi: float = np.inf, limit: str = "") -> np.ndarray | None:
-        v = self.array(key, "f32", n, required=False, what="n_head_kv * head_dim summed over layers")
+    def floats(self, key: str, n: int, lo: float = -np.inf, hi: float = np.inf, limit: str = "",
+               what: str = "n_head_kv * head_dim summed over layers") -> np.ndarray | None:
+        v = self.array(key, "f32", n, required=False, what=what)
         if v is None:
             return None
         arr = np.asarray(v, np.float32)
@@ -571,10 +579,17 @@ def _read_scores(fl: _Fields, p: Profile) -> None:
                                f"{', '.join(_clip(c) for c in unknown[:5])}")
         n_s = n * len(p.candidates)
         for key in ("score_k", "score_v"):
-            arr = fl.floats(f"qaq.stats.{key}", n_s)
+            arr = fl.floats(f"qaq.stats.{key}", n_s, what="layers x candidates")
             if arr is None:
                 raise ProfileError(f"{path}: missing key qaq.stats.{key} (qaq.stats.candidates is present)")
             setattr(p, key, arr.reshape(n, len(p.candidates)))
+    gains = [fl.floats(f"qaq.stats.{key}", n, 0.0, GAIN_LIMIT, f"[0, {GAIN_LIMIT:g}]", what="one per layer")
+             for key in ("gain_k", "gain_v")]
+    if any(g is not None for g in gains):
+        if any(g is None for g in gains) or not cands:
+            raise ProfileError(f"{path}: qaq.stats.gain_k and gain_v come together and with the scores "
+                               "(qaq.stats.candidates): recalibrate, or remove both")
+        p.gain_k, p.gain_v = gains
 
 
 def embed_profile(model_path: str | Path, profile: Profile, out_path: str | Path) -> Path:

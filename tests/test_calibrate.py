@@ -168,6 +168,9 @@ def test_frontier_and_ablate_commands_write_results(gemma, scores, eval_text, tm
     res = json.loads((out / "ablate.json").read_text())
     assert len(res["rows"]) == 2 * 18 and set(res["spearman"]) == {"K", "V", "all"}
     assert all(r["kld"] > 0 for r in res["rows"])
+    # the floor: every layer f16 with the profile's transforms, no cache error, yet not 0 (docs: ablate.py)
+    assert 0 < res["floor"]["kld"] < np.median([r["kld"] for r in res["rows"]])
+    assert "floor (every layer f16" in capsys.readouterr().out
     assert (out / "ablate.png").is_file()
 
 

@@ -27,7 +27,7 @@ NAMED = ("qaq.", "GGUF", "not a KV cache type", "layer", "profile", "schema", "f
 
 @pytest.fixture(scope="module")
 def seed_profile(tiny_model, tmp_path_factory) -> Path:
-    """A valid profile for the tiny model with every optional key (transforms, statistics, scores)."""
+    """A valid profile for the tiny model with every optional key (transforms, statistics, scores, gains)."""
     ident = profile.model_identity(tiny_model)
     p = profile.make_profile(ident, ["q8_0", "q4_0"], ["qaq3", "f16"], {"method": "fuzz-seed"})
     nk, nv = ident.n_key_mean(), ident.n_value_mean()
@@ -40,6 +40,8 @@ def seed_profile(tiny_model, tmp_path_factory) -> Path:
     p.candidates = ["f16", "q8_0", "q4_0"]
     p.score_k = np.abs(rng.standard_normal((ident.n_layer, 3))).astype(np.float32)
     p.score_v = np.abs(rng.standard_normal((ident.n_layer, 3))).astype(np.float32)
+    p.gain_k = np.abs(rng.standard_normal(ident.n_layer)).astype(np.float32)
+    p.gain_v = np.abs(rng.standard_normal(ident.n_layer)).astype(np.float32)
     return profile.write_profile(p, tmp_path_factory.mktemp("fuzz") / "seed.gguf")
 
 
