@@ -662,6 +662,12 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
         ("keys centred", p.k_mean, 0.0, m.n_embd_k), ("keys rebalanced", p.k_scale, 1.0, m.n_embd_k),
         ("values centred", p.v_mean, 0.0, m.n_embd_v)) if arr is not None]
     lines.append("K/V transforms: " + (", ".join(done) if done else "none (keys and values stored as they are)"))
+    if has_scores:
+        gain = p.provenance.get("calib_gain_type")
+        weight = p.provenance.get("key_weight")
+        lines.append(f"solver weights: each layer's measured gain (ablations in {gain})" if p.gain_k is not None
+                     else f"solver weights: keys' scores x {weight:g}" if isinstance(weight, (int, float))
+                     else "solver weights: not recorded")
     return "\n".join(lines)
 
 

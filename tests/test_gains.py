@@ -98,6 +98,9 @@ def test_gains_survive_the_profile(tiny_model, tmp_path):
     np.testing.assert_allclose(back.gain_k, g.gain_k, rtol=1e-6)  # float32 in the file
     np.testing.assert_allclose(back.gain_v, g.gain_v, rtol=1e-6)
     assert calibrate.allocate(back, avg_bits=6.0).type_v == calibrate.allocate(g, avg_bits=6.0).type_v
+    assert "solver weights: each layer's measured gain (ablations in q4_0)" in profile.describe(profile.read_profile(path))
+    plain = profile.write_profile(calibrate.allocate(_scores(ident), avg_bits=8.0), tmp_path / "plain.gguf")
+    assert f"solver weights: keys' scores x {calibrate.KEY_WEIGHT:g}" in profile.describe(profile.read_profile(plain))
 
 
 @pytest.mark.parametrize("damage, match", [
