@@ -19,6 +19,8 @@ a value error does not). ``gains`` measures them on calibration text for the sol
 """
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -116,8 +118,6 @@ def gains(model_path: str | Path, scores: calibrate.Scores, text: str, *, types:
     """The scores with every layer's measured gain (``gain_k``, ``gain_v``; see the module docstring): each layer's
     K and V ablated in each of ``types`` on ``text`` (calibration text, never the evaluation's), the floor taken off.
     2 x layers evaluations of ``n_chunks`` x ``n_ctx`` tokens per type."""
-    import tempfile
-
     results = []
     for t in types:
         with tempfile.TemporaryDirectory(prefix="qaq-gains-") as tmp:
@@ -149,8 +149,6 @@ def with_gains(scores: calibrate.Scores, results: dict | Sequence[dict],
     """The scores with the gains of one or more ablation results (``run``'s) set: each result's measured gains
     (_measured_gains), their geometric mean over the results, then ``shrink`` toward the part's geometric mean
     (1: as measured, 0: one gain per part)."""
-    import dataclasses
-
     results = [results] if isinstance(results, dict) else list(results)
     layers = scores.layers()
     out = {}
