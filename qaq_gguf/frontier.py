@@ -32,6 +32,13 @@ def _bits(p: profile.Profile, n_ctx: int) -> float:
     return profile.bits_at(p, n_ctx) if p.exact_cells else profile.average_bits(p)
 
 
+def allocate_at(scores: calibrate.Scores, avg_bits: float, n_ctx: int) -> profile.Profile:
+    """The calibrated profile whose bits at ``n_ctx``, everything counted, are ``avg_bits``: exact cells cost bits at
+    that context, so the types get the budget less that."""
+    return calibrate.allocate(scores, avg_bits=avg_bits - profile.exact_cells_bits(scores.ident, scores.exact_cells,
+                                                                                    n_ctx))
+
+
 def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets: Sequence[float] = DEFAULT_BUDGETS,
         pairs: Sequence[tuple[str, str]] = UNIFORM_PAIRS, work_dir: str | Path = "qaq-frontier", n_ctx: int = 1024,
         n_batch: int = 256, n_chunks: int | None = 8, n_threads: int | None = None, progress: bool = True,
@@ -45,11 +52,8 @@ def run(model_path: str | Path, scores: calibrate.Scores, text: str, *, budgets:
     for tk, tv in pairs:
         configs.append(evaluate.CacheConfig(f"{tk}/{tv}", type_k=tk, type_v=tv))
         meta.append({"series": "uniform", "bits": uniform_bits(tk, tv, scores.ident), "budget": None})
-    # exact cells cost bits at the evaluated context: the types get the budget less that, so that each profile's
-    # bits at n_ctx, everything counted, are its budget
-    extra = profile.exact_cells_bits(scores.ident, scores.exact_cells, n_ctx)
     for b in budgets:
-        p = calibrate.allocate(scores, avg_bits=b - extra)
+        p = allocate_at(scores, b, n_ctx)
         f = profile.write_profile(p, work / f"qaq-{b:g}bits.gguf")
         configs.append(evaluate.CacheConfig(f"qaq@{b:g}", profile=str(f)))
         meta.append({"series": "calibrated", "bits": _bits(p, n_ctx), "budget": b,

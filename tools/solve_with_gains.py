@@ -1,6 +1,6 @@
-"""Profiles from a calibrated profile's scores and saved ablations (`qaq-gguf ablate ... -o DIR`: DIR/ablate.json; one
-or several types), solved with their measured gains (qaq_gguf.ablate.with_gains) at each budget, the exact cells counted inside
-the budget at --n-ctx as `qaq-gguf frontier` counts them. --shrink A weighs each layer's gain toward its part's
+"""Profiles from a calibrated profile's scores and saved ablations (`qaq-gguf ablate ... -o DIR`: DIR/ablate.json;
+one or several types), solved with their measured gains (qaq_gguf.ablate.with_gains) at each budget, the exact cells
+counted inside the budget at --n-ctx as `qaq-gguf frontier` counts them (frontier.allocate_at). --shrink A weighs each layer's gain toward its part's
 geometric mean (gain^A * mean^(1-A); A = 1: the gains as measured, 0: one weight per part, a measured KEY_WEIGHT;
 default ablate.GAIN_SHRINK, what `qaq-gguf calibrate --gains` uses).
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qaq_gguf import ablate, calibrate, profile  # noqa: E402
+from qaq_gguf import ablate, calibrate, frontier, profile  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [json.loads(Path(f).read_text()) for f in args.ablation]
     scores = ablate.with_gains(scores, results, shrink=args.shrink)
     for b in (float(x) for x in args.budgets.split(",")):
-        cells = profile.exact_cells_bits(scores.ident, scores.exact_cells, args.n_ctx)
-        p = calibrate.allocate(scores, avg_bits=b - cells)
+        p = frontier.allocate_at(scores, b, args.n_ctx)
         f = profile.write_profile(p, f"{args.output}-{b:.1f}bits-gains{args.shrink:g}.gguf")
         print(f"{f}  {profile.bits_at(p, args.n_ctx):.3f} bits at n_ctx={args.n_ctx}")
     return 0
