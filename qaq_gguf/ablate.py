@@ -128,14 +128,14 @@ def gains(model_path: str | Path, scores: calibrate.Scores, text: str, *, types:
 
 def _measured_gains(scores: calibrate.Scores, res: dict, part: str) -> np.ndarray:
     """(KLD - floor) / predicted score per layer of one ablation, at least GAIN_MIN_FRACTION of the part's median."""
-    n, floor = scores.ident.n_layer, res["floor"]["kld"]
-    g = np.zeros(n)
-    for r in res["rows"]:
-        if r["part"] == part:
-            g[r["layer"]] = max(r["kld"] - floor, 0.0) / max(r["predicted"], 1e-30)
-    have = [il for il in scores.layers() if any(r["part"] == part and r["layer"] == il for r in res["rows"])]
-    if len(have) != len(scores.layers()):
-        raise ValueError(f"the ablation measured {part} in {len(have)} of {len(scores.layers())} layers")
+    floor, layers = res["floor"]["kld"], scores.layers()
+    g = np.zeros(scores.ident.n_layer)
+    rows = [r for r in res["rows"] if r["part"] == part]
+    for r in rows:
+        g[r["layer"]] = max(r["kld"] - floor, 0.0) / max(r["predicted"], 1e-30)
+    have = sorted({r["layer"] for r in rows} & set(layers))
+    if len(have) != len(layers):
+        raise ValueError(f"the ablation measured {part} in {len(have)} of {len(layers)} layers")
     lo = GAIN_MIN_FRACTION * float(np.median(g[have]))
     if not lo > 0:
         raise ValueError(f"no {part} ablation in {res['type']} measured above the floor ({floor:.4g}): ablate with "
