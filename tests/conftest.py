@@ -91,6 +91,34 @@ def write_synthetic_model(path: Path, n_layer=2, n_embd=256, n_head=4, n_head_kv
     return path
 
 
+def rewrite_profile(src, dst, replace: dict | None = None, add: dict | None = None) -> Path:
+    """A copy of a profile file with some keys' values replaced and others added, as a hand-edited file would have
+    them: no check of what they pair with. Added values: a list or array as float32s, an int as uint32."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    replace, add = replace or {}, add or {}
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), arch=profile.PROFILE_TYPE)
+    for fld in r.fields.values():
+        if fld.name.startswith("GGUF.") or fld.name == "general.architecture":
+            continue
+        val = replace.get(fld.name, fld.contents())
+        if fld.types[0] == GGUFValueType.ARRAY:
+            w.add_key_value(fld.name, list(val), fld.types[0], sub_type=fld.types[-1])
+        else:
+            w.add_key_value(fld.name, val, fld.types[0])
+    for key, val in add.items():
+        if isinstance(val, int):
+            w.add_uint32(key, val)
+        else:
+            w.add_array(key, [float(x) for x in np.asarray(val, np.float32)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_synthetic_model(tmp_path_factory.mktemp("models") / "tiny.gguf")

@@ -4,6 +4,8 @@ Fast tests on the synthetic model (the arithmetic, the solver, the profile keys 
 `qaq-gguf calibrate --gains` on SmolLM2-135M with few tokens."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -142,27 +144,12 @@ def test_damaged_gains_are_refused_by_name(tiny_model, tmp_path, damage, match):
 
 def _write_raw(p: profile.Profile, path) -> None:
     """write_profile without its pairing (a hand-edited file): the gains written as they are."""
-    gk, gv = p.gain_k, p.gain_v
+    from conftest import rewrite_profile
+
+    gains = {f"qaq.stats.{k}": getattr(p, k) for k in ("gain_k", "gain_v") if getattr(p, k) is not None}
     p.gain_k = p.gain_v = None
-    profile.write_profile(p, path)
-    from gguf import GGUFReader, GGUFWriter
-
-    r = GGUFReader(str(path))
-    w = GGUFWriter(str(path) + ".tmp", arch=profile.PROFILE_TYPE)
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    for key, arr in (("qaq.stats.gain_k", gk), ("qaq.stats.gain_v", gv)):
-        if arr is not None:
-            w.add_array(key, [float(x) for x in np.asarray(arr, np.float32)])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    import os
-
-    os.replace(str(path) + ".tmp", path)
+    plain = profile.write_profile(p, Path(path).with_suffix(".plain.gguf"))
+    rewrite_profile(plain, path, add=gains)
 
 
 def test_calibrate_gains_on_smollm2(smollm2, calib_text, tmp_path, capsys):

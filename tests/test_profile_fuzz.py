@@ -181,15 +181,8 @@ def test_seed_profile_is_valid(tiny_model, seed_profile):
 
 
 def test_unknown_qaq_keys_are_warned_about(seed_profile, tmp_path):
-    from gguf import GGUFReader, GGUFWriter
+    from conftest import rewrite_profile
 
-    r = GGUFReader(str(seed_profile))
-    w = GGUFWriter(str(tmp_path / "extra.gguf"), arch=profile.PROFILE_TYPE)
-    for fld in r.fields.values():
-        if fld.name.startswith("GGUF.") or fld.name == "general.architecture":
-            continue
-        w.add_key_value(fld.name, fld.contents(), fld.types[0], sub_type=fld.types[-1] if len(fld.types) > 1 else None)
-    w.add_uint32("qaq.kv.k_future", 1)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    rewrite_profile(seed_profile, tmp_path / "extra.gguf", add={"qaq.kv.k_future": 1})
     with pytest.warns(UserWarning, match="unknown key 'qaq.kv.k_future'"):
         profile.read_profile(tmp_path / "extra.gguf")

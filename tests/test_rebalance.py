@@ -157,20 +157,9 @@ def test_state_round_trip_and_transform_mismatch(gemma, stats, tmp_path):
 
 def _rewrite(src, dst, replace: dict) -> str:
     """A copy of a profile file with some keys' values replaced, as a hand-edited file would have them."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from conftest import rewrite_profile
 
-    r = GGUFReader(str(src))
-    w = GGUFWriter(str(dst), arch=profile.PROFILE_TYPE)
-    for fld in r.fields.values():
-        if fld.name.startswith("GGUF.") or fld.name == "general.architecture":
-            continue
-        val = replace.get(fld.name, fld.contents())
-        if fld.types[0] == GGUFValueType.ARRAY:
-            w.add_key_value(fld.name, list(val), fld.types[0], sub_type=fld.types[-1])
-        else:
-            w.add_key_value(fld.name, val, fld.types[0])
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    return str(dst)
+    return str(rewrite_profile(src, dst, replace=replace))
 
 
 @pytest.mark.parametrize("case", ["scale_len", "scale_nan", "scale_zero", "scale_huge", "scale_pairs", "vmean_len",
