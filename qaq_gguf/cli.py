@@ -686,6 +686,9 @@ def _measure_gains(args: argparse.Namespace, model: str, scores):
 
     if not args.text:
         raise SystemExit("qaq-gguf calibrate: --gains runs the model: give the calibration text (--text FILE)")
+    if args.gains_chunks < 1:
+        raise SystemExit(f"qaq-gguf calibrate: --gains-chunks {args.gains_chunks}: each gain needs at least one "
+                         "chunk of --ctx tokens (default 4)")
     types = list(ablate.GAIN_TYPES) if args.gains == "default" else [t.strip() for t in args.gains.split(",")
                                                                      if t.strip()]
     missing = [t for t in types if t not in scores.candidates]

@@ -189,3 +189,7 @@ def test_gains_refused_by_name_before_any_run(tiny_model, tmp_path):
     with pytest.raises(SystemExit, match="--gains q4_0,qaq9: qaq9 not among the scored candidates"):
         cli.main(["calibrate", str(tiny_model), "--scores", str(f), "--text", str(text), "--gains", "q4_0,qaq9",
                   "--budget", "8", "-o", out])
+    with pytest.raises(SystemExit, match="--gains-chunks 0: each gain needs at least one chunk"):
+        cli.main(["calibrate", str(tiny_model), "--scores", str(f), "--text", str(text), "--gains", "q4_0",
+                  "--gains-chunks", "0", "--budget", "8", "-o", out])
+    assert not Path(out).exists()
