@@ -220,6 +220,11 @@ def test_bits_by_hand():
     m3.fit(calib)
     store = 128 * ((2112 + 892 * 4.5) + 2 * (2112 + 892 * 2.5))
     assert m3.bits(1024).k == pytest.approx((store + 528384) / 393216)
+    # the trellis residual (issue 24's long-context runs): tcq2 = 18 bytes / 64 values = 2.25 bits
+    m4 = aquakv.make("2:tcq2:r16")
+    m4.fit(calib)
+    store = 128 * ((20 * 16 + 1004 * 4.5) + 2 * (20 * 16 + 1004 * 2.25))
+    assert m4.bits(1024).k == pytest.approx((store + 528384) / 393216)
     # a context shorter than sinks + window is all fp16 (+ predictors)
     assert m2.bits(100).k == pytest.approx(16.0)
 
