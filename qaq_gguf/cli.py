@@ -659,7 +659,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                      n_threads=args.threads, center_keys=not args.no_center_keys,
                                      rebalance_keys=not args.no_rebalance_keys,
                                      center_values=not args.no_center_values, exact_first=not args.no_exact_first,
-                                     exact_cells=args.exact_cells)
+                                     exact_cells=args.exact_cells, positions=args.positions)
     if args.gains:
         scores = _measure_gains(args, model, scores)
     prov = {"tool_version": _version(), "calib_text": Path(args.text).name if args.text else ""}
@@ -773,6 +773,11 @@ Never calibrate on the text you evaluate on.""")
                         "(default) chooses N from the attention the first positions draw during calibration (up to "
                         "16; none for position 0 alone where the model's BOS is kept exact). Their bytes count in "
                         "the bits at a context length")
+    p.add_argument("--positions", type=int, metavar="N",
+                   help="the longest context the profile serves, in tokens (default: the model's training context, "
+                        "8192 for SmolLM2-135M, 32768 for Gemma 3 270M). RoPE turns each key with its position, so "
+                        "the key mean and scales are measured with every chunk moved to a position spread over N "
+                        "(attention is unchanged): measured on the first --ctx positions alone they fit only there")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile (and its "
                                                        "gains, if it has them)")

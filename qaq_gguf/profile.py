@@ -662,6 +662,12 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
         ("keys centred", p.k_mean, 0.0, m.n_embd_k), ("keys rebalanced", p.k_scale, 1.0, m.n_embd_k),
         ("values centred", p.v_mean, 0.0, m.n_embd_v)) if arr is not None]
     lines.append("K/V transforms: " + (", ".join(done) if done else "none (keys and values stored as they are)"))
+    if (p.k_mean is not None or p.k_scale is not None) and "calib_n_ctx" in p.provenance:
+        pos = p.provenance.get("calib_positions")
+        lines.append(f"key statistics: over positions up to {pos}" if isinstance(pos, int) else
+                     f"key statistics: from the first {p.provenance['calib_n_ctx']} positions only (calibrated "
+                     "before qaq-gguf measured them over the context: they may not hold further into a context, "
+                     "calibrate again)")
     if has_scores:
         gain = p.provenance.get("calib_gain_type")
         weight = p.provenance.get("key_weight")
