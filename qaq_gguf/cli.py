@@ -751,6 +751,16 @@ Never calibrate on the text you evaluate on.""")
     p.add_argument("--candidates", help="comma-separated cache types to choose from (default: f16 and every "
                                         "quantized cache type)")
     p.add_argument("--max-queries", type=int, default=128, help="query rows sampled per chunk and layer")
+    _add_transform_options(p)
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile (and its "
+                                                       "gains, if it has them)")
+    _add_gains_options(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def _add_transform_options(p: argparse.ArgumentParser) -> None:
+    """`calibrate`: the K/V transforms a profile carries, its exact cells, the positions its key statistics cover."""
     p.add_argument("--no-center-keys", action="store_true",
                    help="store keys as they are; by default the profile holds each layer's mean key and the cache "
                         "stores k - mean (exact for attention, 2-5x less key error on Gemma 3); models whose "
@@ -777,12 +787,9 @@ Never calibrate on the text you evaluate on.""")
                    help="the longest context the profile serves, in tokens (default: the model's training context, "
                         "8192 for SmolLM2-135M, 32768 for Gemma 3 270M). RoPE turns each key with its position, so "
                         "the key mean and scales are measured with every chunk moved to a position spread over N "
-                        "(attention is unchanged): measured on the first --ctx positions alone they fit only there")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
-    p.add_argument("--scores", metavar="PROFILE", help="reuse the scores stored in a calibrated profile (and its "
-                                                       "gains, if it has them)")
-    _add_gains_options(p)
-    p.set_defaults(func=cmd_calibrate)
+                        "(attention is unchanged): measured on the first --ctx positions alone they fit only there "
+                        "(SmolLM2-135M at 3.0 bits: KLD 0.09 at 8k tokens against 0.33; at 1k 0.11 against 0.08, so "
+                        "--positions 512 for short contexts only)")
 
 
 def _add_gains_options(p: argparse.ArgumentParser) -> None:

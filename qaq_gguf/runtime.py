@@ -16,8 +16,7 @@ from typing import Sequence
 
 from . import _native, cachetypes
 from .llama import as_cffi, llama_cpp_module, model_meta, quiet_llama_log
-from .llama import tokenize  # noqa: F401 - collect.py still calls runtime.tokenize
-from .profile import NO_KV, ProfileError, read_profile
+from .profile import NO_KV, ProfileError, key_positions_note, read_profile
 
 
 def layer_devices(model_path: str | Path, n_gpu_layers: int) -> list[str]:
@@ -209,7 +208,9 @@ class Llama(llama_cpp_module().Llama):
         if explicit and self.kv_profile != "embedded":
             if not Path(self.kv_profile).is_file():
                 raise ProfileError(f"profile file not found: {self.kv_profile}")
-            read_profile(self.kv_profile)  # the reader's friendlier messages first; the native check follows
+            note = key_positions_note(read_profile(self.kv_profile), kwargs.get("n_ctx", 512))
+            if note:  # the reader's friendlier messages first; the native check follows
+                print(f"qaq-gguf: {note}", file=sys.stderr)
         fa_off = kwargs.get("flash_attn") is False
 
         # llama-cpp-python loads the model and creates the context inside Llama.__init__: the profile goes in

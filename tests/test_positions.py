@@ -79,16 +79,46 @@ def test_calibration_records_the_positions_and_refuses_bad_ones(smollm2, calib_t
         calibrate.calibrate(smollm2, calib_text, positions=0, **kw)
 
 
-def test_cli_positions_reach_the_profile(smollm2, calib_text, tmp_path):
+def _calibrated(smollm2, calib_text, tmp_path) -> profile.Profile:
+    """`qaq-gguf calibrate --positions 2048` on 128 tokens of SmolLM2."""
     text = tmp_path / "calib.txt"
     text.write_text(calib_text)
     out = tmp_path / "p.gguf"
     assert cli.main(["calibrate", str(smollm2), "--text", str(text), "--chunks", "1", "--ctx", "128",
                      "--chat-chunks", "0", "--positions", "2048", "--budget", "4.0", "--threads", "2",
                      "-o", str(out)]) == 0
-    p = profile.read_profile(out)
+    return profile.read_profile(out)
+
+
+def _older(p: profile.Profile, tmp_path):
+    """The profile as calibration wrote it before the positions were spread (no calib_positions)."""
+    del p.provenance["calib_positions"]
+    return profile.write_profile(p, tmp_path / "old.gguf")
+
+
+def test_cli_positions_reach_the_profile(smollm2, calib_text, tmp_path):
+    p = _calibrated(smollm2, calib_text, tmp_path)
     assert calibrate.scores_from_profile(p).settings["positions"] == 2048
     assert "key statistics: over positions up to 2048" in profile.describe(p)
+    assert profile.key_positions_note(p, 2048) is None and profile.key_positions_note(p, 0) is None
+    assert "--positions 4096" in profile.key_positions_note(p, 4096)
     # a profile calibrated before the positions were spread says so, and what to do
     del p.provenance["calib_positions"]
     assert "from the first 128 positions only" in profile.describe(p) and "calibrate again" in profile.describe(p)
+    assert profile.key_positions_note(p, 128) is None
+    assert "measured over positions up to 128" in profile.key_positions_note(p, 0)
+
+
+def test_an_old_profile_for_a_long_context_is_said(smollm2, calib_text, tmp_path, capsys):
+    """Llama(kv_profile=...) says when a context reaches past the positions the profile's key statistics cover."""
+    from qaq_gguf import Llama
+
+    old = _older(_calibrated(smollm2, calib_text, tmp_path), tmp_path)
+    capsys.readouterr()
+    llm = Llama(str(smollm2), kv_profile=str(old), n_ctx=1024, verbose=False)
+    err = capsys.readouterr().err
+    assert "measured over positions up to 128" in err and "--positions 1024" in err
+    del llm
+    llm = Llama(str(smollm2), kv_profile=str(old), n_ctx=128, verbose=False)
+    assert "positions" not in capsys.readouterr().err
+    del llm
