@@ -282,10 +282,8 @@ def _positions(model_path: str | Path, ident: profile.ModelIdentity, positions: 
         positions = int(meta.get(f"{meta.get('general.architecture', '')}.context_length", 0) or n_ctx)
     if positions <= n_ctx:
         return positions, {}
-    layers = [il for il in range(ident.n_layer) if ident.has_kv(il)]
     try:
-        ropes = rope.rope_params(model_path, {il: (ident.is_swa[il], ident.head_dim_k[il]) for il in layers},
-                                 ident.rope_neox)
+        ropes = rope.rope_params(model_path, ident, [il for il in range(ident.n_layer) if ident.has_kv(il)])
     except rope.RopeError as e:
         print(f"qaq-gguf: key statistics measured on positions below {n_ctx} only ({e}): the key mean and scales "
               "may not hold further into a context", file=sys.stderr)

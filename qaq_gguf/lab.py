@@ -87,8 +87,7 @@ def collect_calibration(model_path: str | Path, text: str, *, n_ctx: int = 512, 
         if bar is not None:
             bar.close()
     try:
-        ropes = rope.rope_params(model_path, {il: (ident.is_swa[il], ident.head_dim_k[il]) for il in layers},
-                                 ident.rope_neox)
+        ropes = rope.rope_params(model_path, ident, layers)
     except rope.RopeError:
         ropes = {}  # methods that quantize before RoPE refuse this model
     out = {}

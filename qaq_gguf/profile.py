@@ -662,12 +662,11 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
         ("keys centred", p.k_mean, 0.0, m.n_embd_k), ("keys rebalanced", p.k_scale, 1.0, m.n_embd_k),
         ("values centred", p.v_mean, 0.0, m.n_embd_v)) if arr is not None]
     lines.append("K/V transforms: " + (", ".join(done) if done else "none (keys and values stored as they are)"))
-    if (p.k_mean is not None or p.k_scale is not None) and "calib_n_ctx" in p.provenance:
-        pos = p.provenance.get("calib_positions")
-        lines.append(f"key statistics: over positions up to {pos}" if isinstance(pos, int) else
-                     f"key statistics: from the first {p.provenance['calib_n_ctx']} positions only (calibrated "
-                     "before qaq-gguf measured them over the context: they may not hold further into a context, "
-                     "calibrate again)")
+    if (keys := _key_positions(p)) is not None:
+        covered, spread = keys
+        lines.append(f"key statistics: over positions up to {covered}" if spread else
+                     f"key statistics: from the first {covered} positions only (calibrated before qaq-gguf "
+                     "measured them over the context: they may not hold further into a context, calibrate again)")
     if has_scores:
         gain = p.provenance.get("calib_gain_type")
         weight = p.provenance.get("key_weight")
@@ -677,20 +676,25 @@ def describe(p: Profile, n_ctx: int = 4096, **kw) -> str:
     return "\n".join(lines)
 
 
+def _key_positions(p: Profile) -> tuple[int, bool] | None:
+    """(the positions a calibrated profile's key statistics (mean, scales) were measured over, whether calibration
+    spread its chunks over them: ``calib_positions``, else the first ``calib_n_ctx``); None without key statistics."""
+    if p.k_mean is None and p.k_scale is None:
+        return None
+    pos, n_ctx = p.provenance.get("calib_positions"), p.provenance.get("calib_n_ctx")
+    return (pos, True) if isinstance(pos, int) else (n_ctx, False) if isinstance(n_ctx, int) else None
+
+
 def key_positions_note(p: Profile, n_ctx: int | None) -> str | None:
     """A line for a profile whose key statistics (mean, scales) were measured on fewer positions than a context of
     ``n_ctx`` reaches (0 or None: the model's training context, unknown here: any profile without them counts),
     where they may cost quality (calibrate.py, "positions"); None when they cover it or the profile has none."""
-    if (p.k_mean is None and p.k_scale is None) or "calib_n_ctx" not in p.provenance:
+    keys = _key_positions(p)
+    if keys is None or (n_ctx and n_ctx <= keys[0]) or (not n_ctx and keys[1]):
         return None
-    pos = p.provenance.get("calib_positions")
-    covered = pos if isinstance(pos, int) else p.provenance.get("calib_n_ctx")
-    if not isinstance(covered, int) or (n_ctx and n_ctx <= covered) or (not n_ctx and isinstance(pos, int)):
-        return None
-    return (f"the profile's key mean and scales were measured over positions up to {covered}; further into a "
-            f"context they may cost quality (SmolLM2's 3.0-bit profile measured on 512 positions: KLD 0.08 at 1k tokens, "
-            f"0.33 at 8k): calibrate with "
-            f"--positions {n_ctx or 'N'} for contexts that long")
+    return (f"the profile's key mean and scales were measured over positions up to {keys[0]}; further into a "
+            "context they may cost quality (SmolLM2's 3.0-bit profile measured on 512 positions: KLD 0.08 at 1k "
+            f"tokens, 0.33 at 8k): calibrate with --positions {n_ctx or 'N'} for contexts that long")
 
 
 def _in_layers(p: Profile, arr: np.ndarray, neutral: float, size) -> str:

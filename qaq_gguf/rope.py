@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .profile import ModelIdentity
 
 # architectures whose sliding-window layers use {arch}.rope.freq_base_swa, default 10000 (llama-hparams.h), with
 # freq_scale 1; elsewhere SWA layers share the global base
@@ -62,9 +66,9 @@ class RopeParams:
         return (np.asarray(pos, np.float32)[:, None] * np.float32(self.freq_scale)) * inv[None, :]
 
 
-def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]], neox: bool | None) -> dict[int, RopeParams]:
-    """RoPE of each layer in ``layers`` ({il: (is_swa, head_dim)}), read once from the model's GGUF metadata;
-    ``neox``: llama.cpp's rope type for the model (profile.ModelIdentity.rope_neox; None: the model has no RoPE)."""
+def rope_params(model_path: str | Path, ident: ModelIdentity, layers: Iterable[int]) -> dict[int, RopeParams]:
+    """RoPE of each of ``layers`` of the model ``ident`` describes (profile.ModelIdentity: its sliding-window layers,
+    key head sizes and rope type, ``rope_neox`` None for a model without RoPE), read once from the GGUF metadata."""
     from ._native import gguf_header
 
     meta, _ = gguf_header(model_path)
@@ -73,6 +77,7 @@ def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]], neo
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    neox = ident.rope_neox
     if neox is None:
         raise RopeError(f"{arch}: the model has no RoPE (or one llama.cpp does not report)")
     scaling = get("rope.scaling.type", "linear") or "linear"
@@ -85,9 +90,9 @@ def rope_params(model_path: str | Path, layers: dict[int, tuple[bool, int]], neo
     scale = 1.0 if factor == 0 else 1.0 / factor
     base_swa = float(get("rope.freq_base_swa", 10000.0))
     out = {}
-    for il, (is_swa, head_dim) in layers.items():
-        swa = is_swa and arch in _SWA_BASE_ARCHS
-        out[il] = RopeParams(n_rot=int(get("rope.dimension_count", head_dim)), neox=neox,
+    for il in layers:
+        swa = ident.is_swa[il] and arch in _SWA_BASE_ARCHS
+        out[il] = RopeParams(n_rot=int(get("rope.dimension_count", ident.head_dim_k[il])), neox=neox,
                              freq_base=base_swa if swa else base, freq_scale=1.0 if swa else scale)
     return out
 

@@ -91,6 +91,18 @@ def write_synthetic_model(path: Path, n_layer=2, n_embd=256, n_head=4, n_head_kv
     return path
 
 
+def calibrate_briefly(model, calib_text: str, tmp_path: Path, out: Path, *flags: str) -> Path:
+    """`qaq-gguf calibrate MODEL` on one chunk of 128 tokens of ``calib_text`` (no chats) at 4.0 bits into ``out``,
+    with ``flags`` added; returns the calibration text's file."""
+    from qaq_gguf import cli
+
+    text = tmp_path / "calib.txt"
+    text.write_text(calib_text)
+    assert cli.main(["calibrate", str(model), "--text", str(text), "--chunks", "1", "--ctx", "128",
+                     "--chat-chunks", "0", *flags, "--budget", "4.0", "--threads", "2", "-o", str(out)]) == 0
+    return text
+
+
 def rewrite_profile(src, dst, replace: dict | None = None, add: dict | None = None) -> Path:
     """A copy of a profile file with some keys' values replaced and others added, as a hand-edited file would have
     them: no check of what they pair with. Added values: a list or array as float32s, an int as uint32."""

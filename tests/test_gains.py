@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import calibrate_briefly, rewrite_profile
 
 from qaq_gguf import ablate, calibrate, cli, profile
 from qaq_gguf.errors import ProfileError
@@ -144,8 +145,6 @@ def test_damaged_gains_are_refused_by_name(tiny_model, tmp_path, damage, match):
 
 def _write_raw(p: profile.Profile, path) -> None:
     """write_profile without its pairing (a hand-edited file): the gains written as they are."""
-    from conftest import rewrite_profile
-
     gains = {f"qaq.stats.{k}": getattr(p, k) for k in ("gain_k", "gain_v") if getattr(p, k) is not None}
     p.gain_k = p.gain_v = None
     plain = profile.write_profile(p, Path(path).with_suffix(".plain.gguf"))
@@ -155,12 +154,8 @@ def _write_raw(p: profile.Profile, path) -> None:
 def test_calibrate_gains_on_smollm2(smollm2, calib_text, tmp_path, capsys):
     """`calibrate --scores P --gains tcq3` on the real model (few tokens, one type: the default measures two, the
     same loop): gains for every layer, the profile keeps them and says how they were measured."""
-    text = tmp_path / "calib.txt"
-    text.write_text(calib_text)
     base = tmp_path / "base.gguf"
-    assert cli.main(["calibrate", str(smollm2), "--text", str(text), "--chunks", "1", "--ctx", "128",
-                     "--chat-chunks", "0", "--candidates", "f16,q8_0,tcq3,tcq2", "--budget", "4.0", "--threads", "2",
-                     "-o", str(base)]) == 0
+    text = calibrate_briefly(smollm2, calib_text, tmp_path, base, "--candidates", "f16,q8_0,tcq3,tcq2")
     out = tmp_path / "gains.gguf"
     assert cli.main(["calibrate", str(smollm2), "--scores", str(base), "--text", str(text), "--gains", "tcq3",
                      "--gains-chunks", "1", "--ctx", "128", "--budget", "4.0", "--threads", "2", "-o", str(out)]) == 0

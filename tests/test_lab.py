@@ -113,8 +113,8 @@ def test_numpy_rope_matches_llama_cpp(gemma, gemma_ident, calib_text):
             break
     finally:
         col._NAME, col.WANTED, col._assemble = old_name, old_wanted, old_asm
-    layers = {il: (gemma_ident.is_swa[il], gemma_ident.head_dim_k[il]) for il in (0, 5)}
-    rp = rope.rope_params(gemma, layers, gemma_ident.rope_neox)
+    layers = (0, 5)
+    rp = rope.rope_params(gemma, gemma_ident, layers)
     assert rp[0].freq_base == 10000.0 and rp[5].freq_base == 1e6  # sliding-window vs global layers
     for il in layers:
         k = got[("Kcur", il)].reshape(128, 1, 256)

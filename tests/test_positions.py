@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import calibrate_briefly
 
-from qaq_gguf import calibrate, cli, collect, profile, rope
+from qaq_gguf import calibrate, collect, profile, rope
 
 RP = rope.RopeParams(n_rot=64, neox=True, freq_base=10000.0, freq_scale=1.0)
 
@@ -81,12 +82,8 @@ def test_calibration_records_the_positions_and_refuses_bad_ones(smollm2, calib_t
 
 def _calibrated(smollm2, calib_text, tmp_path) -> profile.Profile:
     """`qaq-gguf calibrate --positions 2048` on 128 tokens of SmolLM2."""
-    text = tmp_path / "calib.txt"
-    text.write_text(calib_text)
     out = tmp_path / "p.gguf"
-    assert cli.main(["calibrate", str(smollm2), "--text", str(text), "--chunks", "1", "--ctx", "128",
-                     "--chat-chunks", "0", "--positions", "2048", "--budget", "4.0", "--threads", "2",
-                     "-o", str(out)]) == 0
+    calibrate_briefly(smollm2, calib_text, tmp_path, out, "--positions", "2048")
     return profile.read_profile(out)
 
 
