@@ -229,6 +229,8 @@ def calibrate(model_path: str | Path, text: str, *, n_ctx: int = 512, n_chunks: 
     cands = list(candidates) if candidates else default_candidates()
     for c in cands:
         cachetypes.get(c)  # unknown names fail here, before the model runs
+    if positions is not None and positions < 1:
+        raise ValueError(f"positions is {positions}: give the longest context the profile serves, in tokens")
     if (center_keys or center_values) and (why := profile.centring_blocked(model_path)):
         print(f"qaq-gguf: keys and values stored as they are: {why}", file=sys.stderr)
         center_keys = center_values = False
@@ -273,8 +275,6 @@ def _positions(model_path: str | Path, ident: profile.ModelIdentity, positions: 
     """(the positions calibration spreads its chunks over, each layer's RoPE to turn them there): ``positions`` or
     the model's training context; ``n_ctx`` (no turning) for a model without RoPE or with one rope.py does not
     port (said on stderr)."""
-    if positions is not None and positions < 1:
-        raise ValueError(f"positions is {positions}: give the longest context the profile serves, in tokens")
     if ident.rope_neox is None:
         return n_ctx, {}
     if positions is None:

@@ -613,6 +613,16 @@ def parse_size(s: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
+def _positions_arg(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give the longest context the profile serves, in tokens (1 or more)")
+    return n
+
+
 def _exact_cells_arg(s: str) -> int | None:
     if s == "auto":
         return None
@@ -783,7 +793,7 @@ def _add_transform_options(p: argparse.ArgumentParser) -> None:
                         "(default) chooses N from the attention the first positions draw during calibration (up to "
                         "16; none for position 0 alone where the model's BOS is kept exact). Their bytes count in "
                         "the bits at a context length")
-    p.add_argument("--positions", type=int, metavar="N",
+    p.add_argument("--positions", type=_positions_arg, metavar="N",
                    help="the longest context the profile serves, in tokens (default: the model's training context, "
                         "8192 for SmolLM2-135M, 32768 for Gemma 3 270M). RoPE turns each key with its position, so "
                         "the key mean and scales are measured with every chunk moved to a position spread over N "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import calibrate_briefly
 
-from qaq_gguf import calibrate, collect, profile, rope
+from qaq_gguf import calibrate, cli, collect, profile, rope
 
 RP = rope.RopeParams(n_rot=64, neox=True, freq_base=10000.0, freq_scale=1.0)
 
@@ -93,6 +93,18 @@ def _older(p: profile.Profile, tmp_path):
     return profile.write_profile(p, tmp_path / "old.gguf")
 
 
+@pytest.mark.parametrize("value, why", [("0", "0: give the longest context"), ("-8192", "-8192: give the longest"),
+                                        ("8k", "not a number of tokens: '8k'")])
+def test_cli_refuses_bad_positions_by_name(tiny_model, tmp_path, capsys, value, why):
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text")
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", str(tiny_model), "--text", str(text), "--positions", value, "--budget", "8",
+                  "-o", str(tmp_path / "o.gguf")])
+    err = capsys.readouterr().err
+    assert "--positions" in err and why in err and not (tmp_path / "o.gguf").exists()
+
+
 def test_cli_positions_reach_the_profile(smollm2, calib_text, tmp_path):
     p = _calibrated(smollm2, calib_text, tmp_path)
     assert calibrate.scores_from_profile(p).settings["positions"] == 2048
@@ -104,6 +116,11 @@ def test_cli_positions_reach_the_profile(smollm2, calib_text, tmp_path):
     assert "from the first 128 positions only" in profile.describe(p) and "calibrate again" in profile.describe(p)
     assert profile.key_positions_note(p, 128) is None
     assert "measured over positions up to 128" in profile.key_positions_note(p, 0)
+    # a hand-edited profile's damaged value is not taken for positions: the first calib_n_ctx are what it covers
+    for bad in ("8192", 2.5e9, [8192]):
+        p.provenance["calib_positions"] = bad
+        assert "from the first 128 positions only" in profile.describe(p)
+        assert "measured over positions up to 128" in profile.key_positions_note(p, 4096)
 
 
 def test_an_old_profile_for_a_long_context_is_said(smollm2, calib_text, tmp_path, capsys):
